@@ -1,0 +1,168 @@
+"""Per-step accumulation and roll-ups of counted FLOPs.
+
+``StepAccumulator`` collects the open step, keyed (phase, category, module, op).
+``StepRecord`` is a closed step. ``Rollup`` adds records into run totals with memory that does
+not grow with the number of steps; ``Rollup.summary()`` produces the dict that
+``Meter.summary()`` and ``flopcount summarize --json`` share.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from .conventions import CATEGORIES, EXCLUDED_PHASES, NO_MODULE, ROOT_MODULE, TRAINING_PHASES
+
+SUMMARY_SCHEMA = "flopcount.summary/1"
+
+
+class StepAccumulator:
+    """FLOPs and call counts of the step being recorded. Safe to update from autograd threads."""
+
+    def __init__(self) -> None:
+        self.flops: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
+        self.calls: Counter[tuple[str, str]] = Counter()  # (op, phase) -> calls
+        self.uncounted: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def add(self, phase: str, module: str, op: str, works) -> None:
+        with self.lock:
+            for category, flops, phase_override in works:
+                self.flops[(phase_override or phase, category, module, op)] += flops
+            self.calls[(op, phase)] += 1
+
+    def add_uncounted(self, op: str) -> None:
+        with self.lock:
+            self.uncounted[op] += 1
+
+    def empty(self) -> bool:
+        return not (self.flops or self.uncounted)
+
+
+@dataclass
+class StepRecord:
+    """One closed step of one rank."""
+
+    step: int
+    start_time: float
+    end_time: float
+    tokens: int | None
+    samples: int | None
+    flops: dict[tuple[str, str, str, str], int]
+    calls: dict[tuple[str, str], int]
+    uncounted: dict[str, int]
+    training_phases: frozenset[str] = TRAINING_PHASES
+
+    def phase_totals(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for (phase, _, _, _), f in self.flops.items():
+            out[phase] += f
+        return dict(out)
+
+    def category_totals(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for (_, category, _, _), f in self.flops.items():
+            out[category] += f
+        return dict(out)
+
+    @property
+    def training_flops(self) -> int:
+        return sum(f for (phase, _, _, _), f in self.flops.items() if phase in self.training_phases)
+
+    @property
+    def hardware_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+def truncate_module(name: str, depth: int | None) -> str:
+    if depth is None or name in (ROOT_MODULE, NO_MODULE):
+        return name
+    return ".".join(name.split(".")[:depth])
+
+
+@dataclass
+class Rollup:
+    """Run totals over any number of steps (and, in the summarizer, ranks and runs)."""
+
+    training_phases: set[str] = field(default_factory=lambda: set(TRAINING_PHASES))
+    by_phase_category: defaultdict = field(default_factory=lambda: defaultdict(int))
+    by_module: defaultdict = field(default_factory=lambda: defaultdict(int))
+    by_module_training: defaultdict = field(default_factory=lambda: defaultdict(int))
+    by_op: defaultdict = field(default_factory=lambda: defaultdict(int))
+    op_calls: Counter = field(default_factory=Counter)
+    uncounted: Counter = field(default_factory=Counter)
+    steps: int = 0
+    tokens: int | None = None
+    samples: int | None = None
+    world_size: int = 1
+    ranks: set[int] = field(default_factory=lambda: {0})
+    first_time: float | None = None
+    last_time: float | None = None
+
+    def add(self, record: StepRecord) -> None:
+        self.training_phases |= record.training_phases
+        for (phase, category, module, op), f in record.flops.items():
+            self.by_phase_category[(phase, category)] += f
+            self.by_module[module] += f
+            if phase in record.training_phases:
+                self.by_module_training[module] += f
+            self.by_op[op] += f
+        self.op_calls.update({op: n for (op, _), n in record.calls.items()})
+        self.uncounted.update(record.uncounted)
+        self.steps += 1
+        if record.tokens is not None:
+            self.tokens = (self.tokens or 0) + int(record.tokens)
+        if record.samples is not None:
+            self.samples = (self.samples or 0) + int(record.samples)
+        self.first_time = record.start_time if self.first_time is None else min(self.first_time, record.start_time)
+        self.last_time = record.end_time if self.last_time is None else max(self.last_time, record.end_time)
+
+    @property
+    def training_flops(self) -> int:
+        return sum(f for (p, _), f in self.by_phase_category.items() if p in self.training_phases)
+
+    @property
+    def hardware_flops(self) -> int:
+        return sum(self.by_phase_category.values())
+
+    def summary(self, module_depth: int | None = None) -> dict:
+        by_phase: dict[str, int] = defaultdict(int)
+        by_category: dict[str, int] = {c: 0 for c in CATEGORIES}
+        training_by_category: dict[str, int] = {c: 0 for c in CATEGORIES}
+        by_phase_category: dict[str, dict[str, int]] = defaultdict(dict)
+        for (phase, category), f in sorted(self.by_phase_category.items()):
+            by_phase[phase] += f
+            by_category[category] = by_category.get(category, 0) + f
+            by_phase_category[phase][category] = f
+            if phase in self.training_phases:
+                training_by_category[category] = training_by_category.get(category, 0) + f
+        modules: dict[str, int] = defaultdict(int)
+        modules_training: dict[str, int] = defaultdict(int)
+        for name, f in self.by_module.items():
+            modules[truncate_module(name, module_depth)] += f
+        for name, f in self.by_module_training.items():
+            modules_training[truncate_module(name, module_depth)] += f
+        return {
+            "schema": SUMMARY_SCHEMA,
+            "training_flops": self.training_flops,
+            "hardware_flops": self.hardware_flops,
+            "gemm_training_flops": sum(training_by_category.get(c, 0) for c in ("matmul", "attention", "conv")),
+            "by_phase": dict(by_phase),
+            "by_category": by_category,
+            "training_by_category": training_by_category,
+            "by_phase_category": dict(by_phase_category),
+            "by_module": dict(sorted(modules.items(), key=lambda kv: -kv[1])),
+            "by_module_training": dict(sorted(modules_training.items(), key=lambda kv: -kv[1])),
+            "by_op": {op: {"flops": self.by_op.get(op, 0), "calls": self.op_calls.get(op, 0)}
+                      for op in sorted(set(self.by_op) | set(self.op_calls), key=lambda o: -self.by_op.get(o, 0))},
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "world_size": self.world_size,
+            "ranks": sorted(self.ranks),
+            "uncounted_ops": dict(self.uncounted.most_common()),
+            "training_phases": sorted(self.training_phases),
+            "excluded_phases": sorted(EXCLUDED_PHASES | (set(by_phase) - self.training_phases)),
+            "start_time": self.first_time,
+            "end_time": self.last_time,
+        }

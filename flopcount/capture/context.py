@@ -1,0 +1,176 @@
+"""Where the program is when an op runs: its phase and its module.
+
+Phase rules (docs/conventions.md, "Phases"):
+  1. inside ``optimizer.step()`` (global optimizer step hooks)           -> optimizer
+  2. inside autograd's backward (graph task active), grad mode enabled     -> recompute
+     (activation checkpointing re-runs forward code under enable_grad during backward,
+     reentrant and non-reentrant alike); grad mode disabled                -> backward
+  3. inside ``Meter.phase(name)``                                          -> that user phase
+  4. grad enabled when the outermost module call began (or, outside any
+     module, grad enabled now)                                             -> forward, else eval
+Rule 4 looks at the outermost module so that code running under no_grad *inside* a training
+forward (reentrant checkpoint's first forward, custom autograd.Function forwards) stays forward.
+
+Modules: global forward pre/post hooks keep a stack of fully qualified names (as
+``named_modules()`` gives them, relative to the outermost module called). Backward ops are
+attributed through gradient hooks on each module's outputs (entered) and inputs (left), one
+stack per autograd graph task, so reentrant backward inside checkpointing keeps its own.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Callable
+
+import torch
+from torch.autograd.graph import register_multi_grad_hook
+
+from ..conventions import BACKWARD, EVAL, FORWARD, NO_MODULE, OPTIMIZER, RECOMPUTE, ROOT_MODULE
+
+_graph_task_id = torch._C._current_graph_task_id
+
+
+class Frame:
+    __slots__ = ("module", "name", "grad_enabled")
+
+    def __init__(self, module, name: str, grad_enabled: bool) -> None:
+        self.module, self.name, self.grad_enabled = module, name, grad_enabled
+
+
+class Context:
+    """Phase and module tracking for one meter. ``install()`` adds global hooks; ``remove()``."""
+
+    def __init__(self, on_optimizer_step: Callable[[], None] | None = None, track_modules: bool = True) -> None:
+        self.on_optimizer_step = on_optimizer_step
+        self.track_modules = track_modules
+        self.optimizer_depth = 0
+        self.user_phases: list[str] = []
+        self.forward_stack: list[Frame] = []
+        self.backward_stacks: dict[int, list[str]] = {}
+        self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.handles: list = []
+        self.lock = threading.Lock()
+
+    # ---- installation -------------------------------------------------------------------
+    def install(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self.handles.append(register_optimizer_step_pre_hook(self._optimizer_pre))
+        self.handles.append(register_optimizer_step_post_hook(self._optimizer_post))
+        if self.track_modules:
+            mod = torch.nn.modules.module
+            self.handles.append(mod.register_module_forward_pre_hook(self._module_pre))
+            self.handles.append(mod.register_module_forward_hook(self._module_post, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    # ---- phase ----------------------------------------------------------------------------
+    def phase(self) -> str:
+        if self.optimizer_depth:
+            return OPTIMIZER
+        if _graph_task_id() != -1:
+            return RECOMPUTE if torch.is_grad_enabled() else BACKWARD
+        if self.user_phases:
+            return self.user_phases[-1]
+        stack = self.forward_stack
+        grad = stack[0].grad_enabled if stack else torch.is_grad_enabled()
+        return FORWARD if grad else EVAL
+
+    def _optimizer_pre(self, optimizer, args, kwargs) -> None:
+        self.optimizer_depth += 1
+
+    def _optimizer_post(self, optimizer, args, kwargs) -> None:
+        self.optimizer_depth = max(0, self.optimizer_depth - 1)
+        if self.optimizer_depth == 0 and self.on_optimizer_step is not None:
+            self.on_optimizer_step()
+
+    # ---- modules --------------------------------------------------------------------------
+    def module(self) -> str:
+        task = _graph_task_id()
+        if task != -1 and not self.forward_stack:
+            stack = self.backward_stacks.get(task)
+            return stack[-1] if stack else NO_MODULE
+        if self.forward_stack:
+            return self.forward_stack[-1].name
+        return NO_MODULE
+
+    def _name(self, module) -> str:
+        name = self.names.get(module)
+        if name is not None:
+            return name
+        parent = self.forward_stack[-1] if self.forward_stack else None
+        if parent is None:
+            # A new outermost module: name its whole tree at once, as named_modules() does, so
+            # that submodules keep their full names even when called on their own later.
+            for fqn, sub in module.named_modules():
+                self.names.setdefault(sub, fqn or ROOT_MODULE)
+            name = self.names[module]
+        else:
+            child = next((n for n, m in parent.module._modules.items() if m is module), type(module).__name__)
+            name = child if parent.name == ROOT_MODULE else f"{parent.name}.{child}"
+        self.names[module] = name
+        return name
+
+    def _module_pre(self, module, args) -> None:
+        name = self._name(module)
+        grad = torch.is_grad_enabled()
+        self.forward_stack.append(Frame(module, name, grad))
+        if grad:
+            inputs = [t for t in _tensors(args) if t.requires_grad]
+            if inputs:
+                # Fires once gradients for all inputs exist: the module's backward is over.
+                register_multi_grad_hook(inputs, lambda grads, n=name: self._backward_leave(n), mode="all")
+
+    def _module_post(self, module, args, output) -> None:
+        stack = self.forward_stack
+        for i in range(len(stack) - 1, -1, -1):  # exceptions may skip frames (always_call)
+            if stack[i].module is module:
+                del stack[i:]
+                break
+        if torch.is_grad_enabled():
+            outputs = [t for t in _tensors(output) if t.requires_grad]
+            if outputs:
+                name = self._names_get(module)
+                register_multi_grad_hook(outputs, lambda grads, n=name: self._backward_enter(n), mode="any")
+
+    def _names_get(self, module) -> str:
+        return self.names.get(module, type(module).__name__)
+
+    def _backward_enter(self, name: str) -> None:
+        # Nested modules can share an output tensor (an MLP returns its down_proj's output); the
+        # outer module's hook fires later but must sit below its submodules.
+        with self.lock:
+            stack = self.backward_stacks.setdefault(_graph_task_id(), [])
+            i = len(stack)
+            while i > 0 and (name == ROOT_MODULE or stack[i - 1].startswith(name + ".")):
+                i -= 1
+            stack.insert(i, name)
+
+    def _backward_leave(self, name: str) -> None:
+        with self.lock:
+            stack = self.backward_stacks.get(_graph_task_id())
+            if stack and name in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(name)]
+
+    def reset_backward(self) -> None:
+        """Drop finished graph tasks' module stacks (modules whose inputs need no grad never leave)."""
+        with self.lock:
+            self.backward_stacks.clear()
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            if isinstance(v, torch.Tensor):
+                yield v
+    elif isinstance(x, dict):
+        for v in x.values():
+            if isinstance(v, torch.Tensor):
+                yield v
+    elif hasattr(x, "to_tuple"):  # Hugging Face ModelOutput
+        yield from _tensors(x.to_tuple())

@@ -1,0 +1,61 @@
+"""The booking step shared by every capture path: op -> registry -> formula -> accumulator."""
+from __future__ import annotations
+
+import warnings
+
+from ..conventions import OPTIMIZER
+from ..formulas import KNOWN_ZERO, REGISTRY
+from ..accounting import StepAccumulator
+
+
+class UncountedOpError(RuntimeError):
+    """Raised in strict mode for an op with neither a formula nor a known-zero entry."""
+
+
+class Counter:
+    """Books ops into the open step. ``context`` answers phase and module for the current op."""
+
+    def __init__(self, context, *, strict: bool = False, warn: bool = True, on_work=None) -> None:
+        self.context = context
+        self.strict = strict
+        self.warn = warn
+        self.on_work = on_work  # called before booking non-zero, non-optimizer work (auto steps)
+        self.acc = StepAccumulator()
+        self.warned: set[str] = set()
+
+    def before(self, func):
+        """Entry for an op about to run, or None when nothing is to be computed for it."""
+        name, entry = REGISTRY.lookup(func)
+        if entry is KNOWN_ZERO:
+            return None
+        if entry is None:
+            self.uncounted(name, "no formula")
+            return None
+        return name, entry
+
+    def count(self, entry, args, kwargs, out) -> None:
+        name, formula = entry
+        try:
+            works = formula.works(args, kwargs, out)
+        except Exception as exc:  # a formula must never break training; report the op instead
+            self.uncounted(name, f"formula failed: {type(exc).__name__}: {exc}")
+            return
+        self.book(name, works)
+
+    def book(self, name: str, works, phase: str | None = None, module: str | None = None) -> None:
+        ctx = self.context
+        phase = phase or ctx.phase()
+        if self.on_work is not None and phase != OPTIMIZER and any(w.flops for w in works):
+            self.on_work()
+        self.acc.add(phase, module or ctx.module(), name, works)
+
+    def uncounted(self, name: str, why: str) -> None:
+        if self.strict:
+            raise UncountedOpError(
+                f"flopcount: {name} is uncounted ({why}); give it a formula with "
+                f"flopcount.register_formula(...) or run without strict=True")
+        self.acc.add_uncounted(name)
+        if self.warn and name not in self.warned:
+            self.warned.add(name)
+            warnings.warn(f"flopcount: {name} is uncounted ({why}); it is listed in uncounted_ops",
+                          stacklevel=3)

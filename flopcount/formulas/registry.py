@@ -1,0 +1,156 @@
+"""The one formula registry: aten op (or custom op / Triton kernel) -> formula and category.
+
+A formula is a pure function. It receives the op's arguments with every tensor replaced by its
+shape (a tuple of ints; lists of tensors become lists of shapes), plus ``out_shape`` for the
+result, and returns either an int (booked to the entry's category) or a list of ``Work`` items
+when one op does several kinds of work (e.g. addmm: a GEMM and a bias add; fused attention
+backward: backward GEMMs plus the recomputed score product).
+
+Ops whose FLOPs depend on tensor *values* (varlen attention offsets, grouped GEMM offsets) are
+registered with ``needs_values=True`` and receive the raw tensors instead of shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+
+from ..conventions import CATEGORIES
+
+
+class Work(NamedTuple):
+    """Part of an op's work: ``flops`` in ``category``; ``phase`` overrides the op's phase."""
+
+    category: str
+    flops: int
+    phase: str | None = None
+
+
+@dataclass(frozen=True)
+class Formula:
+    fn: Callable[..., Any]
+    category: str
+    needs_values: bool = False
+
+    def works(self, args, kwargs, out) -> list[Work]:
+        """Evaluate the formula for one call and return its work items."""
+        if self.needs_values:
+            result = self.fn(*args, out=out, **kwargs)
+        else:
+            result = self.fn(*to_shapes(args), out_shape=to_shapes(out), **to_shapes(kwargs))
+        if isinstance(result, int):
+            return [Work(self.category, result)]
+        return list(result)
+
+
+class KnownZero:
+    """Marker for ops that do no floating-point arithmetic (views, copies, indexing, casts, ...)."""
+
+    def __repr__(self) -> str:
+        return "KNOWN_ZERO"
+
+
+KNOWN_ZERO = KnownZero()
+
+
+def to_shapes(x):
+    """Replace tensors by their shapes (tuples of ints), one level into lists, tuples and dicts."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, (list, tuple)):
+        return type(x)(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in x)
+    if isinstance(x, dict):
+        return {k: to_shapes(v) for k, v in x.items()}
+    return x
+
+
+def op_name(op) -> str:
+    """Stable display name: 'aten.mm', 'mylib.fused_rms_norm', or a kernel's qualified name."""
+    if isinstance(op, torch._ops.OpOverload):
+        op = op.overloadpacket
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return f"{op._qualified_op_name.replace('::', '.')}"
+    if isinstance(op, torch._ops.HigherOrderOperator):
+        return f"higher_order.{op.name()}"
+    fn = getattr(op, "fn", op)  # Triton JITFunction wraps the Python function
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class Registry:
+    """Maps ops to formulas or to KNOWN_ZERO. Lookups use the overload first, then its packet."""
+
+    def __init__(self) -> None:
+        self._table: dict[Any, Formula | KnownZero] = {}
+        self._cache: dict[Any, tuple[str, Formula | KnownZero | None]] = {}
+        self._zero_namespaces: set[str] = set()
+
+    def add(self, op, entry: Formula | KnownZero) -> None:
+        if isinstance(entry, Formula) and entry.category not in CATEGORIES:
+            raise ValueError(f"category {entry.category!r} is not one of {', '.join(CATEGORIES)}")
+        self._table[op] = entry
+        self._cache.clear()
+
+    def add_zero_namespace(self, namespace: str) -> None:
+        """Every op of ``namespace`` (e.g. c10d collectives) is known-zero unless it has a formula."""
+        self._zero_namespaces.add(namespace)
+        self._cache.clear()
+
+    def lookup(self, op) -> tuple[str, Formula | KnownZero | None]:
+        """(display name, entry) for an op; entry None means uncounted. Cached per op object."""
+        hit = self._cache.get(op)
+        if hit is not None:
+            return hit
+        entry = self._table.get(op)
+        if entry is None and isinstance(op, torch._ops.OpOverload):
+            entry = self._table.get(op.overloadpacket)
+            if entry is None and op.namespace in self._zero_namespaces:
+                entry = KNOWN_ZERO
+        hit = (op_name(op), entry)
+        self._cache[op] = hit
+        return hit
+
+    def __contains__(self, op) -> bool:
+        return self.lookup(op)[1] is not None
+
+    def items(self):
+        return self._table.items()
+
+
+REGISTRY = Registry()
+
+
+def _targets(ops) -> Iterable:
+    return ops if isinstance(ops, (list, tuple, set, frozenset)) else (ops,)
+
+
+def formula(ops, category: str, *, needs_values: bool = False):
+    """Decorator: register ``fn`` as the formula for one op or a list of ops."""
+
+    def register(fn):
+        for op in _targets(ops):
+            REGISTRY.add(op, Formula(fn, category, needs_values))
+        return fn
+
+    return register
+
+
+def known_zero(*ops) -> None:
+    for op in ops:
+        REGISTRY.add(op, KNOWN_ZERO)
+
+
+def register_formula(op, fn: Callable | None = None, *, category: str = "other", needs_values: bool = False):
+    """Public API: give a custom op, aten op or Triton kernel its formula.
+
+    ``fn(*args, out_shape=..., **kwargs) -> int | list[Work]`` receives shapes in place of tensors
+    (raw tensors with ``needs_values=True``). Usable directly or as a decorator::
+
+        @flopcount.register_formula(torch.ops.mylib.rms_norm.default, category="norm")
+        def rms_norm_flops(x_shape, w_shape, eps, *, out_shape):
+            return 4 * math.prod(x_shape)
+    """
+    if fn is None:
+        return formula(op, category, needs_values=needs_values)
+    formula(op, category, needs_values=needs_values)(fn)
+    return fn

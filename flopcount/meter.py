@@ -1,0 +1,188 @@
+"""Meter: the context manager users wrap around training. Steps, phases, live totals."""
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+
+import torch
+
+from .accounting import Rollup, StepAccumulator, StepRecord
+from .capture.context import Context
+from .capture.counter import Counter
+from .conventions import BUILTIN_PHASES, TRAINING_PHASES
+from .distributed import rank_and_world_size
+
+BACKENDS = ("auto", "dispatch", "native")
+_PHASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+class Meter:
+    """Counts the FLOPs of everything that runs inside ``with meter:``.
+
+    Steps close on ``step()``; if the program never calls it, a step closes after each
+    ``optimizer.step()`` (at the next op that does work, so zero_grad and friends stay in it).
+    """
+
+    def __init__(self, out=None, *, backend: str = "auto", base_model: str | None = None,
+                 base_model_flops: float | None = None, strict: bool = False,
+                 module_depth: int | None = None, run_id: str | None = None, flush_every: int = 50,
+                 track_modules: bool = True, warn: bool = True) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        if module_depth is not None and (not isinstance(module_depth, int) or module_depth < 1):
+            raise ValueError(f"flopcount: module_depth={module_depth!r} must be a positive integer or None")
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flopcount: flush_every={flush_every!r} must be a positive integer")
+        self.out = out
+        self.requested_backend = backend
+        self.base_model = base_model
+        self.base_model_flops = base_model_flops
+        self.strict = strict
+        self.module_depth = module_depth
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.track_modules = track_modules
+        self.warn = warn
+        self.rollup = Rollup()
+        self.training_phases = set(TRAINING_PHASES)
+        self.user_phases: dict[str, bool] = {}
+        self.step_index = 0
+        self.last_step: StepRecord | None = None
+        self.backend: str | None = None
+        self.rank, self.world_size = 0, 1
+        self.writer = None
+        self._active = False
+        self._explicit_steps = False
+        self._pending_end: float | None = None
+        self._step_start = 0.0
+
+    # ---- context manager --------------------------------------------------------------------
+    def __enter__(self) -> "Meter":
+        if self._active:
+            raise RuntimeError("flopcount: this meter is already active; nest a new flopcount.meter() instead")
+        self.context = Context(on_optimizer_step=self._on_optimizer_step, track_modules=self.track_modules)
+        self.counter = Counter(self.context, strict=self.strict, warn=self.warn, on_work=self._on_work)
+        self.capture = self._make_capture()
+        self.rank, self.world_size = rank_and_world_size()
+        self.rollup.world_size, self.rollup.ranks = self.world_size, {self.rank}
+        from .trace.writer import open_writer
+
+        self.writer = open_writer(self)
+        self.context.install()
+        self.capture.__enter__()
+        self._active = True
+        self._step_start = time.time()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self.capture.__exit__(exc_type, exc, tb)
+        finally:
+            self.context.remove()
+            self._active = False
+            if not self.counter.acc.empty():
+                self._close(end=self._pending_end)
+            if self.writer is not None:
+                self.writer.close(self.summary())
+        return False
+
+    def _make_capture(self):
+        from .capture.dispatch import DispatchCapture
+
+        self.backend = "dispatch"
+        return DispatchCapture(self.counter)
+
+    # ---- steps ------------------------------------------------------------------------------
+    def step(self, tokens=None, samples=None) -> StepRecord:
+        """Close the current step; ``tokens``/``samples`` (ints or 0-d tensors) are recorded with it."""
+        self._require_active("step()")
+        self._explicit_steps = True
+        self._pending_end = None
+        return self._close(tokens=tokens, samples=samples)
+
+    def _on_optimizer_step(self) -> None:
+        if not self._explicit_steps:
+            self._pending_end = time.time()
+
+    def _on_work(self) -> None:
+        if self._pending_end is not None:
+            end, self._pending_end = self._pending_end, None
+            self._close(end=end)
+
+    def _close(self, tokens=None, samples=None, end: float | None = None) -> StepRecord:
+        acc, self.counter.acc = self.counter.acc, StepAccumulator()
+        with acc.lock:
+            record = StepRecord(
+                step=self.step_index, start_time=self._step_start, end_time=end or time.time(),
+                tokens=_as_int(tokens, "tokens"), samples=_as_int(samples, "samples"),
+                flops=dict(acc.flops), calls=dict(acc.calls), uncounted=dict(acc.uncounted),
+                training_phases=frozenset(self.training_phases))
+        self.rollup.add(record)
+        if self.writer is not None:
+            self.writer.write(record)
+        self.last_step = record
+        self.step_index += 1
+        self._step_start = record.end_time
+        self.context.reset_backward()
+        return record
+
+    # ---- phases -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, name: str, training: bool = True):
+        """Tag the forward/eval work inside the block as phase ``name`` (backward, recompute and
+        optimizer work keep their own phase). ``training`` says whether it counts toward
+        ``training_flops`` (e.g. ``generation`` of synthetic data or RL rollouts: True)."""
+        self._require_active("phase()")
+        if name in BUILTIN_PHASES or not _PHASE_NAME.match(str(name)):
+            raise ValueError(f"flopcount: phase name {name!r} must be lower-case letters, digits or '_' "
+                             f"and not one of {', '.join(BUILTIN_PHASES)}")
+        if self.user_phases.setdefault(name, bool(training)) != bool(training):
+            raise ValueError(f"flopcount: phase {name!r} was already used with training={not training}")
+        if training:
+            self.training_phases.add(name)
+        self.context.user_phases.append(name)
+        try:
+            yield self
+        finally:
+            self.context.user_phases.pop()
+
+    # ---- results ----------------------------------------------------------------------------
+    @property
+    def training_flops(self) -> int:
+        """Training FLOPs of the closed steps (live total)."""
+        return self.rollup.training_flops
+
+    @property
+    def hardware_flops(self) -> int:
+        return self.rollup.hardware_flops
+
+    def summary(self) -> dict:
+        """Totals over the closed steps (the open step is included once it closes)."""
+        summary = self.rollup.summary(self.module_depth)
+        summary.update(run_id=self.run_id, backend=self.backend, base_model=self.base_model, rank=self.rank,
+                       module_depth=self.module_depth, torch_version=torch.__version__)
+        return summary
+
+    def _require_active(self, what: str) -> None:
+        if not self._active:
+            raise RuntimeError(f"flopcount: Meter.{what} needs an active meter: use it inside `with meter:`")
+
+
+def _as_int(value, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"flopcount: {what}={value!r} is not a whole number") from None
+    if as_int != value or as_int < 0:
+        raise ValueError(f"flopcount: {what}={value!r} must be a non-negative whole number")
+    return as_int
+
+
+def meter(out=None, **options) -> Meter:
+    """Create a Meter (a context manager). See ``Meter`` for the options."""
+    return Meter(out, **options)

@@ -1,0 +1,1 @@
+"""Per-step Parquet traces: schema.py (the versioned schema), writer.py, reader.py, manifest.py."""

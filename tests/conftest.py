@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models built from configs (random weights; FLOPs do not depend on them)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def tiny_llama_config(**overrides):
+    import transformers
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               attn_implementation="sdpa", tie_word_embeddings=False)
+    cfg.update(overrides)
+    return transformers.LlamaConfig(**cfg)
+
+
+def tiny_llama(**overrides):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(tiny_llama_config(**overrides))
+
+
+@pytest.fixture
+def llama_factory():
+    return tiny_llama
