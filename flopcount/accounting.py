@@ -23,6 +23,8 @@ class StepAccumulator:
         self.flops: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
         self.calls: Counter[tuple[str, str]] = Counter()  # (op, phase) -> calls
         self.uncounted: Counter[str] = Counter()
+        self.collectives: Counter[str] = Counter()  # communication op -> calls
+        self.collective_bytes: Counter[str] = Counter()  # communication op -> bytes moved
         self.lock = threading.Lock()
 
     def add(self, phase: str, module: str, op: str, works) -> None:
@@ -35,8 +37,13 @@ class StepAccumulator:
         with self.lock:
             self.uncounted[op] += 1
 
+    def add_collective(self, op: str, nbytes: int) -> None:
+        with self.lock:
+            self.collectives[op] += 1
+            self.collective_bytes[op] += nbytes
+
     def empty(self) -> bool:
-        return not (self.flops or self.uncounted)
+        return not (self.flops or self.uncounted or self.collectives)
 
 
 @dataclass
@@ -52,6 +59,8 @@ class StepRecord:
     calls: dict[tuple[str, str], int]
     uncounted: dict[str, int]
     training_phases: frozenset[str] = TRAINING_PHASES
+    collectives: dict[str, int] = field(default_factory=dict)  # communication op -> calls (0 FLOP)
+    collective_bytes: dict[str, int] = field(default_factory=dict)  # communication op -> bytes
 
     def phase_totals(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -91,6 +100,8 @@ class Rollup:
     by_op: defaultdict = field(default_factory=lambda: defaultdict(int))
     op_calls: Counter = field(default_factory=Counter)
     uncounted: Counter = field(default_factory=Counter)
+    collectives: Counter = field(default_factory=Counter)
+    collective_bytes: Counter = field(default_factory=Counter)
     steps: int = 0
     tokens: int | None = None
     samples: int | None = None
@@ -109,6 +120,8 @@ class Rollup:
             self.by_op[op] += f
         self.op_calls.update({op: n for (op, _), n in record.calls.items()})
         self.uncounted.update(record.uncounted)
+        self.collectives.update(record.collectives)
+        self.collective_bytes.update(record.collective_bytes)
         self.steps += 1
         if record.tokens is not None:
             self.tokens = (self.tokens or 0) + int(record.tokens)
@@ -161,6 +174,10 @@ class Rollup:
             "world_size": self.world_size,
             "ranks": sorted(self.ranks),
             "uncounted_ops": dict(self.uncounted.most_common()),
+            "collective_calls": sum(self.collectives.values()),
+            "collective_bytes": sum(self.collective_bytes.values()),
+            "collectives": {op: {"calls": n, "bytes": self.collective_bytes.get(op, 0)}
+                            for op, n in sorted(self.collectives.items(), key=lambda kv: -self.collective_bytes[kv[0]])},
             "training_phases": sorted(self.training_phases),
             "excluded_phases": sorted(EXCLUDED_PHASES | (set(by_phase) - self.training_phases)),
             "start_time": self.first_time,

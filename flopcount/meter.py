@@ -27,13 +27,15 @@ class Meter:
     def __init__(self, out=None, *, backend: str = "auto", base_model: str | None = None,
                  base_model_flops: float | None = None, strict: bool = False,
                  module_depth: int | None = None, run_id: str | None = None, flush_every: int = 50,
-                 track_modules: bool = True, warn: bool = True) -> None:
+                 track_modules: bool = True, warn: bool = True, sync_every: int | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if module_depth is not None and (not isinstance(module_depth, int) or module_depth < 1):
             raise ValueError(f"flopcount: module_depth={module_depth!r} must be a positive integer or None")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flopcount: flush_every={flush_every!r} must be a positive integer")
+        if sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1):
+            raise ValueError(f"flopcount: sync_every={sync_every!r} must be a positive integer or None")
         self.out = out
         self.requested_backend = backend
         self.base_model = base_model
@@ -44,6 +46,8 @@ class Meter:
         self.flush_every = flush_every
         self.track_modules = track_modules
         self.warn = warn
+        self.sync_every = sync_every  # steps between automatic job-wide totals (one all-reduce)
+        self.job_totals: dict | None = None  # the latest job-wide totals (all ranks)
         self.rollup = Rollup()
         self.training_phases = set(TRAINING_PHASES)
         self.user_phases: dict[str, bool] = {}
@@ -117,7 +121,8 @@ class Meter:
                 step=self.step_index, start_time=self._step_start, end_time=end or time.time(),
                 tokens=_as_int(tokens, "tokens"), samples=_as_int(samples, "samples"),
                 flops=dict(acc.flops), calls=dict(acc.calls), uncounted=dict(acc.uncounted),
-                training_phases=frozenset(self.training_phases))
+                training_phases=frozenset(self.training_phases),
+                collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes))
         self.rollup.add(record)
         if self.writer is not None:
             self.writer.write(record)
@@ -125,6 +130,8 @@ class Meter:
         self.step_index += 1
         self._step_start = record.end_time
         self.context.reset_backward()
+        if self.sync_every is not None and self.step_index % self.sync_every == 0:
+            self.global_totals()
         return record
 
     # ---- phases -----------------------------------------------------------------------------
@@ -157,12 +164,37 @@ class Meter:
     def hardware_flops(self) -> int:
         return self.rollup.hardware_flops
 
+    def global_totals(self, group=None) -> dict:
+        """Job-wide totals over every rank's closed steps: training_flops, hardware_flops, tokens,
+        samples, steps, collective_calls, collective_bytes (sums) and ranks (how many took part).
+
+        One all-reduce of a few int64s; every rank of ``group`` (default: the world) must call it
+        at the same point, as with any collective. Outside torch.distributed it returns this
+        process's totals. ``sync_every=N`` calls it after every N-th step and keeps the result in
+        ``job_totals``. Its own all-reduce is not booked as the job's communication."""
+        from .distributed import all_reduce_totals, local_totals
+
+        totals = local_totals(self.rollup)
+        counter = getattr(self, "counter", None)
+        if counter is None:
+            self.job_totals = all_reduce_totals(totals, group)
+            return self.job_totals
+        # The meter's own communication goes to a throwaway accumulator, not the open step.
+        open_step, counter.acc = counter.acc, StepAccumulator()
+        try:
+            self.job_totals = all_reduce_totals(totals, group)
+        finally:
+            counter.acc = open_step
+        return self.job_totals
+
     def summary(self) -> dict:
         """Totals over the closed steps (the open step is included once it closes)."""
         summary = self.rollup.summary(self.module_depth)
         summary.update(run_id=self.run_id, backend=self.backend, base_model=self.base_model, rank=self.rank,
                        module_depth=self.module_depth, torch_version=torch.__version__)
-        return summary
+        from .compliance import add_method_and_compliance
+
+        return add_method_and_compliance(summary, base_model=self.base_model, base_model_flops=self.base_model_flops)
 
     def _require_active(self, what: str) -> None:
         if not self._active:

@@ -32,3 +32,9 @@ def tiny_llama(**overrides):
 @pytest.fixture
 def llama_factory():
     return tiny_llama
+
+
+@pytest.fixture(params=["dispatch"])
+def backend(request):
+    """Capture backend under test (the native backend adds itself here when it builds)."""
+    return request.param

@@ -6,10 +6,11 @@ Phase rules (docs/conventions.md, "Phases"):
      (activation checkpointing re-runs forward code under enable_grad during backward,
      reentrant and non-reentrant alike); grad mode disabled                -> backward
   3. inside ``Meter.phase(name)``                                          -> that user phase
-  4. grad enabled when the outermost module call began (or, outside any
-     module, grad enabled now)                                             -> forward, else eval
-Rule 4 looks at the outermost module so that code running under no_grad *inside* a training
-forward (reentrant checkpoint's first forward, custom autograd.Function forwards) stays forward.
+  4. grad enabled when the outermost module call or autograd.Function.apply began (or, outside
+     both, grad enabled now)                                               -> forward, else eval
+Rule 4 looks at the outermost call so that code running under no_grad *inside* a training
+forward (reentrant checkpoint's first forward, custom autograd.Function forwards, which autograd
+always runs with grad disabled) stays forward.
 
 Modules: global forward pre/post hooks keep a stack of fully qualified names (as
 ``named_modules()`` gives them, relative to the outermost module called). Backward ops are
@@ -46,6 +47,7 @@ class Context:
         self.optimizer_depth = 0
         self.user_phases: list[str] = []
         self.forward_stack: list[Frame] = []
+        self.function_grad: list[bool] = []  # grad mode at each active autograd.Function.apply
         self.backward_stacks: dict[int, list[str]] = {}
         self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list = []
@@ -57,6 +59,7 @@ class Context:
 
         self.handles.append(register_optimizer_step_pre_hook(self._optimizer_pre))
         self.handles.append(register_optimizer_step_post_hook(self._optimizer_post))
+        self.handles.append(_FunctionApplyHook(self.function_grad))
         if self.track_modules:
             mod = torch.nn.modules.module
             self.handles.append(mod.register_module_forward_pre_hook(self._module_pre))
@@ -75,8 +78,10 @@ class Context:
             return RECOMPUTE if torch.is_grad_enabled() else BACKWARD
         if self.user_phases:
             return self.user_phases[-1]
-        stack = self.forward_stack
-        grad = stack[0].grad_enabled if stack else torch.is_grad_enabled()
+        if torch.is_grad_enabled():
+            return FORWARD
+        stack, functions = self.forward_stack, self.function_grad
+        grad = (stack and stack[0].grad_enabled) or (functions and functions[0])
         return FORWARD if grad else EVAL
 
     def _optimizer_pre(self, optimizer, args, kwargs) -> None:
@@ -159,6 +164,32 @@ class Context:
         """Drop finished graph tasks' module stacks (modules whose inputs need no grad never leave)."""
         with self.lock:
             self.backward_stacks.clear()
+
+
+class _FunctionApplyHook:
+    """Wraps autograd.Function.apply to record the grad mode its caller had: autograd runs every
+    custom Function's forward with grad disabled, which must not make training work look like eval.
+    Dynamo treats `apply` by name, so compiled code is unaffected."""
+
+    def __init__(self, grad_stack: list[bool]) -> None:
+        function = torch.autograd.function.Function
+        self.previous = function.__dict__["apply"]
+        previous_fn = self.previous.__func__
+
+        def apply(cls, *args, **kwargs):
+            grad_stack.append(torch.is_grad_enabled())
+            try:
+                return previous_fn(cls, *args, **kwargs)
+            finally:
+                grad_stack.pop()
+
+        self.installed = classmethod(apply)
+        function.apply = self.installed
+
+    def remove(self) -> None:
+        function = torch.autograd.function.Function
+        if function.__dict__.get("apply") is self.installed:
+            function.apply = self.previous
 
 
 def _tensors(x):

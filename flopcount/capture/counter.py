@@ -6,6 +6,7 @@ import warnings
 from ..conventions import OPTIMIZER
 from ..formulas import KNOWN_ZERO, REGISTRY
 from ..accounting import StepAccumulator
+from ..distributed import Collective, collective_entry
 
 
 class UncountedOpError(RuntimeError):
@@ -22,12 +23,17 @@ class Counter:
         self.on_work = on_work  # called before booking non-zero, non-optimizer work (auto steps)
         self.acc = StepAccumulator()
         self.warned: set[str] = set()
+        self.collective_ops: dict = {}  # op -> (name, Collective) or None, for known-zero ops
 
     def before(self, func):
         """Entry for an op about to run, or None when nothing is to be computed for it."""
         name, entry = REGISTRY.lookup(func)
         if entry is KNOWN_ZERO:
-            return None
+            # Communication is known-zero in FLOPs; its calls and bytes are booked separately.
+            collective = self.collective_ops.get(func, False)
+            if collective is False:
+                collective = self.collective_ops[func] = collective_entry(func)
+            return collective
         if entry is None:
             self.uncounted(name, "no formula")
             return None
@@ -35,6 +41,9 @@ class Counter:
 
     def count(self, entry, args, kwargs, out) -> None:
         name, formula = entry
+        if formula.__class__ is Collective:
+            self.acc.add_collective(name, formula.payload_bytes(args, kwargs, out))
+            return
         try:
             works = formula.works(args, kwargs, out)
         except Exception as exc:  # a formula must never break training; report the op instead

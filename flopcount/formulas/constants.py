@@ -12,8 +12,9 @@ Each row says which elements are counted:
 - ``target``: elements of the target tensor (losses indexed by class);
 - ``formula``: a constant that a dedicated formula uses (norms, fused attention, optimizers).
 
-``python -m flopcount.formulas.constants`` prints the table as Markdown (docs/conventions.md
-embeds that output and a test checks that the two agree).
+``python -m flopcount.formulas.constants`` prints the table as Markdown; with ``--update FILE`` it
+rewrites the table between the constants markers in FILE (docs/conventions.md; a test checks
+that the copy there agrees with this file).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def _rows(names: str, flops: int, category: str, counts: str, why: str) -> dict[
 
 PER_ELEMENT: dict[str, PerElement] = {
     # Elementwise arithmetic, comparisons and elementary functions: one operation each.
-    **_rows("add sub rsub mul div neg abs reciprocal maximum minimum fmod remainder floor_divide "
+    **_rows("add sub", 1, "pointwise", "output", "one add; a + alpha*b with alpha != 1 counts 2 (scale, add)"),
+    **_rows("rsub mul div neg abs reciprocal maximum minimum fmod remainder floor_divide "
             "sign sgn floor ceil round trunc frac square pow exp exp2 expm1 log log2 log10 log1p "
             "sqrt rsqrt sin cos tan tanh atan atan2 erf erfc erfinv", 1, "pointwise", "output",
             "one arithmetic operation or elementary function"),
@@ -126,5 +128,22 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- constants:begin -->", "<!-- constants:end -->"
+
+
+def update_docs(path: str) -> None:
+    with open(path) as f:
+        text = f.read()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{markdown_table()}\n{END}{tail}")
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:
+        update_docs(sys.argv[2])
+    else:
+        print(markdown_table())

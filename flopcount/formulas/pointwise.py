@@ -73,6 +73,15 @@ for _name, _row in PER_ELEMENT.items():
             REGISTRY.add(_op, Formula(_fn, _row.category))
 
 
+_ADD_SUB = [op for name in ("add", "sub") for op in _variants(name)]
+
+
+@formula(_ADD_SUB, "pointwise")
+def add_sub_flops(*args, out_shape=None, alpha=1, **kwargs) -> int:
+    # a + alpha*b: the scaling is one more operation per element unless alpha is 1.
+    return (1 + (alpha != 1)) * _output_elements(args, out_shape)
+
+
 @formula([aten.gelu, aten.gelu_], "pointwise")
 def gelu_flops(x_shape, *args, out_shape=None, approximate="none", **kwargs) -> int:
     name = "gelu_tanh" if (args[:1] or (approximate,))[0] == "tanh" else "gelu"

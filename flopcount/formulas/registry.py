@@ -55,11 +55,12 @@ KNOWN_ZERO = KnownZero()
 
 
 def to_shapes(x):
-    """Replace tensors by their shapes (tuples of ints), one level into lists, tuples and dicts."""
+    """Replace tensors by their shapes (tuples of ints), also inside lists, tuples and dicts."""
     if isinstance(x, torch.Tensor):
         return tuple(x.shape)
     if isinstance(x, (list, tuple)):
-        return type(x)(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in x)
+        return type(x)(tuple(v.shape) if isinstance(v, torch.Tensor) else
+                       to_shapes(v) if isinstance(v, (list, tuple)) else v for v in x)
     if isinstance(x, dict):
         return {k: to_shapes(v) for k, v in x.items()}
     return x

@@ -41,9 +41,10 @@ KNOWN_ZERO_GROUPS: dict[str, str] = {
         "logical_and logical_or logical_not logical_xor"),
 }
 
-# Whole namespaces without arithmetic: collectives (communication is bytes, not FLOP) and
-# profiler markers.
-ZERO_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "profiler")
+# Whole namespaces without arithmetic: collectives (communication is bytes, not FLOP; their calls
+# and bytes are recorded separately, see flopcount/distributed.py), profiler markers, and FSDP2's
+# copy-in/copy-out ops (all_gather_copy_in, split_with_sizes_copy, chunk_cat: data movement).
+ZERO_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "profiler", "fsdp")
 
 
 def _register() -> None:
