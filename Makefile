@@ -3,28 +3,40 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-STAMP  := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
+DEMO_STAMP  := $(VENV)/.installed-demo
+DEV_STAMP   := $(VENV)/.installed-dev
 
 .PHONY: demo test bench setup clean
 
-setup: $(STAMP)
+setup: $(DEV_STAMP)
 
 # torch is installed first and pinned so that pip never resolves a (multi-GB) CUDA build;
 # the package itself then installs without build isolation, against that torch.
-$(STAMP): pyproject.toml setup.py
+$(TORCH_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
-	touch $(STAMP)
+	touch $@
 
-demo: $(STAMP)
+# The demo needs only the Hugging Face stack; tests need everything (DeepSpeed, Lightning, ...).
+$(DEMO_STAMP): $(TORCH_STAMP) pyproject.toml setup.py
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[hf,report]"
+	touch $@
+
+$(DEV_STAMP): $(TORCH_STAMP) pyproject.toml setup.py
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@ $(DEMO_STAMP)
+
+# A fresh trace directory each time: reopening one appends a segment (a resumed run).
+demo: $(DEMO_STAMP)
+	rm -rf runs/demo
 	$(PY) demo/finetune.py --out runs/demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+test: $(DEV_STAMP)
+	$(PY) -m pytest -q --timeout=900 tests
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 clean:
