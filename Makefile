@@ -6,10 +6,13 @@ TORCH_VERSION ?= 2.13.0
 TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
 DEMO_STAMP  := $(VENV)/.installed-demo
 DEV_STAMP   := $(VENV)/.installed-dev
+# The native capture extension (csrc/), compiled against the installed torch; optional: when it
+# does not build, flopcount uses the dispatch backend and the native tests are skipped.
+NATIVE_STAMP := $(VENV)/.native-built
 
 .PHONY: demo test bench setup clean
 
-setup: $(DEV_STAMP)
+setup: $(DEV_STAMP) $(NATIVE_STAMP)
 
 # torch is installed first and pinned so that pip never resolves a (multi-GB) CUDA build;
 # the package itself then installs without build isolation, against that torch.
@@ -28,15 +31,19 @@ $(DEV_STAMP): $(TORCH_STAMP) pyproject.toml setup.py
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@ $(DEMO_STAMP)
 
+$(NATIVE_STAMP): $(DEMO_STAMP) csrc/flopcount_native.cpp
+	$(PY) -c "from flopcount.capture import native; native.build()"
+	touch $@
+
 # A fresh trace directory each time: reopening one appends a segment (a resumed run).
-demo: $(DEMO_STAMP)
+demo: $(DEMO_STAMP) $(NATIVE_STAMP)
 	rm -rf runs/demo
 	$(PY) demo/finetune.py --out runs/demo
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(NATIVE_STAMP)
 	$(PY) -m pytest -q --timeout=900 tests
 
-bench: $(DEV_STAMP)
+bench: $(DEV_STAMP) $(NATIVE_STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 clean:

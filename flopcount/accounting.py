@@ -118,7 +118,8 @@ class Rollup:
             if phase in record.training_phases:
                 self.by_module_training[module] += f
             self.by_op[op] += f
-        self.op_calls.update({op: n for (op, _), n in record.calls.items()})
+        for (op, _), n in record.calls.items():  # one op may run in several phases
+            self.op_calls[op] += n
         self.uncounted.update(record.uncounted)
         self.collectives.update(record.collectives)
         self.collective_bytes.update(record.collective_bytes)
@@ -174,6 +175,7 @@ class Rollup:
             "world_size": self.world_size,
             "ranks": sorted(self.ranks),
             "uncounted_ops": dict(self.uncounted.most_common()),
+            "missing_ranks": [], "unfinished_ranks": [], "rank_problems": [],  # traces: summary.py
             "collective_calls": sum(self.collectives.values()),
             "collective_bytes": sum(self.collective_bytes.values()),
             "collectives": {op: {"calls": n, "bytes": self.collective_bytes.get(op, 0)}

@@ -1,13 +1,26 @@
-"""Rank identity: from torch.distributed when initialised, else from the launcher's environment."""
+"""Everything flopcount needs to know about a distributed job.
+
+- Rank identity: from torch.distributed when initialised, else from the launcher's environment.
+- Collectives: which ops are communication, and how many bytes each call moves. Collectives do
+  no arithmetic (they are known-zero in the FLOP totals); their calls and bytes are recorded per
+  step in separate columns.
+- Job-wide totals: one small all-reduce of a rank's exact totals, on request.
+"""
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
+
+from .formulas.registry import op_name
 
 # (rank, world size) variables set by torchrun / accelerate / deepspeed, SLURM and Open MPI.
 _ENV_PAIRS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
               ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+# Launcher job ids: every rank of one job sees the same value.
+_JOB_ID_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -19,3 +32,153 @@ def rank_and_world_size() -> tuple[int, int]:
         if rank is not None and world is not None and rank.isdigit() and world.isdigit():
             return int(rank), int(world)
     return 0, 1
+
+
+def rank_identity() -> dict:
+    """Who this process is in the job: rank, world_size, local_rank, host and the launcher's job id
+    (None outside a launcher). Written with each rank's trace so that the summarizer can tell
+    which ranks of which world it has."""
+    rank, world_size = rank_and_world_size()
+    local = next((os.environ[v] for v in _LOCAL_RANK_VARS if os.environ.get(v, "").isdigit()), None)
+    job_id = next((os.environ[v] for v in _JOB_ID_VARS if os.environ.get(v)), None)
+    return {"rank": rank, "world_size": world_size, "local_rank": None if local is None else int(local),
+            "host": socket.gethostname(), "job_id": job_id}
+
+
+# ---- collectives -----------------------------------------------------------------------------
+
+# Namespaces of torch's communication ops (process-group ops, functional collectives, DTensor's).
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor")
+# Ops in those namespaces that move no data: waiting on a handle, checks, autograd wrappers.
+NOT_COMMUNICATION = frozenset({"wait_tensor", "check_for_nan", "_wrap_tensor_autograd"})
+
+
+class Collective:
+    """Counter entry for one communication op: which of its arguments are read and written."""
+
+    __slots__ = ("arg_names",)
+
+    def __init__(self, arg_names: tuple[str, ...]) -> None:
+        self.arg_names = arg_names
+
+    def payload_bytes(self, args, kwargs, out) -> int:
+        """Bytes of the larger of the buffers sent and received (nccl-tests' "size"): the tensor
+        for all-reduce and broadcast, the gathered output for all-gather, the full input for
+        reduce-scatter."""
+        named = dict(zip(self.arg_names, args))
+        named.update(kwargs)
+        sent = received = 0
+        for name, value in named.items():
+            if name.startswith("input") or name in ("tensor", "tensors"):
+                sent += _nbytes(value)
+            if name.startswith("output") or name in ("out", "tensor", "tensors"):
+                received += _nbytes(value)
+        if not received:  # functional collectives return their result
+            received = _nbytes(out)
+        return max(sent, received)
+
+
+def collective_entry(op) -> tuple[str, Collective] | None:
+    """(name, Collective) for a communication op, None for any other op."""
+    if not isinstance(op, torch._ops.OpOverload) or op.namespace not in COLLECTIVE_NAMESPACES:
+        return None
+    if op._opname in NOT_COMMUNICATION:
+        return None
+    return op_name(op), Collective(tuple(a.name for a in op._schema.arguments))
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+# ---- job-wide totals -------------------------------------------------------------------------
+
+TOTAL_KEYS = ("training_flops", "hardware_flops", "tokens", "samples", "steps",
+              "collective_calls", "collective_bytes")
+# Totals travel as base-2**32 limbs in int64: exact for any value below 2**128, and the sum of
+# one limb over up to 2**31 ranks still fits in int64 (a single int64 overflows after a few
+# hours of one GPU's FLOPs; float64 is not exact above 2**53).
+_LIMB_BITS = 32
+_LIMBS = 4
+
+
+def to_limbs(values: list[int]) -> list[int]:
+    limbs = []
+    for value in values:
+        if not 0 <= value < 1 << (_LIMB_BITS * _LIMBS):
+            raise ValueError(f"flopcount: total {value} is outside [0, 2**128)")
+        limbs.extend((value >> (_LIMB_BITS * i)) & ((1 << _LIMB_BITS) - 1) for i in range(_LIMBS))
+    return limbs
+
+
+def from_limbs(limbs: list[int]) -> list[int]:
+    return [sum(int(limb) << (_LIMB_BITS * i) for i, limb in enumerate(limbs[j:j + _LIMBS]))
+            for j in range(0, len(limbs), _LIMBS)]
+
+
+def local_totals(rollup) -> dict[str, int]:
+    """This rank's exact totals over its closed steps, as plain ints (None counts as 0)."""
+    return {"training_flops": rollup.training_flops, "hardware_flops": rollup.hardware_flops,
+            "tokens": rollup.tokens or 0, "samples": rollup.samples or 0, "steps": rollup.steps,
+            "collective_calls": sum(rollup.collectives.values()),
+            "collective_bytes": sum(rollup.collective_bytes.values())}
+
+
+def all_reduce_totals(totals: dict[str, int], group=None) -> dict[str, int]:
+    """Sum ``totals`` over the ranks of ``group`` with one all-reduce of 4 int64 per value; every
+    rank of the group must call it at the same point. ``ranks`` says how many ranks took part."""
+    dist = torch.distributed
+    values = [int(totals[k]) for k in TOTAL_KEYS] + [1]
+    if not (dist.is_available() and dist.is_initialized()):
+        summed = values
+    else:
+        tensor = torch.tensor(to_limbs(values), dtype=torch.int64, device=_collective_device(group))
+        dist.all_reduce(tensor, group=group)
+        summed = from_limbs(tensor.tolist())
+    out = dict(zip(TOTAL_KEYS, summed))
+    out["ranks"] = summed[-1]
+    return out
+
+
+def _collective_device(group) -> torch.device:
+    """CPU for gloo (and mixed gloo/nccl groups), the current accelerator otherwise."""
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if "gloo" in backend or "cpu" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+# ---- completeness of a multi-rank trace ------------------------------------------------------
+
+def rank_integrity(manifests: dict[str, list[dict]], label: str = "") -> dict:
+    """Which ranks of a trace dir's world are missing or did not close their trace.
+
+    ``manifests`` maps each rank's manifest file to its entries: "segment" entries carry the rank
+    and world size, a "close" entry ends the segment it names. A rank of the recorded world with
+    no manifest is missing (it never wrote: killed early, or its files are lost); a rank whose
+    last segment has no "close" entry was killed (or is still running): its committed steps are
+    intact and counted, the steps after its last flush are not. Either way the total undercounts
+    the job, so both are integrity problems, never silent."""
+    world_size = 0
+    ranks: set[int] = set()
+    unfinished: set[int] = set()
+    for entries in manifests.values():  # one file per rank
+        segments = [e for e in entries if e.get("type") == "segment"]
+        if not segments:
+            continue
+        rank = int(segments[-1]["rank"])
+        world_size = max([world_size] + [int(e.get("world_size", 1)) for e in segments])
+        ranks.add(rank)
+        last = segments[-1].get("segment")
+        if not any(e.get("type") == "close" and e.get("segment") == last for e in entries):
+            unfinished.add(rank)
+    missing = sorted(set(range(world_size)) - ranks)
+    where = f"{label}: " if label else ""
+    problems = [f"{where}rank {r} of {world_size} is missing (no trace written)" for r in missing]
+    problems += [f"{where}rank {r} of {world_size} did not close its trace (killed or still running): "
+                 f"steps after its last flush are not counted" for r in sorted(unfinished)]
+    return {"missing_ranks": missing, "unfinished_ranks": sorted(unfinished), "rank_problems": problems}

@@ -4,14 +4,20 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+import warnings
 
 import torch
 
 from .accounting import Rollup, StepAccumulator, StepRecord
+from .budget import STOP, BudgetGuard
+from .capture import compile as compiled_regions
 from .capture.context import Context
 from .capture.counter import Counter
 from .conventions import BUILTIN_PHASES, TRAINING_PHASES
 from .distributed import rank_and_world_size
+from .energy import ResourceTally, open_energy_meter, resources_summary
+
+compiled_regions.install()  # before any torch.compile, so that compiled regions are countable
 
 BACKENDS = ("auto", "dispatch", "native")
 _PHASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -21,13 +27,22 @@ class Meter:
     """Counts the FLOPs of everything that runs inside ``with meter:``.
 
     Steps close on ``step()``; if the program never calls it, a step closes after each
-    ``optimizer.step()`` (at the next op that does work, so zero_grad and friends stay in it).
+    ``optimizer.step()`` (at the next op that does work, so zero_grad and friends stay in it);
+    ``auto_steps=False`` leaves closing steps to ``step()`` alone (the framework callbacks).
+    ``budget``: a fraction of the threshold in (0, 1] or FLOP above 1; a ``BudgetWarning`` at
+    ``budget_warn_at`` of it, and ``BudgetExceeded`` (traces flushed) from ``step()`` or
+    ``optimizer.step()`` when the next step would reach it (budget.py).
+    ``energy``: read the GPUs' NVML energy counters and the host's RAPL counters at every step
+    boundary (docs/energy.md); ``devices``: the CUDA devices this process trains on (default:
+    the rank's device under a launcher, else those holding its memory).
     """
 
     def __init__(self, out=None, *, backend: str = "auto", base_model: str | None = None,
                  base_model_flops: float | None = None, strict: bool = False,
                  module_depth: int | None = None, run_id: str | None = None, flush_every: int = 50,
-                 track_modules: bool = True, warn: bool = True, sync_every: int | None = None) -> None:
+                 track_modules: bool = True, warn: bool = True, sync_every: int | None = None,
+                 auto_steps: bool = True, budget=None, budget_warn_at: float = 0.8,
+                 energy: bool = True, devices: list[int] | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if module_depth is not None and (not isinstance(module_depth, int) or module_depth < 1):
@@ -48,7 +63,12 @@ class Meter:
         self.warn = warn
         self.sync_every = sync_every  # steps between automatic job-wide totals (one all-reduce)
         self.job_totals: dict | None = None  # the latest job-wide totals (all ranks)
+        self.budget = None if budget is None else BudgetGuard.create(
+            budget, budget_warn_at, base_model=base_model, base_model_flops=base_model_flops)
         self.rollup = Rollup()
+        self.energy_enabled, self.devices = bool(energy), devices  # docs/energy.md
+        self.energy = None  # the EnergyMeter while active: devices, NVML / RAPL readers
+        self.resources = ResourceTally()  # time, device time and energy of the closed steps
         self.training_phases = set(TRAINING_PHASES)
         self.user_phases: dict[str, bool] = {}
         self.step_index = 0
@@ -57,7 +77,7 @@ class Meter:
         self.rank, self.world_size = 0, 1
         self.writer = None
         self._active = False
-        self._explicit_steps = False
+        self._explicit_steps = not auto_steps  # auto_steps=False: only step() closes steps
         self._pending_end: float | None = None
         self._step_start = 0.0
 
@@ -70,17 +90,24 @@ class Meter:
         self.capture = self._make_capture()
         self.rank, self.world_size = rank_and_world_size()
         self.rollup.world_size, self.rollup.ranks = self.world_size, {self.rank}
+        self.energy = open_energy_meter(self.world_size, devices=self.devices, enabled=self.energy_enabled)
         from .trace.writer import open_writer
 
         self.writer = open_writer(self)
         self.context.install()
+        from .integrations.deepspeed import watch_opaque_kernels
+
+        self.context.handles += watch_opaque_kernels(self.counter)  # removed with the context's hooks
         self.capture.__enter__()
+        compiled_regions.attach(self)  # torch.compile regions, Triton launches, CUDA graph replays
         self._active = True
         self._step_start = time.time()
+        self.energy.start(self._step_start)  # baseline of the cumulative counters
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
+            compiled_regions.detach(self)
             self.capture.__exit__(exc_type, exc, tb)
         finally:
             self.context.remove()
@@ -94,6 +121,16 @@ class Meter:
     def _make_capture(self):
         from .capture.dispatch import DispatchCapture
 
+        if self.requested_backend != "dispatch":
+            from .capture import native
+
+            lib = native.load()
+            if self.requested_backend == "native" or lib is not None:
+                self.backend = "native"  # raises a one-line error if it is not available
+                return native.NativeCapture(self.counter, self.context, self._on_work, lib)
+            if lib is None:
+                warnings.warn(f"flopcount: native backend unavailable ({native.load_error()}); "
+                              f"using the dispatch backend", stacklevel=3)
         self.backend = "dispatch"
         return DispatchCapture(self.counter)
 
@@ -103,11 +140,36 @@ class Meter:
         self._require_active("step()")
         self._explicit_steps = True
         self._pending_end = None
-        return self._close(tokens=tokens, samples=samples)
+        record = self._close(tokens=tokens, samples=samples)
+        if self.budget is not None:
+            self._enforce_budget()
+        return record
 
     def _on_optimizer_step(self) -> None:
         if not self._explicit_steps:
+            flush = getattr(self.capture, "flush", None)
+            if flush is not None:  # native backend: book what it aggregated (may close the last step)
+                flush()
             self._pending_end = time.time()
+            if flush is not None:
+                self.capture.mark_step_end()
+            if self.budget is not None:  # decide before the next step runs, this open step included
+                self._enforce_budget(pending=self._open_training_flops())
+
+    def _open_training_flops(self) -> int:
+        acc = self.counter.acc
+        with acc.lock:
+            return sum(f for (phase, _, _, _), f in acc.flops.items() if phase in self.training_phases)
+
+    def _enforce_budget(self, pending: int = 0) -> None:
+        """Budget guard (budget.py): warn, or close the step, flush the traces and raise
+        BudgetExceeded when the next step would reach the budget."""
+        if self.budget.check(self, pending) != STOP:
+            return
+        self._on_work()  # the step the optimizer just finished (implicit steps)
+        if self.writer is not None:
+            self.writer.flush()
+        raise self.budget.exceeded(self.step_index - 1)
 
     def _on_work(self) -> None:
         if self._pending_end is not None:
@@ -115,6 +177,9 @@ class Meter:
             self._close(end=end)
 
     def _close(self, tokens=None, samples=None, end: float | None = None) -> StepRecord:
+        flush = getattr(self.capture, "flush", None)
+        if flush is not None:  # native backend: book what it aggregated (a no-op while it books)
+            flush()
         acc, self.counter.acc = self.counter.acc, StepAccumulator()
         with acc.lock:
             record = StepRecord(
@@ -123,6 +188,8 @@ class Meter:
                 flops=dict(acc.flops), calls=dict(acc.calls), uncounted=dict(acc.uncounted),
                 training_phases=frozenset(self.training_phases),
                 collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes))
+        record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
+        self.resources.add_step(self.run_id or "run", self.rank, record, record.energy, self.energy)
         self.rollup.add(record)
         if self.writer is not None:
             self.writer.write(record)
@@ -148,11 +215,11 @@ class Meter:
             raise ValueError(f"flopcount: phase {name!r} was already used with training={not training}")
         if training:
             self.training_phases.add(name)
-        self.context.user_phases.append(name)
+        self.context.push_user_phase(name)
         try:
             yield self
         finally:
-            self.context.user_phases.pop()
+            self.context.pop_user_phase()
 
     # ---- results ----------------------------------------------------------------------------
     @property
@@ -174,24 +241,32 @@ class Meter:
         ``job_totals``. Its own all-reduce is not booked as the job's communication."""
         from .distributed import all_reduce_totals, local_totals
 
-        totals = local_totals(self.rollup)
-        counter = getattr(self, "counter", None)
-        if counter is None:
-            self.job_totals = all_reduce_totals(totals, group)
-            return self.job_totals
-        # The meter's own communication goes to a throwaway accumulator, not the open step.
-        open_step, counter.acc = counter.acc, StepAccumulator()
-        try:
-            self.job_totals = all_reduce_totals(totals, group)
-        finally:
-            counter.acc = open_step
+        with self._unmetered():
+            self.job_totals = all_reduce_totals(local_totals(self.rollup), group)
         return self.job_totals
+
+    @contextlib.contextmanager
+    def _unmetered(self):
+        """The meter's own work (its all-reduce) is not the job's: neither backend records it."""
+        capture = getattr(self, "capture", None) if self._active else None
+        suspendable = hasattr(capture, "suspended")  # the dispatch backend
+        if suspendable:
+            capture.suspended += 1
+        # The native backend's observer is a RecordFunction callback: off in this thread.
+        torch._C._autograd._enable_record_function(False)
+        try:
+            yield
+        finally:
+            torch._C._autograd._enable_record_function(True)
+            if suspendable:
+                capture.suspended -= 1
 
     def summary(self) -> dict:
         """Totals over the closed steps (the open step is included once it closes)."""
         summary = self.rollup.summary(self.module_depth)
         summary.update(run_id=self.run_id, backend=self.backend, base_model=self.base_model, rank=self.rank,
                        module_depth=self.module_depth, torch_version=torch.__version__)
+        summary.update(resources_summary(self.resources, summary["training_flops"]))  # time, energy, estimate
         from .compliance import add_method_and_compliance
 
         return add_method_and_compliance(summary, base_model=self.base_model, base_model_flops=self.base_model_flops)

@@ -38,3 +38,22 @@ def llama_factory():
 def backend(request):
     """Capture backend under test (the native backend adds itself here when it builds)."""
     return request.param
+
+
+def _native_skip_reason():
+    """None when the native capture backend builds and loads here, else why not."""
+    try:
+        from flopcount.capture import native
+    except ImportError as exc:  # the module itself is missing
+        return f"native backend not available: {exc}"
+    return native.load_error()
+
+
+@pytest.fixture(params=["dispatch", "native"])
+def backend(request):
+    """Capture backend to run a counting test under; both must give identical results."""
+    if request.param == "native":
+        reason = _native_skip_reason()
+        if reason:
+            pytest.skip(reason)
+    return request.param

@@ -41,6 +41,8 @@ def test_mm_bmm_baddbmm_addmm(backend):
     assert cat(s, "matmul") == 2 * b_ * m_ * k_ * n_
     s = metered(lambda: torch.baddbmm(torch.randn(b_, m_, n_), torch.randn(b_, m_, k_), torch.randn(b_, k_, n_)), backend)
     assert (cat(s, "matmul"), cat(s, "pointwise")) == (2 * b_ * m_ * k_ * n_, b_ * m_ * n_)
+    s = metered(lambda: torch.zeros(m_, n_).addmm_(a, b), backend)  # in place, as TRL runs it
+    assert (cat(s, "matmul"), cat(s, "pointwise")) == (2 * m_ * k_ * n_, m_ * n_)
     lin = torch.nn.Linear(k_, n_)
     s = metered(lambda: lin(torch.randn(m_, k_)), backend)
     assert (cat(s, "matmul"), cat(s, "pointwise")) == (2 * m_ * k_ * n_, m_ * n_)
@@ -244,8 +246,9 @@ def test_elementwise_inplace_and_foreach(backend):
 
 def test_reductions_count_elements_read(backend):
     x = torch.randn(6, 10)
-    s = metered(lambda: (x.sum(), x.mean(dim=1), x.var(dim=0), x.amax()), backend)
-    assert cat(s, "reduction") == 60 + 60 + 4 * 60 + 60
+    routes = torch.tensor([0, 3, 3, 1, 0, 2, 3])  # MoE code counts tokens per expert like this
+    s = metered(lambda: (x.sum(), x.mean(dim=1), x.var(dim=0), x.amax(), torch.bincount(routes, minlength=4)), backend)
+    assert cat(s, "reduction") == 60 + 60 + 4 * 60 + 60 + 7
 
 
 def test_known_zero_ops_are_zero_and_not_uncounted(backend):

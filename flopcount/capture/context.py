@@ -31,6 +31,28 @@ from ..conventions import BACKWARD, EVAL, FORWARD, NO_MODULE, OPTIMIZER, RECOMPU
 _graph_task_id = torch._C._current_graph_task_id
 
 
+def resolve_phase(optimizer: bool, in_backward: bool, grad_enabled: bool, user_phase: str | None,
+                  outer_grad: bool) -> str:
+    """The phase rules above as one pure function, shared by the dispatch and native backends.
+
+    ``outer_grad``: grad mode when the outermost module call or Function.apply began."""
+    if optimizer:
+        return OPTIMIZER
+    if in_backward:
+        return RECOMPUTE if grad_enabled else BACKWARD
+    if user_phase:
+        return user_phase
+    return FORWARD if grad_enabled or outer_grad else EVAL
+
+
+def resolve_module(in_backward: bool, forward_module: str | None, backward_module: str | None) -> str:
+    """Module of an op: the innermost forward module; in backward with no forward module open,
+    the module whose backward is running."""
+    if in_backward and forward_module is None:
+        return backward_module or NO_MODULE
+    return forward_module or NO_MODULE
+
+
 class Frame:
     __slots__ = ("module", "name", "grad_enabled")
 
@@ -52,6 +74,8 @@ class Context:
         self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list = []
         self.lock = threading.Lock()
+        # Told about every change of the state above (the native backend mirrors it in C++).
+        self.listener = None
 
     # ---- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -59,11 +83,9 @@ class Context:
 
         self.handles.append(register_optimizer_step_pre_hook(self._optimizer_pre))
         self.handles.append(register_optimizer_step_post_hook(self._optimizer_post))
-        self.handles.append(_FunctionApplyHook(self.function_grad))
+        self.handles.append(_FunctionApplyHook(self.function_grad, self._changed))
         if self.track_modules:
-            mod = torch.nn.modules.module
-            self.handles.append(mod.register_module_forward_pre_hook(self._module_pre))
-            self.handles.append(mod.register_module_forward_hook(self._module_post, always_call=True))
+            self.handles.append(MODULE_HOOKS.subscribe(self))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -72,35 +94,65 @@ class Context:
 
     # ---- phase ----------------------------------------------------------------------------
     def phase(self) -> str:
-        if self.optimizer_depth:
-            return OPTIMIZER
-        if _graph_task_id() != -1:
-            return RECOMPUTE if torch.is_grad_enabled() else BACKWARD
-        if self.user_phases:
-            return self.user_phases[-1]
-        if torch.is_grad_enabled():
-            return FORWARD
-        stack, functions = self.forward_stack, self.function_grad
-        grad = (stack and stack[0].grad_enabled) or (functions and functions[0])
-        return FORWARD if grad else EVAL
+        optimizer, user_phase, outer_grad, _ = self.snapshot()
+        return resolve_phase(optimizer, _graph_task_id() != -1, torch.is_grad_enabled(), user_phase, outer_grad)
 
-    def _optimizer_pre(self, optimizer, args, kwargs) -> None:
+    def snapshot(self) -> tuple:
+        """The Python-held inputs of the phase and module rules:
+        (optimizer, user phase, outermost call's grad mode, innermost forward module or None)."""
+        stack, functions = self.forward_stack, self.function_grad
+        outer_grad = bool((stack and stack[0].grad_enabled) or (functions and functions[0]))
+        return (bool(self.optimizer_depth), self.user_phases[-1] if self.user_phases else None,
+                outer_grad, stack[-1].name if stack else None)
+
+    def _changed(self) -> None:
+        if self.listener is not None:
+            self.listener.context_changed()
+
+    def push_user_phase(self, name: str) -> None:
+        self.user_phases.append(name)
+        self._changed()
+
+    def pop_user_phase(self) -> None:
+        self.user_phases.pop()
+        self._changed()
+
+    def _optimizer_pre(self, optimizer, args, kwargs):
         self.optimizer_depth += 1
+        self._changed()
+        # step(closure): the closure's forward and backward (Lightning, LBFGS) keep their phases.
+        if args and callable(args[0]):
+            return (self._outside_optimizer(args[0]), *args[1:]), kwargs
+        if callable(kwargs.get("closure")):
+            return args, {**kwargs, "closure": self._outside_optimizer(kwargs["closure"])}
+        return None
+
+    def _outside_optimizer(self, closure):
+        def run_closure(*args, **kwargs):
+            depth, self.optimizer_depth = self.optimizer_depth, 0
+            self._changed()
+            try:
+                return closure(*args, **kwargs)
+            finally:
+                self.optimizer_depth = depth
+                self._changed()
+        return run_closure
 
     def _optimizer_post(self, optimizer, args, kwargs) -> None:
         self.optimizer_depth = max(0, self.optimizer_depth - 1)
+        self._changed()
         if self.optimizer_depth == 0 and self.on_optimizer_step is not None:
             self.on_optimizer_step()
 
     # ---- modules --------------------------------------------------------------------------
     def module(self) -> str:
         task = _graph_task_id()
-        if task != -1 and not self.forward_stack:
+        forward = self.forward_stack[-1].name if self.forward_stack else None
+        backward = None
+        if task != -1 and forward is None:
             stack = self.backward_stacks.get(task)
-            return stack[-1] if stack else NO_MODULE
-        if self.forward_stack:
-            return self.forward_stack[-1].name
-        return NO_MODULE
+            backward = stack[-1] if stack else None
+        return resolve_module(task != -1, forward, backward)
 
     def _name(self, module) -> str:
         name = self.names.get(module)
@@ -123,6 +175,7 @@ class Context:
         name = self._name(module)
         grad = torch.is_grad_enabled()
         self.forward_stack.append(Frame(module, name, grad))
+        self._changed()
         if grad:
             inputs = [t for t in _tensors(args) if t.requires_grad]
             if inputs:
@@ -135,6 +188,7 @@ class Context:
             if stack[i].module is module:
                 del stack[i:]
                 break
+        self._changed()
         if torch.is_grad_enabled():
             outputs = [t for t in _tensors(output) if t.requires_grad]
             if outputs:
@@ -153,17 +207,70 @@ class Context:
             while i > 0 and (name == ROOT_MODULE or stack[i - 1].startswith(name + ".")):
                 i -= 1
             stack.insert(i, name)
+        if self.listener is not None:
+            self.listener.backward_changed(_graph_task_id())
 
     def _backward_leave(self, name: str) -> None:
         with self.lock:
             stack = self.backward_stacks.get(_graph_task_id())
             if stack and name in stack:
                 del stack[len(stack) - 1 - stack[::-1].index(name)]
+        if self.listener is not None:
+            self.listener.backward_changed(_graph_task_id())
 
     def reset_backward(self) -> None:
         """Drop finished graph tasks' module stacks (modules whose inputs need no grad never leave)."""
         with self.lock:
             self.backward_stacks.clear()
+        if self.listener is not None:
+            self.listener.backward_reset()
+
+
+class _ModuleHooks:
+    """One pair of global module forward hooks per process, registered once, never removed.
+
+    Dynamo guards on the global hook dicts: hooks added and removed with each meter would make
+    compiled models recompile whenever a meter starts or ends. While Dynamo traces, the hooks
+    return at once (no graph breaks); compiled regions name their modules from the graph's
+    ``nn_module_stack`` (capture/compile.py)."""
+
+    def __init__(self) -> None:
+        self.contexts: list[Context] = []
+        self.installed = False
+
+    def install(self) -> None:
+        if not self.installed:
+            mod = torch.nn.modules.module
+            mod.register_module_forward_pre_hook(self._pre)
+            mod.register_module_forward_hook(self._post, always_call=True)
+            self.installed = True
+
+    def subscribe(self, context: "Context") -> "_ModuleHooks.Subscription":
+        self.install()
+        self.contexts = [*self.contexts, context]  # copy on write: hooks iterate without a lock
+        return self.Subscription(self, context)
+
+    class Subscription:
+        def __init__(self, hooks: "_ModuleHooks", context: "Context") -> None:
+            self.hooks, self.context = hooks, context
+
+        def remove(self) -> None:
+            self.hooks.contexts = [c for c in self.hooks.contexts if c is not self.context]
+
+    def _pre(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for context in self.contexts:
+            context._module_pre(module, args)
+
+    def _post(self, module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for context in self.contexts:
+            context._module_post(module, args, output)
+
+
+MODULE_HOOKS = _ModuleHooks()
 
 
 class _FunctionApplyHook:
@@ -171,17 +278,19 @@ class _FunctionApplyHook:
     custom Function's forward with grad disabled, which must not make training work look like eval.
     Dynamo treats `apply` by name, so compiled code is unaffected."""
 
-    def __init__(self, grad_stack: list[bool]) -> None:
+    def __init__(self, grad_stack: list[bool], changed: Callable[[], None]) -> None:
         function = torch.autograd.function.Function
         self.previous = function.__dict__["apply"]
         previous_fn = self.previous.__func__
 
         def apply(cls, *args, **kwargs):
             grad_stack.append(torch.is_grad_enabled())
+            changed()
             try:
                 return previous_fn(cls, *args, **kwargs)
             finally:
                 grad_stack.pop()
+                changed()
 
         self.installed = classmethod(apply)
         function.apply = self.installed

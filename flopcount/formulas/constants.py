@@ -78,7 +78,7 @@ PER_ELEMENT: dict[str, PerElement] = {
     **_rows("native_dropout native_dropout_backward", 2, "pointwise", "output", "mask (compare) and scale"),
     # Reductions: one operation per element read.
     **_rows("sum mean prod amax amin max min argmax argmin aminmax all any cumsum cumprod "
-            "topk sort msort argsort histc count_nonzero nansum", 1, "reduction", "input",
+            "topk sort msort argsort histc bincount count_nonzero nansum", 1, "reduction", "input",
             "one add/multiply/comparison per element read (sorts: a lower bound)"),
     **_rows("var std var_mean std_mean", 4, "reduction", "input", "mean pass (1), subtract, square, sum"),
     **_rows("norm linalg_vector_norm", 2, "reduction", "input", "square (abs) and sum"),

@@ -18,7 +18,7 @@ def mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return mm_flops(m, k, n)
 
 
-@formula(aten.addmm, "matmul")
+@formula([aten.addmm, aten.addmm_], "matmul")
 def addmm(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> list[Work]:
     (m, k), (_, n) = a_shape, b_shape
     return [Work("matmul", mm_flops(m, k, n)), Work("pointwise", m * n)]
@@ -30,7 +30,7 @@ def bmm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return mm_flops(m, k, n, batch=b)
 
 
-@formula(aten.baddbmm, "matmul")
+@formula([aten.baddbmm, aten.baddbmm_], "matmul")
 def baddbmm(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> list[Work]:
     (b, m, k), (_, _, n) = a_shape, b_shape
     return [Work("matmul", mm_flops(m, k, n, batch=b)), Work("pointwise", b * m * n)]

@@ -11,6 +11,7 @@ registered with ``needs_values=True`` and receive the raw tensors instead of sha
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -89,7 +90,7 @@ class Registry:
     def add(self, op, entry: Formula | KnownZero) -> None:
         if isinstance(entry, Formula) and entry.category not in CATEGORIES:
             raise ValueError(f"category {entry.category!r} is not one of {', '.join(CATEGORIES)}")
-        self._table[op] = entry
+        self._table[registry_key(op)] = entry
         self._cache.clear()
 
     def add_zero_namespace(self, namespace: str) -> None:
@@ -107,6 +108,10 @@ class Registry:
             entry = self._table.get(op.overloadpacket)
             if entry is None and op.namespace in self._zero_namespaces:
                 entry = KNOWN_ZERO
+            if entry is None and op.namespace != "aten":
+                entry = torch_formula(op)
+                if entry is None:  # not cached: torch's register_flop_formula may come later
+                    return op_name(op), None
         hit = (op_name(op), entry)
         self._cache[op] = hit
         return hit
@@ -119,6 +124,32 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+def registry_key(op):
+    """The object formulas are keyed by: a custom op's OpOverload for its ``CustomOpDef``, the
+    launched ``JITFunction`` for a Triton ``Autotuner``/``Heuristics`` wrapper."""
+    if isinstance(getattr(op, "_opoverload", None), torch._ops.OpOverload):  # torch.library.custom_op
+        return op._opoverload
+    while type(op).__name__ in ("Autotuner", "Heuristics") and hasattr(op, "fn"):
+        op = op.fn
+    return op
+
+
+def torch_formula(op) -> Formula | None:
+    """Reuse a formula registered with torch's ``register_flop_formula`` for a non-aten op, booked
+    as category ``other`` (register it with flopcount to choose the category). aten ops are not
+    looked up there: flopcount's own formulas and conventions cover them."""
+    from torch.utils.flop_counter import flop_registry
+
+    fn = flop_registry.get(op.overloadpacket)
+    if fn is None:
+        return None
+    return Formula(functools.partial(_call_torch_formula, fn), "other", needs_values=True)
+
+
+def _call_torch_formula(fn, *args, out=None, **kwargs):
+    return int(fn(*args, out_val=out, **kwargs))
 
 
 def _targets(ops) -> Iterable:

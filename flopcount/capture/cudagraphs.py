@@ -1,0 +1,116 @@
+"""CUDA graphs: the work captured into a graph is booked on every replay.
+
+While a graph is being captured (``torch.cuda.graph``, ``make_graphed_callables``) its kernels
+are recorded, not run: the ops that the capture backend sees then are recorded into the graph's
+tally instead of the open step. Each ``CUDAGraph.replay()`` books the tally again, with the phase
+and module they had at capture. Graphs captured inside a compiled region (the cudagraph trees of
+``torch.compile(mode="reduce-overhead")``) have an empty tally: the compiled region books its work
+on every call, replay or not. A graph captured while no meter was active cannot be counted: its
+replays are reported as uncounted (``torch.cuda.CUDAGraph.replay``).
+"""
+from __future__ import annotations
+
+from ..accounting import StepAccumulator
+from .compile import HOOKS
+
+TALLY = "_flopcount_tally"       # list of (phase, module, op, works or None), or None
+CAPTURE = "_flopcount_capture"   # per meter: (meter, its accumulator, its on_work, recorder)
+REPLAY_NAME = "torch.cuda.CUDAGraph.replay"
+
+
+class Recorder(StepAccumulator):
+    """Stands in for a counter's accumulator during capture: keeps each booking, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bookings: list[tuple] = []
+
+    def add(self, phase, module, op, works) -> None:
+        self.bookings.append((phase, module, op, list(works)))
+
+    def add_uncounted(self, op) -> None:
+        self.bookings.append((None, None, op, None))
+
+    def add_collective(self, op, nbytes) -> None:  # communication in a graph: no FLOPs
+        pass
+
+
+def begin_capture(graph) -> None:
+    if HOOKS.region_depth():
+        setattr(graph, TALLY, [])  # a compiled region's graph: the region counts itself
+        return
+    if not HOOKS.meters:
+        setattr(graph, TALLY, None)
+        return
+    state = []
+    for meter in HOOKS.meters:
+        _flush(meter)  # work seen before the capture stays in the step
+        counter = meter.counter
+        state.append((meter, counter.acc, counter.on_work, Recorder()))
+        counter.acc, counter.on_work = state[-1][3], None  # capture runs nothing: no step closes
+    setattr(graph, CAPTURE, state)
+
+
+def _flush(meter) -> None:
+    """Captures that aggregate ops before booking them (the native observer) book them now."""
+    flush = getattr(getattr(meter, "capture", None), "flush", None)
+    if callable(flush):
+        flush()
+
+
+def end_capture(graph) -> None:
+    state = getattr(graph, CAPTURE, None)
+    if state is None:
+        return
+    delattr(graph, CAPTURE)
+    for meter, acc, on_work, _ in state:
+        _flush(meter)  # into the recorder
+        meter.counter.acc, meter.counter.on_work = acc, on_work
+    setattr(graph, TALLY, state[0][3].bookings)
+
+
+def replay(graph) -> None:
+    if not HOOKS.meters or HOOKS.region_depth():
+        return
+    tally = getattr(graph, TALLY, None)
+    for meter in list(HOOKS.meters):
+        counter = meter.counter
+        if tally is None:
+            counter.uncounted(REPLAY_NAME, "CUDA graph captured while no meter was active")
+            continue
+        for phase, module, op, works in tally:
+            if works is None:
+                counter.uncounted(op, "no formula (captured in a CUDA graph)")
+            else:
+                counter.book(op, works, phase=phase, module=module)
+
+
+def install() -> None:
+    """Wrap ``torch.cuda.CUDAGraph``'s capture and replay once (only where CUDA is available)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    cls = torch.cuda.graphs.CUDAGraph
+    if getattr(cls, "__flopcount__", False):
+        return
+    capture_begin, capture_end, replay_graph = cls.capture_begin, cls.capture_end, cls.replay
+
+    def patched_begin(self, *args, **kwargs):
+        result = capture_begin(self, *args, **kwargs)
+        begin_capture(self)
+        return result
+
+    def patched_end(self, *args, **kwargs):
+        try:
+            return capture_end(self, *args, **kwargs)
+        finally:
+            end_capture(self)
+
+    def patched_replay(self, *args, **kwargs):
+        result = replay_graph(self, *args, **kwargs)
+        replay(self)
+        return result
+
+    cls.capture_begin, cls.capture_end, cls.replay = patched_begin, patched_end, patched_replay
+    cls.__flopcount__ = True

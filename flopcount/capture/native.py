@@ -1,0 +1,469 @@
+"""The native capture backend: a C++ RecordFunction observer (csrc/) with no Python per op.
+
+The extension aggregates one compact key per distinct call (op, argument shapes and scalars,
+output shapes, the context id, grad mode, whether autograd's backward is running and the
+backward module). When a step closes, this module evaluates the one Python formula registry
+once per distinct key (``Formula.works``) and books the result through the Counter, so both
+backends share every rule: the phase and module rules are ``context.resolve_phase`` and
+``context.resolve_module``, fed with the Python-held state that ``Context`` pushes to C++ on
+each change (module entered or left, optimizer step, user phase, autograd.Function.apply).
+
+Build: the extension is compiled on first use with torch.utils.cpp_extension.load against the
+installed torch, into a cache directory (FLOPCOUNT_NATIVE_CACHE, default
+~/.cache/flopcount/native/...). Set FLOPCOUNT_NATIVE=0 to never build or load it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
+from ..formulas import KNOWN_ZERO, REGISTRY
+from ..formulas.registry import Work, op_name
+from .context import resolve_module, resolve_phase
+
+EXTENSION = "flopcount_native"
+SOURCE_NAME = "flopcount_native.cpp"
+BUILD_FLAGS = ["-O2", "-DNDEBUG"]  # NDEBUG: RecordFunction's layout must match libtorch's
+
+# Key tags, as in csrc/flopcount_native.cpp.
+(NONE, TENSOR, INT, DOUBLE, BOOL, STRING, INT_LIST, DOUBLE_LIST, BOOL_LIST, LIST, DTYPE, OPAQUE,
+ VALUES, PENDING_VALUES, TENSOR_DTYPE) = range(15)
+OUTPUTS = -1
+# Registry classes, as in the extension.
+ZERO, FORMULA, UNCOUNTED, FORMULA_VALUES, COLLECTIVE = range(5)
+
+
+# ---- build and load -------------------------------------------------------------------------------
+
+def source_path() -> Path | None:
+    """The C++ source: csrc/ of a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "csrc" / SOURCE_NAME, here.parent / "csrc" / SOURCE_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def cache_dir(source: Path) -> Path:
+    """Build directory: one per torch version, Python version and source text."""
+    root = os.environ.get("FLOPCOUNT_NATIVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flopcount", "native")
+    digest = hashlib.sha256(source.read_bytes() + " ".join(BUILD_FLAGS).encode()).hexdigest()[:12]
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
+    return Path(root) / tag
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """(extension module, None) or (None, why it is not available). Built once per process."""
+    if os.environ.get("FLOPCOUNT_NATIVE", "").strip() == "0":
+        return None, "disabled by FLOPCOUNT_NATIVE=0"
+    source = source_path()
+    if source is None:
+        return None, f"the C++ source {SOURCE_NAME} is not installed"
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = cache_dir(source)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = load(name=EXTENSION, sources=[str(source)], extra_cflags=BUILD_FLAGS,
+                          build_directory=str(build_dir), verbose=False)
+        return module, None
+    except Exception as exc:  # no compiler, no ninja, incompatible headers, ...
+        lines = str(exc).strip().splitlines()
+        return None, f"the native extension did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
+def load():
+    """The extension module, or None when it cannot be built or loaded here."""
+    return _load()[0]
+
+
+def load_error() -> str | None:
+    """None when the extension loads, else one line saying why not."""
+    return _load()[1]
+
+
+def describe() -> dict:
+    """Versions, the backend that backend='auto' picks, and the extension's build status
+    (``flopcount info``). Builds the extension if it is not built yet."""
+    import platform
+
+    from .. import __version__
+
+    source = source_path()
+    module, error = _load()
+    return {
+        "flopcount": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "active_backend": "native" if module is not None else "dispatch",
+        "native_extension": "built" if module is not None else "unavailable",
+        "native_error": error,
+        "native_source": str(source) if source else None,
+        "native_build_dir": str(cache_dir(source)) if source else None,
+        "native_module": getattr(module, "__file__", None),
+    }
+
+
+def build() -> int:
+    """Build the extension now (``make setup`` runs this); 0 when it loads, 1 otherwise."""
+    error = load_error()
+    if error:
+        print(f"flopcount: native backend unavailable ({error}); the dispatch backend will be used",
+              file=sys.stderr)
+        return 1
+    print(f"flopcount: native extension ready: {load().__file__}")
+    return 0
+
+
+# ---- the capture backend ---------------------------------------------------------------------------
+
+class NativeCapture:
+    """Context manager that turns the observer on and books what it aggregated.
+
+    ``close_pending`` (Meter._on_work) closes the step that ``optimizer.step()`` ended; the
+    extension marks where that happens (the first op with a formula after the optimizer step),
+    and ``flush`` books the parts on either side of the mark into their own steps."""
+
+    def __init__(self, counter, context, close_pending, lib=None) -> None:
+        self.lib = lib or load()
+        if self.lib is None:
+            raise RuntimeError(f"flopcount: backend='native' is not available here: {load_error()}; "
+                               f"use backend='dispatch' or 'auto'")
+        self.counter = counter
+        self.context = context
+        self.close_pending = close_pending
+        self.snapshot_ids: dict[tuple, int] = {}
+        self.snapshots: list[tuple] = []
+        self.module_ids: dict[str, int] = {}
+        self.module_names: list[str] = []
+        self.ops: list[tuple] = []  # by op id: (display name, OpOverload or None, registry entry)
+        self.keys: dict[int, tuple] = {}  # key id -> key (the extension sends each key once)
+        self.bookings: dict[int, tuple] = {}  # key id -> what it books (see _booking)
+        self.strings: list[str] = []
+        self.dtypes = _dtype_codes(self.lib)
+        self.registry_size = -1
+        self.registry_fingerprint = None
+        self.flushing = False
+        self.slot = None  # the extension's per-meter state, while entered
+
+    # ---- enter / exit -------------------------------------------------------------------------
+    def __enter__(self) -> "NativeCapture":
+        self._push_registry()
+        self.slot = self.lib.enable(bool(self.counter.strict))
+        self.context.listener = self
+        self.context_changed()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.lib.disable(self.slot)
+        self.context.listener = None
+        try:
+            self.flush(raise_strict=exc_type is None)
+        finally:
+            self.lib.release(self.slot)
+        return False
+
+    # ---- Context listener: mirror the Python-held state in C++ --------------------------------
+    def context_changed(self) -> None:
+        snapshot = self.context.snapshot()
+        ident = self.snapshot_ids.get(snapshot)
+        if ident is None:
+            ident = self.snapshot_ids[snapshot] = len(self.snapshots)
+            self.snapshots.append(snapshot)
+        if len(REGISTRY._table) != self.registry_size:  # a formula was registered meanwhile
+            self._push_registry()
+        if self.lib.set_context(self.slot, ident, snapshot[0]):
+            self.counter.uncounted(_python_name(self.lib.take_violation(self.slot)), "no formula")
+
+    def backward_changed(self, task: int) -> None:
+        stack = self.context.backward_stacks.get(task)
+        self.lib.set_backward_module(self.slot, task, self._module_id(stack[-1]) if stack else -1)
+
+    def backward_reset(self) -> None:
+        self.lib.clear_backward_modules(self.slot)
+
+    def mark_step_end(self) -> None:
+        """optimizer.step() ended a step (auto steps): the next op with a formula opens the next."""
+        self.lib.mark_pending_boundary(self.slot, True)
+
+    def _module_id(self, name: str) -> int:
+        ident = self.module_ids.get(name)
+        if ident is None:
+            ident = self.module_ids[name] = len(self.module_names)
+            self.module_names.append(name)
+        return ident
+
+    def _push_registry(self) -> None:
+        entries = []
+        for op, entry in REGISTRY.items():
+            klass = ZERO if entry is KNOWN_ZERO else FORMULA_VALUES if entry.needs_values else FORMULA
+            if isinstance(op, torch._ops.OpOverload):
+                entries.append((op._schema.name, op._overloadname, klass))
+            elif isinstance(op, torch._ops.OpOverloadPacket):
+                entries.append((op._qualified_op_name, "*", klass))
+        # Non-aten ops with a formula in torch's own flop registry (Registry.lookup reuses those).
+        from torch.utils.flop_counter import flop_registry
+
+        for packet in list(flop_registry):
+            namespace = getattr(packet, "_qualified_op_name", "aten::").split("::")[0]
+            if namespace != "aten" and namespace not in REGISTRY._zero_namespaces and packet not in REGISTRY._table:
+                entries.append((packet._qualified_op_name, "*", FORMULA_VALUES))
+        self.lib.set_registry(entries, sorted(REGISTRY._zero_namespaces), list(COLLECTIVE_NAMESPACES),
+                              sorted(NOT_COMMUNICATION))
+        self.registry_size = len(REGISTRY._table)
+        self.registry_fingerprint = _fingerprint()
+        self.ops.clear()  # entries may have changed
+        self.bookings.clear()
+
+    # ---- booking --------------------------------------------------------------------------------
+    def flush(self, raise_strict: bool = True) -> None:
+        """Book everything the extension aggregated since the last flush."""
+        if self.flushing:  # close_pending closes a step, which flushes again
+            return
+        self.flushing = True
+        on_work, self.counter.on_work = self.counter.on_work, None  # steps close at the marks only
+        self.lib.set_paused(self.slot, True)  # tensors built to evaluate formulas are not the job's
+        try:
+            generations, new_keys, values, reset = self.lib.drain(self.slot)
+            if reset:  # the extension forgot its key ids (too many distinct keys): so do we
+                used = {key_id for calls, _ in generations for key_id in calls}
+                self.keys = {k: v for k, v in self.keys.items() if k in used}
+                self.bookings.clear()
+            self.keys.update(new_keys)
+            if self.registry_fingerprint != _fingerprint():
+                self._push_registry()
+            self._refresh_ops()
+            for i, (calls, uncounted) in enumerate(generations):
+                if i:
+                    self.close_pending()
+                self._book(calls, uncounted, values, raise_strict)
+        finally:
+            self.lib.set_paused(self.slot, False)
+            self.counter.on_work = on_work
+            self.flushing = False
+
+    def _refresh_ops(self) -> None:
+        names = self.lib.op_names(len(self.ops))
+        for name, overload in names:
+            op = _overload(name, overload)
+            entry = REGISTRY.lookup(op)[1] if op is not None else None
+            self.ops.append((op_name(op) if op is not None else _python_name(name), op, entry))
+        self.strings.extend(self.lib.strings(len(self.strings)))
+
+    def _book(self, calls, uncounted, values, raise_strict: bool) -> None:
+        counter = self.counter
+        for op_id, count in uncounted.items():
+            self._uncounted(self.ops[op_id][0], "no formula", count, raise_strict)
+        for key_id, count in calls.items():
+            booking = self.bookings.get(key_id)
+            if booking is None:
+                booking = self._booking(key_id, values)
+            name, entry, phase, module, works = booking
+            if isinstance(works, str):  # the formula failed
+                self._uncounted(name, works, count, raise_strict)
+            elif entry is KNOWN_ZERO:  # communication: calls and payload bytes
+                for _ in range(count):
+                    counter.acc.add_collective(name, works)
+            else:
+                counter.book(name, [Work(c, f * count, p) for c, f, p in works], phase=phase, module=module)
+                if count > 1:  # book() adds one call
+                    acc = counter.acc
+                    with acc.lock:
+                        acc.calls[(name, phase)] += count - 1
+
+    def _booking(self, key_id: int, values) -> tuple:
+        """(op name, registry entry, phase, module, works) for a key, evaluated once: formulas are
+        pure and the key holds everything they read, so later steps reuse it (steps of a training
+        loop repeat the same keys). Keys holding device values reference this drain's copies."""
+        key = self.keys[key_id]
+        op_id, snapshot_id, flags, backward_module = key[:4]
+        name, op, entry = self.ops[op_id]
+        optimizer, user_phase, outer_grad, forward_module = self.snapshots[snapshot_id]
+        in_backward = bool(flags & 2)
+        phase = resolve_phase(optimizer, in_backward, bool(flags & 1), user_phase, outer_grad)
+        module = resolve_module(in_backward, forward_module,
+                                self.module_names[backward_module] if backward_module >= 0 else None)
+        booking = (name, entry, phase, module, self._works(key, op, entry, values))
+        if values and getattr(entry, "needs_values", False):  # a key of this drain only
+            del self.keys[key_id]
+        else:
+            self.bookings[key_id] = booking
+        return booking
+
+    def _works(self, key, op, entry, values):
+        """Work items for one distinct key (Formula.works), payload bytes for a communication op,
+        or a string saying why the formula failed."""
+        decoder = _Decoder(key, self.strings, self.dtypes, values,
+                           as_tensors=entry is KNOWN_ZERO or getattr(entry, "needs_values", False))
+        inputs, outputs = decoder.decode()
+        args, kwargs = _args_kwargs(op, inputs)
+        out = outputs[0] if len(outputs) == 1 else (tuple(outputs) if outputs else None)
+        if entry is None:  # the registry changed since the extension classified the op
+            return "no formula"
+        if entry is KNOWN_ZERO:  # communication (the extension records no other known-zero op)
+            collective = collective_entry(op)
+            return collective[1].payload_bytes(args, kwargs, out) if collective else 0
+        try:
+            return entry.works(args, kwargs, out)
+        except Exception as exc:  # a formula must never break training; report the op instead
+            return f"formula failed: {type(exc).__name__}: {exc}"
+
+    def _uncounted(self, name: str, why: str, count: int, raise_strict: bool) -> None:
+        counter = self.counter
+        if counter.strict and not raise_strict:  # an exception is already on its way out
+            with counter.acc.lock:
+                counter.acc.uncounted[name] += count
+            return
+        counter.uncounted(name, why)
+        if count > 1:
+            with counter.acc.lock:
+                counter.acc.uncounted[name] += count - 1
+
+
+# ---- decoding keys ----------------------------------------------------------------------------------
+
+class _Decoder:
+    """Turns a key back into argument values: shapes in place of tensors (meta tensors, or real
+    integer tensors where values were recorded, for formulas that need tensors)."""
+
+    def __init__(self, key, strings, dtypes, values, as_tensors: bool) -> None:
+        self.key, self.pos = key, 4
+        self.strings, self.dtypes, self.values, self.as_tensors = strings, dtypes, values, as_tensors
+
+    def decode(self):
+        key = self.key
+        inputs, outputs = [], []
+        while self.pos < len(key) and key[self.pos] != OUTPUTS:
+            is_default = bool(key[self.pos])
+            self.pos += 1
+            inputs.append((is_default, self.value()))
+        self.pos += 1
+        while self.pos < len(key):
+            outputs.append(self.value())
+        return inputs, outputs
+
+    def take(self, n: int = 1):
+        out = self.key[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def value(self):
+        (tag,) = self.take()
+        if tag == TENSOR:
+            return self.tensor()
+        if tag in (NONE, OPAQUE):
+            return None
+        if tag == INT:
+            return self.take()[0]
+        if tag == DOUBLE:
+            return _bits_to_float(self.take()[0])
+        if tag == BOOL:
+            return bool(self.take()[0])
+        if tag == STRING:
+            return self.strings[self.take()[0]]
+        if tag == DTYPE:
+            return self.dtypes.get(self.take()[0])
+        if tag in (INT_LIST, DOUBLE_LIST, BOOL_LIST):
+            items = list(self.take(self.take()[0]))
+            if tag == DOUBLE_LIST:
+                return [_bits_to_float(v) for v in items]
+            return [bool(v) for v in items] if tag == BOOL_LIST else items
+        if tag == LIST:
+            return [self.value() for _ in range(self.take()[0])]
+        raise ValueError(f"flopcount: corrupt native key (tag {tag})")
+
+    def tensor(self):
+        (dim,) = self.take()
+        shape = tuple(self.take(dim))
+        key = self.key
+        data, dtype = None, torch.float32
+        if self.pos < len(key) and key[self.pos] == VALUES:
+            self.pos += 1
+            data = list(self.take(self.take()[0]))
+        elif self.pos < len(key) and key[self.pos] == PENDING_VALUES:
+            self.pos += 1
+            data = self.values[self.take()[0]]
+        elif self.pos < len(key) and key[self.pos] == TENSOR_DTYPE:
+            self.pos += 1
+            dtype = self.dtypes.get(self.take()[0], torch.float32)
+        if not self.as_tensors:
+            return shape
+        if data is not None:
+            return torch.tensor(data, dtype=torch.int64).reshape(shape)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _bits_to_float(bits: int) -> float:
+    import struct
+
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _args_kwargs(op, inputs):
+    """Split recorded arguments as the Python dispatcher does for __torch_dispatch__: positional
+    arguments up to the last one that is not at its default, keyword-only ones not at their default."""
+    if op is None:
+        return tuple(v for _, v in inputs), {}
+    arguments = op._schema.arguments
+    n = min(len(arguments), len(inputs))
+    kwarg_start = n
+    while kwarg_start > 0 and arguments[kwarg_start - 1].kwarg_only:
+        kwarg_start -= 1
+    positional_end = kwarg_start
+    while positional_end > 0 and inputs[positional_end - 1][0]:
+        positional_end -= 1
+    args = tuple(v for _, v in inputs[:positional_end])
+    kwargs = {arguments[i].name: inputs[i][1] for i in range(kwarg_start, n) if not inputs[i][0]}
+    return args, kwargs
+
+
+def _overload(name: str, overload: str):
+    """The OpOverload for 'ns::op' and an overload name ('' is the default overload)."""
+    namespace, _, opname = name.partition("::")
+    try:
+        packet = getattr(getattr(torch.ops, namespace), opname)
+        return getattr(packet, overload or "default")
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _python_name(name: str) -> str:
+    """'aten::mm.out' -> 'aten.mm' (op_name's display form: the packet)."""
+    return name.split(".")[0].replace("::", ".")
+
+
+def _fingerprint():
+    return (len(REGISTRY._table), len(REGISTRY._zero_namespaces),
+            hash(tuple(map(id, REGISTRY._table.values()))))
+
+
+@functools.lru_cache(maxsize=1)
+def _dtype_table(lib) -> tuple:
+    codes = {}
+    with warnings.catch_warnings():  # creating quantized / complex-half tensors warns
+        warnings.simplefilter("ignore")
+        for value in vars(torch).values():
+            if isinstance(value, torch.dtype) and value not in codes.values():
+                try:
+                    codes[lib.dtype_code(torch.empty(0, dtype=value))] = value
+                except (RuntimeError, TypeError):  # dtypes without CPU storage
+                    continue
+    return tuple(codes.items())
+
+
+def _dtype_codes(lib) -> dict:
+    """Extension's ScalarType code -> torch.dtype."""
+    return dict(_dtype_table(lib))

@@ -1,0 +1,149 @@
+"""Reading traces: find the trace dirs under a location, stream their committed parts.
+
+A location is a trace dir (it has ``manifest/``) or a project dir whose subdirectories (up to
+three levels deep) are trace dirs. Only parts listed in a manifest are read: a part whose
+manifest entry was never written (a crash between the two writes) was not committed. Reading
+never modifies a file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..progress import progress
+from . import manifest as mf
+from .schema import (MANIFEST_DIR, SCHEMA_METADATA_KEY, TABLES, TRACE_SCHEMA, TRACE_SCHEMA_MAJOR,
+                     schema_major)
+from .storage import TraceError, open_storage, pa_errors
+
+PROJECT_DEPTH = 3
+
+
+@dataclass
+class Trace:
+    """One trace dir: its storage and every rank's manifest entries."""
+
+    storage: object
+    manifests: dict[str, list[dict]]
+    name: str = ""
+
+    @property
+    def segments(self) -> list[dict]:
+        return [e for entries in self.manifests.values() for e in entries if e["type"] == "segment"]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return sorted({e["run_id"] for e in self.segments})
+
+    def parts(self, table: str) -> list[str]:
+        return [e[table]["file"] for _, entries in sorted(self.manifests.items())
+                for e in entries if e["type"] == "part" and e.get(table)]
+
+    @property
+    def digest(self) -> str | None:
+        return mf.chain_head_digest(self.manifests)
+
+
+@dataclass
+class TraceSet:
+    location: str
+    traces: list[Trace] = field(default_factory=list)
+
+    @property
+    def segments(self) -> list[dict]:
+        return [s for t in self.traces for s in t.segments]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return sorted({r for t in self.traces for r in t.run_ids})
+
+
+def open_traces(location) -> TraceSet:
+    """The trace dirs at ``location``; TraceError (one line, naming the path) when there are none."""
+    storage = open_storage(location)
+    where = storage.describe()
+    if not storage.is_dir():
+        what = "is not a directory" if storage.exists("") else "does not exist"
+        raise TraceError(f"flopcount: {where} {what}: pass a trace directory written by flopcount.meter(out=...)")
+    found = [Trace(s, mf.load_manifests(s), name) for s, name in _trace_dirs(storage, "", PROJECT_DEPTH)]
+    if not found:
+        empty = "is empty" if not storage.listdir() else "holds no flopcount trace (no manifest/ directory)"
+        raise TraceError(f"flopcount: {where} {empty}: pass a trace directory written by flopcount.meter(out=...)")
+    return TraceSet(where, found)
+
+
+def _trace_dirs(storage, name: str, depth: int):
+    if storage.is_dir(MANIFEST_DIR):
+        yield storage, name
+        return
+    if depth == 0:
+        return
+    for child in storage.listdir():
+        if not child.startswith(".") and storage.is_dir(child):
+            yield from _trace_dirs(storage.child(child), f"{name}/{child}".lstrip("/"), depth - 1)
+
+
+def _open_part(storage, rel: str) -> pq.ParquetFile:
+    where = storage.describe(rel)
+    if not storage.exists(rel):
+        raise TraceError(f"flopcount: {where} is listed in the manifest but missing: run `flopcount verify`")
+    try:
+        part = pq.ParquetFile(storage.source(rel))
+    except (OSError, *pa_errors()) as e:
+        raise TraceError(f"flopcount: {where} is not a readable Parquet file (truncated or corrupt: "
+                         f"{str(e).splitlines()[0][:80]}); run `flopcount verify`") from None
+    metadata = part.schema_arrow.metadata or {}
+    version = metadata.get(SCHEMA_METADATA_KEY, b"").decode() or None
+    major = schema_major(version)
+    if major is None:
+        raise TraceError(f"flopcount: {where} is not a flopcount trace part (no {SCHEMA_METADATA_KEY.decode()} "
+                         "metadata)")
+    if major != TRACE_SCHEMA_MAJOR:
+        raise TraceError(f"flopcount: {where} has trace schema {version}; this flopcount reads {TRACE_SCHEMA}: "
+                         "use a flopcount version that matches the trace")
+    return part
+
+
+def iter_batches(traces: TraceSet, table: str, columns: list[str], batch_size: int = 1 << 17):
+    """Record batches of ``columns`` from every committed part of ``table``; absent columns read as nulls."""
+    schema = TABLES[table]
+    parts = [(trace, rel) for trace in traces.traces for rel in trace.parts(table)]
+    for trace, rel in progress(parts, desc=f"reading {table}"):  # a bar on a terminal, for many parts
+        part = _open_part(trace.storage, rel)
+        present = [c for c in columns if c in part.schema_arrow.names]
+        try:
+            for batch in part.iter_batches(batch_size=batch_size, columns=present):
+                yield _with_columns(batch, columns, schema)
+        except (OSError, *pa_errors()) as e:
+            raise TraceError(f"flopcount: {trace.storage.describe(rel)} cannot be decoded (corrupt: "
+                             f"{str(e).splitlines()[0][:80]}); run `flopcount verify`") from None
+
+
+def _with_columns(batch: pa.RecordBatch, columns: list[str], schema: pa.Schema) -> pa.RecordBatch:
+    if batch.schema.names == columns:
+        return batch
+    arrays = [batch.column(c) if c in batch.schema.names else pa.nulls(batch.num_rows, schema.field(c).type)
+              for c in columns]
+    return pa.RecordBatch.from_arrays(arrays, names=columns)
+
+
+def read_table(location, table: str = "steps", columns: list[str] | None = None) -> pa.Table:
+    traces = open_traces(location)
+    columns = columns or TABLES[table].names
+    batches = list(iter_batches(traces, table, columns))
+    schema = pa.schema([TABLES[table].field(c) for c in columns])
+    return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+
+def read_trace(location, table: str = "steps"):
+    """A pandas DataFrame of a trace dir (or a project dir of several): one row per step per rank.
+
+    ``table="breakdown"`` gives the per-module / per-op long table instead (see trace/schema.py).
+    """
+    if table not in TABLES:
+        raise ValueError(f"flopcount: table={table!r} is not one of {', '.join(TABLES)}")
+    frame = read_table(location, table).to_pandas()
+    order = ["run_id", "step", "rank"] if table == "steps" else ["run_id", "rank", "first_step"]
+    return frame.sort_values(order, kind="stable").reset_index(drop=True)

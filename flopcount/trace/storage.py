@@ -1,0 +1,161 @@
+"""Where trace files live: a local directory, or a pyarrow / fsspec filesystem URI (s3://, gs://, ...).
+
+Local writes are crash safe: temp file in the same directory, fsync, atomic rename, fsync of the
+directory. Object stores make a whole object visible at once when its upload completes, so a part
+is written directly under its final name there (no rename exists on them).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class TraceError(ValueError):
+    """Unusable trace input (missing dir, corrupt part, wrong schema version, ...): exit code 2."""
+
+
+def open_storage(location) -> "LocalStorage | FileSystemStorage":
+    location = os.fspath(location)
+    if location.startswith("file://"):
+        return LocalStorage(location[len("file://"):])
+    if _URI.match(location):
+        return FileSystemStorage(location)
+    return LocalStorage(location)
+
+
+class LocalStorage:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.location = root
+
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/"))
+
+    def is_dir(self, rel: str = "") -> bool:
+        return os.path.isdir(self._abs(rel) if rel else self.root)
+
+    def exists(self, rel: str) -> bool:
+        return os.path.exists(self._abs(rel))
+
+    def makedirs(self, rel: str = "") -> None:
+        os.makedirs(self._abs(rel) if rel else self.root, exist_ok=True)
+
+    def listdir(self, rel: str = "") -> list[str]:
+        path = self._abs(rel) if rel else self.root
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+    def source(self, rel: str):
+        """What pyarrow opens to read ``rel`` (a path: pyarrow reads local files directly)."""
+        return self._abs(rel)
+
+    def read(self, rel: str) -> bytes:
+        with open(self._abs(rel), "rb") as f:
+            return f.read()
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        final = self._abs(rel)
+        directory = os.path.dirname(final)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+
+    def child(self, name: str) -> "LocalStorage":
+        return LocalStorage(os.path.join(self.root, name))
+
+    def describe(self, rel: str = "") -> str:
+        return self._abs(rel) if rel else self.location
+
+
+def _fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class FileSystemStorage:
+    """A pyarrow filesystem (native S3/GCS/HDFS, or any fsspec filesystem through pyarrow's handler)."""
+
+    def __init__(self, uri: str) -> None:
+        import pyarrow.fs as pafs
+
+        self.location = uri
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        except (pa_errors() + (ValueError,)):
+            try:
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(uri)
+            except (ImportError, ValueError) as e:
+                raise TraceError(f"flopcount: cannot open {uri}: neither pyarrow nor fsspec supports it "
+                                 f"({str(e).splitlines()[0][:80]}); install fsspec and the scheme's package") from None
+            self.fs, self.root = pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+        self.root = self.root.rstrip("/")
+
+    def _abs(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _info(self, rel: str):
+        return self.fs.get_file_info(self._abs(rel))
+
+    def is_dir(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info(rel).type == pafs.FileType.Directory
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info(rel).type != pafs.FileType.NotFound
+
+    def makedirs(self, rel: str = "") -> None:
+        self.fs.create_dir(self._abs(rel), recursive=True)
+
+    def listdir(self, rel: str = "") -> list[str]:
+        import pyarrow.fs as pafs
+
+        if not self.is_dir(rel):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self._abs(rel), recursive=False))
+        return sorted(info.base_name for info in infos)
+
+    def source(self, rel: str):
+        return self.fs.open_input_file(self._abs(rel))
+
+    def read(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._abs(rel)) as f:
+            return f.read()
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        with self.fs.open_output_stream(self._abs(rel)) as f:
+            f.write(data)
+
+    def child(self, name: str) -> "FileSystemStorage":
+        return FileSystemStorage(f"{self.location.rstrip('/')}/{name}")
+
+    def describe(self, rel: str = "") -> str:
+        return f"{self.location.rstrip('/')}/{rel}" if rel else self.location
+
+
+def pa_errors() -> tuple:
+    import pyarrow as pa
+
+    return (pa.ArrowInvalid, pa.ArrowNotImplementedError)
