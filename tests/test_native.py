@@ -27,7 +27,7 @@ _TIMING = {"start_time", "end_time", "duration_s", "backend", "time", "hardware_
 
 
 def _comparable(summary: dict) -> dict:
-    """Everything but timing. Per op, FLOPs with in-place variants merged: under a
+    """Everything but timing. Per op, FLOPs and calls with in-place variants merged: under a
     TorchDispatchMode autograd accumulates gradients out of place (aten.add), because the mode
     holds extra references; without it, in place (aten.add_). Same FLOPs, different op name."""
     out = {k: v for k, v in summary.items() if k not in _TIMING and k != "by_op"}
@@ -35,7 +35,8 @@ def _comparable(summary: dict) -> dict:
         out["method"] = {k: v for k, v in out["method"].items() if k not in _TIMING}
     by_op: dict = {}
     for op, row in summary["by_op"].items():
-        by_op[op.rstrip("_")] = by_op.get(op.rstrip("_"), 0) + row["flops"]
+        flops, calls = by_op.get(op.rstrip("_"), (0, 0))
+        by_op[op.rstrip("_")] = (flops + row["flops"], calls + row["calls"])
     out["by_op"] = by_op
     return out
 

@@ -9,7 +9,7 @@ import torch
 
 from ._shapes import first_shape, numel
 from .constants import PER_ELEMENT
-from .registry import REGISTRY, Formula, Work, formula
+from .registry import REGISTRY, Formula, formula
 
 aten = torch.ops.aten
 

@@ -105,6 +105,18 @@ def move_to_front(callback, depth: int = 4) -> bool:
     return False
 
 
+def start_metering(callback, base_model: str | None) -> None:
+    """Threshold, budget guard and an entered Meter for a framework callback (Trainer, Lightning):
+    steps are closed by the callback, never by optimizer hooks."""
+    callback.threshold, _ = run_threshold(base_model, callback.base_model_flops)
+    if callback.budget is not None:
+        callback.guard = BudgetGuard.create(callback.budget, callback.budget_warn_at, base_model=base_model,
+                                            base_model_flops=callback.base_model_flops)
+    callback.meter = Meter(callback.out, base_model=base_model, base_model_flops=callback.base_model_flops,
+                           auto_steps=False, **callback.meter_options)
+    callback.meter.__enter__()
+
+
 class FlopMeterCallback(TrainerCallback):
     """Meters a Trainer's training with flopcount (see the module docstring).
 
@@ -134,13 +146,7 @@ class FlopMeterCallback(TrainerCallback):
         base_model = self.base_model
         if base_model is None and self.base_model_flops is None:
             base_model = registry_name(model)
-        self.threshold, _ = run_threshold(base_model, self.base_model_flops)
-        if self.budget is not None:
-            self.guard = BudgetGuard.create(self.budget, self.budget_warn_at, base_model=base_model,
-                                            base_model_flops=self.base_model_flops)
-        self.meter = Meter(self.out, base_model=base_model, base_model_flops=self.base_model_flops,
-                           auto_steps=False, **self.meter_options)
-        self.meter.__enter__()
+        start_metering(self, base_model)
         atexit.register(self._close)  # an exception ends train() without on_train_end
         if model is not None:
             self.tokens.attach(model)

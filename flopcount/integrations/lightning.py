@@ -22,9 +22,9 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
-from ..budget import STOP, BudgetGuard, job_training_flops, run_threshold
+from ..budget import STOP, BudgetGuard, job_training_flops
 from ..meter import Meter
-from .hf import LOG_PREFIX, batch_tokens, registry_name
+from .hf import LOG_PREFIX, batch_tokens, registry_name, start_metering
 
 
 def lightning_batch_tokens(batch) -> tuple[int | None, int | None]:
@@ -65,13 +65,7 @@ class FlopMeterCallback(Callback):
         base_model = self.base_model
         if base_model is None and self.base_model_flops is None:
             base_model = registry_name(pl_module) or registry_name(getattr(pl_module, "model", None))
-        self.threshold, _ = run_threshold(base_model, self.base_model_flops)
-        if self.budget is not None:
-            self.guard = BudgetGuard.create(self.budget, self.budget_warn_at, base_model=base_model,
-                                            base_model_flops=self.base_model_flops)
-        self.meter = Meter(self.out, base_model=base_model, base_model_flops=self.base_model_flops,
-                           auto_steps=False, **self.meter_options)
-        self.meter.__enter__()
+        start_metering(self, base_model)
         self._global_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
