@@ -137,9 +137,9 @@ def percent(ratio: float) -> str:
     return f"{ratio * 100:.2g}%"
 
 
-def verdict_line(result: dict) -> str:
-    """One line for people: 'below: 2.3e20 FLOP is 0.27% of the threshold 8.4e22 FLOP (...)'."""
+def verdict_line(result: dict, with_basis: bool = True) -> str:
+    """One line for people: 'below: 2.3e20 FLOP is 0.27% of the threshold 8.4e22 FLOP (...)';
+    ``with_basis=False`` leaves out the threshold's basis where a line above states it."""
     line = (f"{result['status']}: training compute {result['text']['training_flops']} is "
-            f"{percent(result['ratio'])} of the threshold {result['text']['threshold_flops']} "
-            f"({result['threshold_basis_text']})")
-    return line
+            f"{percent(result['ratio'])} of the threshold {result['text']['threshold_flops']}")
+    return f"{line} ({result['threshold_basis_text']})" if with_basis else line

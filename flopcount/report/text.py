@@ -33,7 +33,7 @@ def compliance_summary(location, *, base_model=None, base_model_flops=None, syst
                                       or "none"),
         f"  base model           {base}",
         f"  threshold            {result['text']['threshold_flops']} = {result['threshold_basis_text']}",
-        f"  status               {verdict_line(result)}",
+        f"  status               {verdict_line(result, with_basis=False)}",
     ]
     if result["combined_flops"] is not None:
         lines.append(f"  base + modification  {result['text']['combined_flops']} against 1e25 FLOP: "
