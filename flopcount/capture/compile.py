@@ -35,27 +35,14 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, 
 
 from ..conventions import NO_MODULE, RECOMPUTE, ROOT_MODULE
 from ..formulas import KNOWN_ZERO, REGISTRY, known_zero
-from ..formulas.constants import PER_ELEMENT
 from ..formulas.registry import formula
 
 _INDUCTOR = "torch._inductor.compile_fx"
 
 
-# ---- ops that only Inductor's decomposed graphs contain (eager dispatch never shows them) ----------
 aten, prims = torch.ops.aten, torch.ops.prims
-known_zero(prims.iota.default, prims.convert_element_type.default, prims.broadcast_in_dim.default,
-           prims.device_put.default, aten._unsafe_masked_index.default)  # arange, cast, view, copy, gather
+# Prims that exist only once Inductor is imported; the static Inductor-only ops are in formulas/.
 INDUCTOR_RANDOM = ("inductor_random", "inductor_seeds", "inductor_lookup_seed")  # random bits: zero
-
-
-@formula(aten._unsafe_masked_index_put_accumulate.default, "pointwise")
-def masked_index_put_accumulate(self_shape, mask_shape, indices, values_shape, *, out_shape=None) -> int:
-    return PER_ELEMENT["index_put_accumulate"].flops * math.prod(values_shape)
-
-
-@formula(aten._unsafe_index_put.default, "pointwise")
-def unsafe_index_put(self_shape, indices, values_shape, accumulate=False, *, out_shape=None) -> int:
-    return PER_ELEMENT["index_put_accumulate"].flops * math.prod(values_shape) if accumulate else 0
 
 
 # ---- meters that compiled regions, CUDA graph replays and Triton launches book into ----------

@@ -94,9 +94,16 @@ def gelu_backward_flops(grad_shape, x_shape, *args, out_shape=None, approximate=
     return PER_ELEMENT[name].flops * numel(x_shape)
 
 
-@formula([aten.index_put, aten.index_put_, aten._index_put_impl_], "pointwise")
+@formula([aten.index_put, aten.index_put_, aten._index_put_impl_, aten._unsafe_index_put], "pointwise")
 def index_put_flops(self_shape, indices, values_shape, accumulate=False, *args, out_shape=None, **kwargs) -> int:
     # Without accumulate it is a copy (zero); with it, one add per written value.
     if not (kwargs.get("accumulate", accumulate)):
         return 0
+    return PER_ELEMENT["index_put_accumulate"].flops * numel(values_shape)
+
+
+@formula(aten._unsafe_masked_index_put_accumulate, "pointwise")
+def masked_index_put_accumulate_flops(self_shape, mask_shape, indices, values_shape, *args, out_shape=None,
+                                      **kwargs) -> int:
+    # Inductor's decomposition of an accumulating index_put: one add per value.
     return PER_ELEMENT["index_put_accumulate"].flops * numel(values_shape)

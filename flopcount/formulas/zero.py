@@ -47,7 +47,13 @@ KNOWN_ZERO_GROUPS: dict[str, str] = {
 ZERO_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "profiler", "fsdp")
 
 
+# Ops that only Inductor's decomposed graphs contain: arange, cast, view, copy, masked gather.
+INDUCTOR_ZERO = (torch.ops.prims.iota, torch.ops.prims.convert_element_type, torch.ops.prims.broadcast_in_dim,
+                 torch.ops.prims.device_put, aten._unsafe_masked_index)
+
+
 def _register() -> None:
+    known_zero(*INDUCTOR_ZERO)
     for names in KNOWN_ZERO_GROUPS.values():
         for name in names.split():
             for candidate in (name, name + "_"):
