@@ -119,3 +119,12 @@ def out_dir_arg() -> str:
         sys.exit(f"usage: {sys.argv[0]} OUT_DIR [checks...]")
     os.makedirs(sys.argv[1], exist_ok=True)
     return sys.argv[1]
+
+
+def exit_cleanly() -> None:
+    """Leave without interpreter finalization: gloo's worker threads can abort the process
+    (SIGABRT, "terminate called without an active exception") while Python tears down, after all
+    results are written (pytorch/pytorch#190489, #179291)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -92,3 +92,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    common.exit_cleanly()
