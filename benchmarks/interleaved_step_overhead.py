@@ -7,22 +7,13 @@ minima of the per-round step time, and the added time relative to the baseline.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from reference_step import build, metering, train_step
 
-import flopcount
-from reference_step import build, train_step
-
-VARIANTS = {
-    "baseline": lambda: contextlib.nullcontext(),
-    "flopcountermode": lambda: FlopCounterMode(display=False),
-    "dispatch": lambda: flopcount.meter(backend="dispatch", warn=False),
-    "native": lambda: flopcount.meter(backend="native", warn=False),
-}
+VARIANTS = ("baseline", "flopcountermode", "dispatch", "native")
 
 
 def main() -> None:
@@ -34,14 +25,14 @@ def main() -> None:
     model, optimizer, ids = build()
     for _ in range(2):
         train_step(model, optimizer, ids)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {kind: [] for kind in VARIANTS}
     for _ in range(args.rounds):
-        for name, make in VARIANTS.items():
-            with make():
+        for kind in VARIANTS:
+            with metering(kind):
                 train_step(model, optimizer, ids)  # first step under a fresh meter: not timed
                 start = time.perf_counter()
                 train_step(model, optimizer, ids)
-                times[name].append(time.perf_counter() - start)
+                times[kind].append(time.perf_counter() - start)
     base = statistics.median(times["baseline"])
     print(f"{'variant':<16}{'median ms':>10}{'min ms':>9}{'added':>9}")
     for name, values in times.items():

@@ -38,6 +38,22 @@ def train_step(model, optimizer, ids) -> None:
     optimizer.zero_grad()
 
 
+def metering(kind: str):
+    """Context for one measured variant: 'baseline' (nothing), 'flopcountermode' (torch's
+    counter), or a flopcount backend name ('dispatch', 'native')."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import flopcount
+
+    if kind == "baseline":
+        return contextlib.nullcontext()
+    if kind == "flopcountermode":
+        return FlopCounterMode(display=False)
+    return flopcount.meter(backend=kind, warn=False)
+
+
 def count_ops(model, optimizer, ids) -> int:
     """aten ops the dispatcher sees in one step (what a per-op cost multiplies)."""
     from torch.utils._python_dispatch import TorchDispatchMode

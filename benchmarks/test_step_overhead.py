@@ -3,22 +3,10 @@ measured in the same run. Run: `make bench` (or pytest benchmarks/test_step_over
 --benchmark-only). Compare medians: added time = median(metered) - median(baseline)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-import flopcount
-from reference_step import build, train_step
-
-
-def _metered(kind: str):
-    if kind == "baseline":
-        return contextlib.nullcontext()
-    if kind == "flopcountermode":
-        return FlopCounterMode(display=False)
-    return flopcount.meter(backend=kind, warn=False)
+from reference_step import build, metering, train_step
 
 
 KINDS = ["baseline", "flopcountermode", "dispatch", "native"]
@@ -34,5 +22,5 @@ def test_reference_step(benchmark, kind):
     torch.set_num_threads(2)
     model, optimizer, ids = build()
     train_step(model, optimizer, ids)  # warm-up: allocator, optimizer state, kernels
-    with _metered(kind):
+    with metering(kind):
         benchmark.pedantic(train_step, args=(model, optimizer, ids), rounds=8, iterations=1, warmup_rounds=1)

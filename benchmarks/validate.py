@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 import flopcount  # noqa: E402
 import throughput  # noqa: E402
+from reference_step import train_step  # noqa: E402
 
 DEFAULT_CSV = HERE / "results" / "validation.csv"
 DEFAULT_RESULTS = HERE / "RESULTS.md"
@@ -136,13 +137,6 @@ def build_model(case: Case) -> torch.nn.Module:
 def batch_of(case: Case) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, case.vocab, (case.batch, case.seq), generator=generator)
-
-
-def train_step(model, optimizer, ids) -> None:
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def fresh(case: Case):

@@ -113,6 +113,15 @@ def cmd_summarize(args) -> int:
     return EXIT_FINDING if summary["rank_problems"] else EXIT_OK
 
 
+def checked_traces(args) -> tuple[dict, dict]:
+    """(summary, threshold check) of the trace dir with the base-model options of check/estimate."""
+    from .report.build import check_traces
+    from .trace.reader import open_traces
+
+    return check_traces(open_traces(args.dir), base_model=args.base_model, base_model_flops=args.base_model_flops,
+                        systemic_risk=args.systemic_risk, approaching=args.approaching)
+
+
 def add_check(parser) -> None:
     add_dir(parser)
     add_base_model(parser)
@@ -121,12 +130,8 @@ def add_check(parser) -> None:
 
 def cmd_check(args) -> int:
     from .compliance.thresholds import verdict_line
-    from .report.build import check_traces
-    from .trace.reader import open_traces
 
-    _, result = check_traces(open_traces(args.dir), base_model=args.base_model,
-                             base_model_flops=args.base_model_flops, systemic_risk=args.systemic_risk,
-                             approaching=args.approaching)
+    _, result = checked_traces(args)
     if args.json:
         print_json(result)
     else:
@@ -149,12 +154,8 @@ def add_estimate(parser) -> None:
 def cmd_estimate(args) -> int:
     from .compliance.forecast import forecast
     from .compliance.thresholds import threshold
-    from .report.build import check_traces
-    from .trace.reader import open_traces
 
-    summary, result = check_traces(open_traces(args.dir), base_model=args.base_model,
-                                   base_model_flops=args.base_model_flops, systemic_risk=args.systemic_risk,
-                                   approaching=args.approaching)
+    summary, result = checked_traces(args)
     limit, _ = threshold(result["base_model_flops"], result["systemic_risk"])
     span = (summary["end_time"] - summary["start_time"]) if summary["start_time"] is not None else None
     projection = forecast(summary["training_flops"], summary["steps"], threshold_flops=limit,

@@ -16,7 +16,6 @@ Writes DIR/native_overhead.json and prints a Markdown table for benchmarks/RESUL
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -24,6 +23,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared step
+from reference_step import metering, train_step  # noqa: E402
 
 
 def llama_1b():
@@ -40,24 +42,6 @@ def llama_1b():
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     return model, optimizer
-
-
-def train_step(model, optimizer, ids) -> None:
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def metered(kind: str):
-    import flopcount
-    from torch.utils.flop_counter import FlopCounterMode
-
-    if kind == "baseline":
-        return contextlib.nullcontext()
-    if kind == "flopcountermode":
-        return FlopCounterMode(display=False)
-    return flopcount.meter(backend=kind, warn=False)
 
 
 def sync_calls(fn) -> int:
@@ -124,7 +108,7 @@ def measure(model, optimizer, ids, rounds: int) -> dict:
     samples = {k: [] for k in kinds}
     for _ in range(rounds):
         for kind in kinds:
-            with metered(kind):
+            with metering(kind):
                 train_step(model, optimizer, ids)  # warm-up and first-step set-up outside the timing
                 torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
