@@ -15,19 +15,28 @@ VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS = 8000, 256, 688, 4, 8
 BATCH, SEQ = 4, 256
 
 
-def build(seed: int = 0):
-    """(model, optimizer, input ids) for the reference step."""
+# The twin: the same modules, parameters and op sequence with tiny widths, so that its compute is
+# negligible and a meter's fixed cost per step (hooks, per-op capture, booking) shows almost
+# without noise. Head size 2 keeps the 8 heads.
+TWIN = dict(vocab=64, hidden=16, intermediate=16, batch=1, seq=8)
+
+
+def build(seed: int = 0, twin: bool = False):
+    """(model, optimizer, input ids) for the reference step, or for its tiny twin."""
     import transformers
 
+    vocab, hidden, intermediate, batch, seq = (
+        (TWIN["vocab"], TWIN["hidden"], TWIN["intermediate"], TWIN["batch"], TWIN["seq"]) if twin
+        else (VOCAB, HIDDEN, INTERMEDIATE, BATCH, SEQ))
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=SEQ,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=seq,
         attn_implementation="sdpa", tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
     return model, optimizer, ids
 
 

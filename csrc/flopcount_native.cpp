@@ -138,6 +138,7 @@ struct Slot {
   std::atomic<int64_t> context{0};
   std::atomic<bool> optimizer{false};
   std::atomic<bool> pending_boundary{false};
+  std::atomic<bool> boundary_crossed{false};  // a step boundary was opened since the last drain
   std::atomic<bool> strict{false};
   std::atomic<bool> has_violation{false};
   std::atomic<bool> has_backward_modules{false};
@@ -450,7 +451,10 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
   if (klass != kCollective && s.pending_boundary.load(std::memory_order_relaxed) && !optimizer) {
     // Auto steps: the first op with a formula after optimizer.step() opens the next step.
     std::lock_guard<std::mutex> lock(s.mu);
-    if (s.pending_boundary.exchange(false)) s.generations.emplace_back();
+    if (s.pending_boundary.exchange(false)) {
+      s.generations.emplace_back();
+      s.boundary_crossed.store(true);
+    }
   }
   int64_t task = torch::autograd::get_current_graph_task_id();
   int64_t module = -1;
@@ -548,6 +552,7 @@ int64_t enable(bool strict) {
     s.violation.clear();
     s.has_violation = false;
     s.pending_boundary = false;
+    s.boundary_crossed = false;
     s.optimizer = false;
     s.context = 0;
     s.strict = strict;
@@ -599,13 +604,14 @@ void set_registry(const std::vector<std::tuple<std::string, std::string, int64_t
   s.registry_version.fetch_add(1);
 }
 
-// Python-side context changed (module, optimizer, user phase). Returns true when strict mode
-// found an uncounted op since the last call, so that Python raises promptly.
-bool set_context(int64_t index, int64_t context, bool optimizer) {
+// Python-side context changed (module, optimizer, user phase). Returns what Python should act
+// on promptly: 1 when strict mode found an uncounted op, 2 when an automatic step boundary was
+// crossed since the last drain (Python books the finished step then).
+int64_t set_context(int64_t index, int64_t context, bool optimizer) {
   Slot& s = slot(index);
   s.context.store(context);
   s.optimizer.store(optimizer);
-  return s.has_violation.load();
+  return (s.has_violation.load() ? 1 : 0) | (s.boundary_crossed.load() ? 2 : 0);
 }
 
 void set_backward_module(int64_t index, int64_t task, int64_t module) {
@@ -657,6 +663,7 @@ py::tuple drain(int64_t index) {
     pending.swap(s.pending_values);
     new_keys.swap(s.new_keys);
     std::swap(reset, s.keys_reset);
+    s.boundary_crossed = false;
   }
   py::dict values;
   at::DisableRecordFunctionGuard no_observers;  // the copies below are not the job's ops

@@ -33,6 +33,17 @@ class StepAccumulator:
                 self.flops[(phase_override or phase, category, module, op)] += flops
             self.calls[(op, phase)] += 1
 
+    def add_repeated(self, booked) -> None:
+        """Many calls at once (the native backend): ``booked`` holds (entries, calls key, calls),
+        where entries are ((phase, category, module, op), FLOPs of one call) and the calls key
+        (op, phase): what ``add`` books for one call, times the calls."""
+        flops, calls = self.flops, self.calls
+        with self.lock:
+            for entries, calls_key, count in booked:
+                for flops_key, per_call in entries:
+                    flops[flops_key] += per_call * count
+                calls[calls_key] += count
+
     def add_uncounted(self, op: str) -> None:
         with self.lock:
             self.uncounted[op] += 1

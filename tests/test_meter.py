@@ -126,19 +126,58 @@ def test_modules_forward_and_backward_attribution(backend):
     assert m.summary()["by_module"]["0"] == mods["0"] + mods["0.up"] + mods["0.down"]
 
 
+class Pair(torch.nn.Module):
+    """Two inputs made by different autograd nodes (or leaves): the multi-tensor hook path."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = torch.nn.Linear(D, D, bias=False)
+        self.right = torch.nn.Linear(D, D, bias=False)
+
+    def forward(self, a, b):
+        return self.left(a) * self.right(b)
+
+
+def test_module_attribution_with_leaf_and_several_inputs(backend):
+    torch.manual_seed(0)
+    model = Pair()
+    prompt = torch.randn(B, D, requires_grad=True)  # a leaf fed every step (a soft prompt)
+    square = 2 * B * D * D
+    mul = PER_ELEMENT["mul"].flops * B * D
+    with flopcount.meter(backend=backend) as m:
+        for _ in range(3):
+            made = torch.randn(B, D, requires_grad=True) * 2  # the other input: a non-leaf
+            model(prompt, made).sum().backward()
+            prompt.grad = None  # no gradient accumulation: each step books the same work
+            model.zero_grad(set_to_none=True)
+            record = m.step()
+            by_module = {}
+            for (_, _, module, _), flops in record.flops.items():
+                by_module[module] = by_module.get(module, 0) + flops
+            assert by_module["left"] == 3 * square  # forward, input gradient, weight gradient
+            assert by_module["right"] == 3 * square
+            # Pair's own product and both halves of its gradient, outside left and right.
+            assert by_module["<root>"] == 3 * mul
+            # Gradient hooks on the leaf are gone once the step closes: nothing piles up on it.
+            assert not prompt._backward_hooks
+
+
 def test_automatic_steps_and_explicit_steps(backend):
     torch.manual_seed(0)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(B, D)
+    per_step = 2 * GEMM + 3 * GEMM + (PER_ELEMENT["relu"].flops + PER_ELEMENT["threshold_backward"].flops) * B * H \
+        + B * D + 2 * (2 * D * H)  # forward, backward, relu, loss sum, SGD (lr * grad, subtract) per parameter
     with flopcount.meter(backend=backend) as m:
-        for _ in range(3):
-            model(x).sum().backward()
+        for i in range(3):
+            out = model(x)
+            # Live totals: the previous step closed as this one began (by its first module call).
+            assert (m.step_index, m.training_flops) == (i, i * per_step)
+            out.sum().backward()
             opt.step()
             opt.zero_grad()
     s = m.summary()
-    per_step = 2 * GEMM + 3 * GEMM + (PER_ELEMENT["relu"].flops + PER_ELEMENT["threshold_backward"].flops) * B * H \
-        + B * D + 2 * (2 * D * H)  # forward, backward, relu, loss sum, SGD (lr * grad, subtract) per parameter
     assert (s["steps"], s["training_flops"], m.last_step.training_flops) == (3, 3 * per_step, per_step)
     with flopcount.meter(backend=backend) as m:
         for i in range(2):

@@ -366,7 +366,7 @@ class Region:
 def book(counter, plan: list[Booking]) -> None:
     """Book one call of a compiled region into ``counter`` (phase and module as of now)."""
     context = counter.context
-    phase, current = context.phase(), context.module()
+    phase, current = context.where()
     for b in plan:
         if b.works is None:
             counter.uncounted(b.name, b.why)

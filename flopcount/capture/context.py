@@ -73,6 +73,7 @@ class Context:
         self.backward_stacks: dict[int, list[str]] = {}
         self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list = []
+        self.leaf_hooks: list = []  # gradient hooks on leaf tensors (removed when a step closes)
         self.lock = threading.Lock()
         # Told about every change of the state above (the native backend mirrors it in C++).
         self.listener = None
@@ -91,11 +92,25 @@ class Context:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self._remove_leaf_hooks()
 
     # ---- phase ----------------------------------------------------------------------------
+    def where(self) -> tuple[str, str]:
+        """(phase, module) of the op running now: the dispatch backend asks once per op."""
+        task = _graph_task_id()
+        stack, functions = self.forward_stack, self.function_grad
+        forward = stack[-1].name if stack else None
+        outer_grad = bool((stack and stack[0].grad_enabled) or (functions and functions[0]))
+        phase = resolve_phase(bool(self.optimizer_depth), task != -1, torch.is_grad_enabled(),
+                              self.user_phases[-1] if self.user_phases else None, outer_grad)
+        backward = None
+        if task != -1 and forward is None:
+            backward_stack = self.backward_stacks.get(task)
+            backward = backward_stack[-1] if backward_stack else None
+        return phase, resolve_module(task != -1, forward, backward)
+
     def phase(self) -> str:
-        optimizer, user_phase, outer_grad, _ = self.snapshot()
-        return resolve_phase(optimizer, _graph_task_id() != -1, torch.is_grad_enabled(), user_phase, outer_grad)
+        return self.where()[0]
 
     def snapshot(self) -> tuple:
         """The Python-held inputs of the phase and module rules:
@@ -146,13 +161,7 @@ class Context:
 
     # ---- modules --------------------------------------------------------------------------
     def module(self) -> str:
-        task = _graph_task_id()
-        forward = self.forward_stack[-1].name if self.forward_stack else None
-        backward = None
-        if task != -1 and forward is None:
-            stack = self.backward_stacks.get(task)
-            backward = stack[-1] if stack else None
-        return resolve_module(task != -1, forward, backward)
+        return self.where()[1]
 
     def _name(self, module) -> str:
         name = self.names.get(module)
@@ -172,15 +181,14 @@ class Context:
         return name
 
     def _module_pre(self, module, args) -> None:
-        name = self._name(module)
+        name = self.names.get(module) or self._name(module)
         grad = torch.is_grad_enabled()
         self.forward_stack.append(Frame(module, name, grad))
-        self._changed()
+        if self.listener is not None:
+            self.listener.context_changed()
         if grad:
-            inputs = [t for t in _tensors(args) if t.requires_grad]
-            if inputs:
-                # Fires once gradients for all inputs exist: the module's backward is over.
-                register_multi_grad_hook(inputs, lambda grads, n=name: self._backward_leave(n), mode="all")
+            # Fires once gradients for all inputs exist: the module's backward is over.
+            self._when_grads(args, name, self._backward_leave, every=True)
 
     def _module_post(self, module, args, output) -> None:
         stack = self.forward_stack
@@ -188,12 +196,35 @@ class Context:
             if stack[i].module is module:
                 del stack[i:]
                 break
-        self._changed()
+        if self.listener is not None:
+            self.listener.context_changed()
         if torch.is_grad_enabled():
-            outputs = [t for t in _tensors(output) if t.requires_grad]
-            if outputs:
-                name = self._names_get(module)
-                register_multi_grad_hook(outputs, lambda grads, n=name: self._backward_enter(n), mode="any")
+            # Fires at the first gradient of an output: the module's backward begins.
+            self._when_grads(output, self._names_get(module), self._backward_enter, every=False)
+
+    def _when_grads(self, value, name: str, callback: Callable[[str], None], every: bool) -> None:
+        """Call ``callback(name)`` in backward once the gradients of the tensors in ``value``
+        that require grad are computed: all of them (``every``) or the first one.
+
+        The common case, every such tensor made by one autograd node, is a pre-hook on that node:
+        it runs when the node is about to run, i.e. once its gradients are complete, and dies
+        with the graph. Tensors from several nodes take torch's multi-grad hook. Hooks on leaf
+        tensors outlive the graph, so they are removed when the step closes."""
+        if isinstance(value, torch.Tensor):  # the common cases first: one tensor, or (tensor,)
+            tensors = [value] if value.requires_grad else ()
+        elif value.__class__ is tuple and len(value) == 1 and isinstance(value[0], torch.Tensor):
+            tensors = [value[0]] if value[0].requires_grad else ()
+        else:
+            tensors = [t for t in _tensors(value) if t.requires_grad]
+        if not tensors:
+            return
+        node = tensors[0].grad_fn
+        if node is not None and all(t.grad_fn is node for t in tensors[1:]):
+            node.register_prehook(lambda grads: callback(name))
+            return
+        handle = register_multi_grad_hook(tensors, lambda grads: callback(name), mode="all" if every else "any")
+        if any(t.grad_fn is None for t in tensors):
+            self.leaf_hooks.append(handle)
 
     def _names_get(self, module) -> str:
         return self.names.get(module, type(module).__name__)
@@ -222,8 +253,14 @@ class Context:
         """Drop finished graph tasks' module stacks (modules whose inputs need no grad never leave)."""
         with self.lock:
             self.backward_stacks.clear()
+        self._remove_leaf_hooks()
         if self.listener is not None:
             self.listener.backward_reset()
+
+    def _remove_leaf_hooks(self) -> None:
+        hooks, self.leaf_hooks = self.leaf_hooks, []
+        for handle in hooks:
+            handle.remove()
 
 
 class _ModuleHooks:

@@ -52,11 +52,12 @@ class Counter:
         self.book(name, works)
 
     def book(self, name: str, works, phase: str | None = None, module: str | None = None) -> None:
-        ctx = self.context
-        phase = phase or ctx.phase()
+        if phase is None or module is None:
+            here_phase, here_module = self.context.where()
+            phase, module = phase or here_phase, module or here_module
         if self.on_work is not None and phase != OPTIMIZER and any(w.flops for w in works):
             self.on_work()
-        self.acc.add(phase, module or ctx.module(), name, works)
+        self.acc.add(phase, module, name, works)
 
     def uncounted(self, name: str, why: str) -> None:
         if self.strict:

@@ -11,6 +11,7 @@ replays are reported as uncounted (``torch.cuda.CUDAGraph.replay``).
 from __future__ import annotations
 
 from ..accounting import StepAccumulator
+from ..formulas.registry import Work
 from .compile import HOOKS
 
 TALLY = "_flopcount_tally"       # list of (phase, module, op, works or None), or None
@@ -27,6 +28,12 @@ class Recorder(StepAccumulator):
 
     def add(self, phase, module, op, works) -> None:
         self.bookings.append((phase, module, op, list(works)))
+
+    def add_repeated(self, booked) -> None:
+        for entries, (op, phase), count in booked:
+            module = entries[0][0][2] if entries else None  # no entries, no FLOPs: module moot
+            works = [Work(category, flops, None if p == phase else p) for (p, category, _, _), flops in entries]
+            self.bookings.extend([(phase, module, op, works)] * count)
 
     def add_uncounted(self, op) -> None:
         self.bookings.append((None, None, op, None))

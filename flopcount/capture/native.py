@@ -25,7 +25,7 @@ import torch
 
 from ..distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
 from ..formulas import KNOWN_ZERO, REGISTRY
-from ..formulas.registry import Work, op_name
+from ..formulas.registry import op_name
 from .context import resolve_module, resolve_phase
 
 EXTENSION = "flopcount_native"
@@ -135,7 +135,8 @@ class NativeCapture:
 
     ``close_pending`` (Meter._on_work) closes the step that ``optimizer.step()`` ended; the
     extension marks where that happens (the first op with a formula after the optimizer step),
-    and ``flush`` books the parts on either side of the mark into their own steps."""
+    Python learns of the mark at the next context change (a module call), and ``flush`` books
+    the parts on either side of the mark into their own steps."""
 
     def __init__(self, counter, context, close_pending, lib=None) -> None:
         self.lib = lib or load()
@@ -185,8 +186,11 @@ class NativeCapture:
             self.snapshots.append(snapshot)
         if len(REGISTRY._table) != self.registry_size:  # a formula was registered meanwhile
             self._push_registry()
-        if self.lib.set_context(self.slot, ident, snapshot[0]):
+        status = self.lib.set_context(self.slot, ident, snapshot[0])
+        if status & 1:  # strict mode: an uncounted op ran since the last change
             self.counter.uncounted(_python_name(self.lib.take_violation(self.slot)), "no formula")
+        if status & 2 and not self.flushing:  # the next step began: close the finished one now
+            self.flush()
 
     def backward_changed(self, task: int) -> None:
         stack = self.context.backward_stacks.get(task)
@@ -267,27 +271,27 @@ class NativeCapture:
         counter = self.counter
         for op_id, count in uncounted.items():
             self._uncounted(self.ops[op_id][0], "no formula", count, raise_strict)
+        booked = []  # (accumulator entries, calls key, calls): see StepAccumulator.add_repeated
         for key_id, count in calls.items():
             booking = self.bookings.get(key_id)
             if booking is None:
                 booking = self._booking(key_id, values)
-            name, entry, phase, module, works = booking
-            if isinstance(works, str):  # the formula failed
+            name, entry, works, plan = booking
+            if plan is not None:
+                booked.append((*plan, count))
+            elif isinstance(works, str):  # the formula failed
                 self._uncounted(name, works, count, raise_strict)
-            elif entry is KNOWN_ZERO:  # communication: calls and payload bytes
+            else:  # communication: calls and payload bytes
                 for _ in range(count):
                     counter.acc.add_collective(name, works)
-            else:
-                counter.book(name, [Work(c, f * count, p) for c, f, p in works], phase=phase, module=module)
-                if count > 1:  # book() adds one call
-                    acc = counter.acc
-                    with acc.lock:
-                        acc.calls[(name, phase)] += count - 1
+        counter.acc.add_repeated(booked)
 
     def _booking(self, key_id: int, values) -> tuple:
-        """(op name, registry entry, phase, module, works) for a key, evaluated once: formulas are
-        pure and the key holds everything they read, so later steps reuse it (steps of a training
-        loop repeat the same keys). Keys holding device values reference this drain's copies."""
+        """(op name, registry entry, works, plan) for a key, evaluated once: formulas are pure and
+        the key holds everything they read, so later steps reuse it (steps of a training loop
+        repeat the same keys). ``plan``: the accumulator's (phase, category, module, op) keys and
+        FLOPs per call, and its (op, phase) calls key; None for communication and failed
+        formulas. Keys holding device values reference this drain's copies: not kept."""
         key = self.keys[key_id]
         op_id, snapshot_id, flags, backward_module = key[:4]
         name, op, entry = self.ops[op_id]
@@ -296,7 +300,11 @@ class NativeCapture:
         phase = resolve_phase(optimizer, in_backward, bool(flags & 1), user_phase, outer_grad)
         module = resolve_module(in_backward, forward_module,
                                 self.module_names[backward_module] if backward_module >= 0 else None)
-        booking = (name, entry, phase, module, self._works(key, op, entry, values))
+        works = self._works(key, op, entry, values)
+        plan = None
+        if entry is not KNOWN_ZERO and not isinstance(works, str):
+            plan = (tuple(((p or phase, c, module, name), f) for c, f, p in works), (name, phase))
+        booking = (name, entry, works, plan)
         if values and getattr(entry, "needs_values", False):  # a key of this drain only
             del self.keys[key_id]
         else:
