@@ -1,6 +1,7 @@
 """Interleaved whole-step overhead on the reference CPU step: each round runs every variant, so
 slow drifts of the machine (frequency, neighbours) hit all variants alike, and each variant's
-step is compared with the baseline step of the same round (paired). Prints per variant the
+step is compared with the baseline step of the same round (paired); the order within a round is
+shuffled. Prints per variant the
 median and minimum step time, the median paired overhead with a bootstrap 95 % interval, and
 the added milliseconds.
 
@@ -74,8 +75,9 @@ def main() -> None:
     for _ in range(3):
         train_step(model, optimizer, ids)
     times: dict[str, list[float]] = {kind: [] for kind in variants}
+    order = random.Random(0)
     for _ in range(args.rounds):
-        for kind in variants:
+        for kind in order.sample(variants, len(variants)):  # no variant always runs next to the baseline
             with metering(kind):
                 train_step(model, optimizer, ids)  # first step under a fresh meter: not timed
                 steps = []
