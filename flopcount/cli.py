@@ -6,8 +6,8 @@ two functions and one table entry.
 
 Exit codes: 0 success (``check``/``estimate``: below the threshold; ``verify``: every part
 matches); 1 a finding (at or over the threshold; a part missing, altered or unlisted; a rank of
-the job missing or unfinished, from ``summarize``); 2 bad
-input (missing or empty dir, corrupt or wrong-version trace, unknown base model, bad flags),
+the job missing or unfinished, from ``summarize``, ``check``, ``estimate`` and ``verify``, which
+name it on stderr or in their output; ``report`` lists it under integrity); 2 bad input (missing or empty dir, corrupt or wrong-version trace, unknown base model, bad flags),
 reported as one line on stderr without a traceback. ``run`` exits with its COMMAND's exit status
 (128 + N when COMMAND died of signal N).
 """
@@ -108,9 +108,15 @@ def cmd_summarize(args) -> int:
         print_json(summary)
     else:
         print(summary_text(summary, top=args.top))
-    for problem in summary["rank_problems"]:  # a rank short: the total undercounts the job
+    return EXIT_FINDING if report_rank_problems(summary) else EXIT_OK
+
+
+def report_rank_problems(summary: dict) -> bool:
+    """Name each missing or unfinished rank on stderr (the total then undercounts the job);
+    True when there is one, which makes the command's exit code a finding."""
+    for problem in summary["rank_problems"]:
         print(f"flopcount: integrity: {problem}", file=sys.stderr)
-    return EXIT_FINDING if summary["rank_problems"] else EXIT_OK
+    return bool(summary["rank_problems"])
 
 
 def checked_traces(args) -> tuple[dict, dict]:
@@ -131,15 +137,16 @@ def add_check(parser) -> None:
 def cmd_check(args) -> int:
     from .compliance.thresholds import verdict_line
 
-    _, result = checked_traces(args)
+    summary, result = checked_traces(args)
     if args.json:
-        print_json(result)
+        print_json({**result, "rank_problems": summary["rank_problems"]})
     else:
         print(verdict_line(result))
         if result["combined_flops"] is not None:
             print(f"base + modification: {result['text']['combined_flops']} against 1e25 FLOP: "
                   f"{result['combined_status']} (informational)")
-    return EXIT_FINDING if result["status"] == "exceeds" else EXIT_OK
+    short = report_rank_problems(summary)  # the verdict is then a lower bound
+    return EXIT_FINDING if result["status"] == "exceeds" or short else EXIT_OK
 
 
 def add_estimate(parser) -> None:
@@ -165,10 +172,11 @@ def cmd_estimate(args) -> int:
     projection.update(threshold_basis=result["threshold_basis"], threshold_basis_text=result["threshold_basis_text"],
                       base_model=result["base_model"])
     if args.json:
-        print_json(projection)
+        print_json({**projection, "rank_problems": summary["rank_problems"]})
     else:
         print(_estimate_text(projection))
-    return EXIT_FINDING if projection["projected_status"] == "exceeds" else EXIT_OK
+    short = report_rank_problems(summary)  # the projection is then a lower bound
+    return EXIT_FINDING if projection["projected_status"] == "exceeds" or short else EXIT_OK
 
 
 def _estimate_text(p: dict) -> str:
@@ -245,10 +253,14 @@ def add_verify(parser) -> None:
 
 
 def cmd_verify(args) -> int:
+    from .distributed import rank_integrity
     from .trace.manifest import verify
     from .trace.reader import open_traces
 
-    checks = [verify(trace.storage) for trace in open_traces(args.dir).traces]
+    traces = open_traces(args.dir).traces
+    checks = [verify(trace.storage) for trace in traces]
+    for trace, check in zip(traces, checks):  # a rank that never wrote or never closed its trace
+        check.problems += rank_integrity(trace.manifests)["rank_problems"]
     ok = all(c.ok for c in checks)
     if args.json:
         print_json([{"location": c.location, "ok": c.ok, "parts_checked": c.parts_checked, "signed": c.signed,

@@ -71,3 +71,29 @@ def test_a_killed_rank_keeps_its_flushed_steps_and_is_named(trace_runs):
     assert summary["ranks"] == [0, 1]
     assert summary["training_flops"] == sum(r["training_flops"] for r in ranks)
     assert ranks[1]["steps"] == 2
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flopcount.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("run, problem", [("missing", "rank 1 of 2 is missing"),
+                                          ("killed", "rank 1 of 2 did not close its trace")])
+def test_check_estimate_verify_and_report_name_a_rank_short(trace_runs, run, problem, tmp_path):
+    path = trace_runs / run
+    # Far below the threshold, so the finding (exit 1) can only be the rank that is short.
+    check = cli("check", path, "--base-model-flops", "1e30", "--json")
+    assert check.returncode == 1 and problem in check.stderr
+    assert any(problem in p for p in json.loads(check.stdout)["rank_problems"])
+    estimate = cli("estimate", path, "--steps", "3", "--base-model-flops", "1e30")
+    assert estimate.returncode == 1 and problem in estimate.stderr
+    verify = cli("verify", path)
+    assert verify.returncode == 1 and problem in verify.stdout
+    report = cli("report", path, "--base-model-flops", "1e30", "--format", "json", "-o", tmp_path / "r.json")
+    assert report.returncode == 0
+    integrity = json.loads((tmp_path / "r.json").read_text())["integrity"]
+    assert not integrity["verified"] and any(problem in p for p in integrity["problems"])
+    # The complete run has no such finding.
+    assert cli("check", trace_runs / "complete", "--base-model-flops", "1e30").returncode == 0
+    assert cli("verify", trace_runs / "complete").returncode == 0

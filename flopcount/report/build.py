@@ -55,10 +55,12 @@ def _runs(traces) -> list[dict]:
     return runs
 
 
-def _integrity(traces) -> dict:
+def _integrity(traces, rank_problems: list[str]) -> dict:
+    """Parts against manifests, and ranks of the job missing or unfinished (the total undercounts)."""
     checks = [mf.verify(trace.storage) for trace in traces.traces]
-    return {"verified": all(c.ok for c in checks), "parts_checked": sum(c.parts_checked for c in checks),
-            "problems": [p for c in checks for p in c.problems], "signed": any(c.signed for c in checks),
+    problems = [p for c in checks for p in c.problems] + list(rank_problems)
+    return {"verified": not problems, "parts_checked": sum(c.parts_checked for c in checks),
+            "problems": problems, "signed": any(c.signed for c in checks),
             "manifest_digests": {c.location: c.digest for c in checks}}
 
 
@@ -103,7 +105,7 @@ def build_report(location, *, base_model=None, base_model_flops=None, systemic_r
                             for name, flops in list(modules.items())[:TOP_MODULES]],
         },
         "method": summary["method"],
-        "integrity": _integrity(traces),
+        "integrity": _integrity(traces, summary["rank_problems"]),
         "series": {"cumulative_training_flops": _cumulative(series)},
     }
 
