@@ -7,8 +7,9 @@ two functions and one table entry.
 Exit codes: 0 success (``check``/``estimate``: below the threshold; ``verify``: every part
 matches); 1 a finding (at or over the threshold; a part missing, altered or unlisted; a rank of
 the job missing or unfinished, from ``summarize``, ``check``, ``estimate`` and ``verify``, which
-name it on stderr or in their output; ``report`` lists it under integrity); 2 bad input (missing or empty dir, corrupt or wrong-version trace, unknown base model, bad flags),
-reported as one line on stderr without a traceback. ``run`` exits with its COMMAND's exit status
+name it on stderr or in their output; ``report`` lists it under integrity); 2 bad input
+(missing or empty dir, corrupt or wrong-version trace, unknown base model, bad flags), reported
+as one line on stderr without a traceback. ``run`` exits with its COMMAND's exit status
 (128 + N when COMMAND died of signal N).
 """
 from __future__ import annotations

@@ -98,27 +98,27 @@ class Context:
     def where(self) -> tuple[str, str]:
         """(phase, module) of the op running now: the dispatch backend asks once per op."""
         task = _graph_task_id()
-        stack, functions = self.forward_stack, self.function_grad
+        stack = self.forward_stack
         forward = stack[-1].name if stack else None
-        outer_grad = bool((stack and stack[0].grad_enabled) or (functions and functions[0]))
         phase = resolve_phase(bool(self.optimizer_depth), task != -1, torch.is_grad_enabled(),
-                              self.user_phases[-1] if self.user_phases else None, outer_grad)
+                              self.user_phases[-1] if self.user_phases else None, self._outer_grad())
         backward = None
         if task != -1 and forward is None:
             backward_stack = self.backward_stacks.get(task)
             backward = backward_stack[-1] if backward_stack else None
         return phase, resolve_module(task != -1, forward, backward)
 
-    def phase(self) -> str:
-        return self.where()[0]
-
     def snapshot(self) -> tuple:
         """The Python-held inputs of the phase and module rules:
         (optimizer, user phase, outermost call's grad mode, innermost forward module or None)."""
-        stack, functions = self.forward_stack, self.function_grad
-        outer_grad = bool((stack and stack[0].grad_enabled) or (functions and functions[0]))
+        stack = self.forward_stack
         return (bool(self.optimizer_depth), self.user_phases[-1] if self.user_phases else None,
-                outer_grad, stack[-1].name if stack else None)
+                self._outer_grad(), stack[-1].name if stack else None)
+
+    def _outer_grad(self) -> bool:
+        """Grad mode when the outermost module call or autograd.Function.apply began."""
+        stack, functions = self.forward_stack, self.function_grad
+        return bool((stack and stack[0].grad_enabled) or (functions and functions[0]))
 
     def _changed(self) -> None:
         if self.listener is not None:
@@ -160,9 +160,6 @@ class Context:
             self.on_optimizer_step()
 
     # ---- modules --------------------------------------------------------------------------
-    def module(self) -> str:
-        return self.where()[1]
-
     def _name(self, module) -> str:
         name = self.names.get(module)
         if name is not None:
@@ -181,11 +178,10 @@ class Context:
         return name
 
     def _module_pre(self, module, args) -> None:
-        name = self.names.get(module) or self._name(module)
+        name = self._name(module)
         grad = torch.is_grad_enabled()
         self.forward_stack.append(Frame(module, name, grad))
-        if self.listener is not None:
-            self.listener.context_changed()
+        self._changed()
         if grad:
             # Fires once gradients for all inputs exist: the module's backward is over.
             self._when_grads(args, name, self._backward_leave, every=True)
@@ -196,8 +192,7 @@ class Context:
             if stack[i].module is module:
                 del stack[i:]
                 break
-        if self.listener is not None:
-            self.listener.context_changed()
+        self._changed()
         if torch.is_grad_enabled():
             # Fires at the first gradient of an output: the module's backward begins.
             self._when_grads(output, self._names_get(module), self._backward_enter, every=False)
@@ -210,12 +205,7 @@ class Context:
         it runs when the node is about to run, i.e. once its gradients are complete, and dies
         with the graph. Tensors from several nodes take torch's multi-grad hook. Hooks on leaf
         tensors outlive the graph, so they are removed when the step closes."""
-        if isinstance(value, torch.Tensor):  # the common cases first: one tensor, or (tensor,)
-            tensors = [value] if value.requires_grad else ()
-        elif value.__class__ is tuple and len(value) == 1 and isinstance(value[0], torch.Tensor):
-            tensors = [value[0]] if value[0].requires_grad else ()
-        else:
-            tensors = [t for t in _tensors(value) if t.requires_grad]
+        tensors = [t for t in _tensors(value) if t.requires_grad]
         if not tensors:
             return
         node = tensors[0].grad_fn
