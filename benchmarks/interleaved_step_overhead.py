@@ -6,7 +6,7 @@ median and minimum step time, the median paired overhead with a bootstrap 95 % i
 the added milliseconds.
 
     python benchmarks/interleaved_step_overhead.py [--rounds 40] [--threads 2]
-        [--variants baseline,flopcountermode,dispatch,native] [--malloc steady|default]
+        [--variants baseline,flopcountermode,dispatch,native,observer_floor] [--malloc steady|default]
         [--clock wall|thread] [--twin]
 
 ``--twin`` runs the reference step's tiny twin (reference_step.TWIN: same modules and op
@@ -32,6 +32,7 @@ import torch
 from reference_step import build, metering, train_step
 
 VARIANTS = ("baseline", "flopcountermode", "dispatch", "native")
+EXTRA_VARIANTS = ("native_untracked", "observer_floor")  # ablations, run only when named (reference_step.metering)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
@@ -58,15 +59,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated, from: " + ", ".join(VARIANTS) + " (baseline is always run)")
+                   help="comma-separated, from: " + ", ".join(VARIANTS + EXTRA_VARIANTS)
+                   + " (baseline is always run)")
     p.add_argument("--malloc", choices=("steady", "default"), default="steady")
     p.add_argument("--clock", choices=("wall", "thread"), default="wall")
     p.add_argument("--twin", action="store_true", help="the tiny twin of the reference step")
     args = p.parse_args()
     variants = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS) - set(EXTRA_VARIANTS)
     if unknown:
-        p.error(f"unknown variant(s): {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s): {', '.join(sorted(unknown))}; "
+                f"choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     steady = args.malloc == "steady" and steady_malloc()
     torch.set_num_threads(args.threads)
     model, optimizer, ids = build(twin=args.twin)

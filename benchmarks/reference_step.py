@@ -49,7 +49,10 @@ def train_step(model, optimizer, ids) -> None:
 
 def metering(kind: str):
     """Context for one measured variant: 'baseline' (nothing), 'flopcountermode' (torch's
-    counter), or a flopcount backend name ('dispatch', 'native')."""
+    counter), a flopcount backend name ('dispatch', 'native'), 'native_untracked' (native with
+    track_modules=False), or 'observer_floor': the native
+    extension's RecordFunction observer registered as a meter registers it, doing nothing (what
+    the RecordFunction machinery alone costs)."""
     import contextlib
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -60,7 +63,31 @@ def metering(kind: str):
         return contextlib.nullcontext()
     if kind == "flopcountermode":
         return FlopCounterMode(display=False)
+    if kind == "observer_floor":
+        return _observer_floor()
+    if kind == "native_untracked":
+        return flopcount.meter(backend="native", warn=False, track_modules=False)
     return flopcount.meter(backend=kind, warn=False)
+
+
+def _observer_floor():
+    import contextlib
+
+    from flopcount.capture import native
+
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"observer_floor needs the native extension: {native.load_error()}")
+
+    @contextlib.contextmanager
+    def floor():
+        lib.floor_enable()
+        try:
+            yield None
+        finally:
+            lib.floor_disable()
+
+    return floor()
 
 
 def count_ops(model, optimizer, ids) -> int:

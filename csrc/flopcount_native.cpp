@@ -29,8 +29,11 @@
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/graph_task.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <utility>
@@ -130,7 +133,10 @@ struct Slot {
   int64_t next_key_id = 0;
   bool keys_reset = false;  // key_ids was cleared (too many distinct keys): Python forgets ids
   std::vector<PendingValues> pending_values;
-  std::unordered_map<int64_t, int64_t> backward_module;  // graph task id -> module id
+  // Backward modules, per autograd graph task: module ids, innermost last (see backward_enter).
+  std::unordered_map<int64_t, std::vector<int64_t>> backward_stacks;
+  std::vector<std::string> module_names;  // by module id, as Python names them
+  int64_t root_module = -1;               // the id of the outermost module's name, once named
   std::string violation;                                  // strict mode: first uncounted op
   c10::optional<at::CallbackHandle> handle;
   bool in_use = false;
@@ -143,6 +149,7 @@ struct Slot {
   std::atomic<bool> has_violation{false};
   std::atomic<bool> has_backward_modules{false};
   std::atomic<bool> paused{false};  // while Python books a step (its own tensor ops are not the job's)
+  std::atomic<int64_t> generation{0};  // bumped per meter: gradient hooks of an earlier meter do nothing
 };
 
 constexpr int kSlots = 8;
@@ -460,8 +467,8 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
   int64_t module = -1;
   if (task != -1 && s.has_backward_modules.load(std::memory_order_relaxed)) {
     std::lock_guard<std::mutex> lock(s.mu);
-    auto it = s.backward_module.find(task);
-    if (it != s.backward_module.end()) module = it->second;
+    auto it = s.backward_stacks.find(task);
+    if (it != s.backward_stacks.end() && !it->second.empty()) module = it->second.back();
   }
   auto& key = tls_key[index];
   key.clear();
@@ -547,8 +554,11 @@ int64_t enable(bool strict) {
     s.new_keys.clear();
     s.next_key_id = 0;
     s.keys_reset = false;
-    s.backward_module.clear();
+    s.backward_stacks.clear();
+    s.module_names.clear();
+    s.root_module = -1;
     s.has_backward_modules = false;
+    s.generation.fetch_add(1);
     s.violation.clear();
     s.has_violation = false;
     s.pending_boundary = false;
@@ -585,6 +595,9 @@ void release(int64_t index) {
   s.pending_values.clear();
   s.key_ids.clear();
   s.new_keys.clear();
+  s.backward_stacks.clear();
+  s.has_backward_modules = false;
+  s.generation.fetch_add(1);
   s.in_use = false;
 }
 
@@ -614,21 +627,111 @@ int64_t set_context(int64_t index, int64_t context, bool optimizer) {
   return (s.has_violation.load() ? 1 : 0) | (s.boundary_crossed.load() ? 2 : 0);
 }
 
-void set_backward_module(int64_t index, int64_t task, int64_t module) {
+// ---- backward modules ---------------------------------------------------------------------------
+// The same rules as flopcount/capture/context.py (Context._backward_enter/_leave), kept here so that
+// gradient hooks run no Python: a module's backward begins at the first gradient of its outputs
+// and ends once the gradients of all its inputs exist.
+
+bool is_descendant(const Slot& s, int64_t module, int64_t ancestor) {
+  if (ancestor == s.root_module) return true;
+  if (std::max(module, ancestor) >= static_cast<int64_t>(s.module_names.size())) return false;
+  const std::string& name = s.module_names[module];
+  const std::string& prefix = s.module_names[ancestor];
+  return name.size() > prefix.size() && name.compare(0, prefix.size(), prefix) == 0 && name[prefix.size()] == '.';
+}
+
+void enter_locked(Slot& s, int64_t task, int64_t module) {
+  // Nested modules can share an output tensor (an MLP returns its down_proj's output); the outer
+  // module's hook fires later but must sit below its submodules.
+  auto& stack = s.backward_stacks[task];
+  size_t i = stack.size();
+  while (i > 0 && is_descendant(s, stack[i - 1], module)) --i;
+  stack.insert(stack.begin() + static_cast<std::ptrdiff_t>(i), module);
+  s.has_backward_modules = true;
+}
+
+void leave_locked(Slot& s, int64_t task, int64_t module) {
+  auto it = s.backward_stacks.find(task);
+  if (it == s.backward_stacks.end()) return;
+  auto& stack = it->second;
+  for (size_t i = stack.size(); i > 0; --i) {
+    if (stack[i - 1] == module) {
+      stack.erase(stack.begin() + static_cast<std::ptrdiff_t>(i - 1));
+      break;
+    }
+  }
+}
+
+void backward_enter(int64_t index, int64_t module) {
   Slot& s = slot(index);
   std::lock_guard<std::mutex> lock(s.mu);
-  if (module < 0) {
-    s.backward_module.erase(task);
-  } else {
-    s.backward_module[task] = module;
+  enter_locked(s, torch::autograd::get_current_graph_task_id(), module);
+}
+
+void backward_leave(int64_t index, int64_t module) {
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> lock(s.mu);
+  leave_locked(s, torch::autograd::get_current_graph_task_id(), module);
+}
+
+// A pre-hook on an autograd node: it runs when the node is about to run, i.e. once the node's
+// gradients are complete, and dies with the graph.
+struct ModuleHook : torch::autograd::FunctionPreHook {
+  ModuleHook(int64_t index, int64_t generation, int64_t module, bool enter)
+      : index(index), generation(generation), module(module), enter(enter) {}
+
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    Slot& s = slot(index);
+    if (s.generation.load() != generation) return grads;  // its meter has ended
+    std::lock_guard<std::mutex> lock(s.mu);
+    int64_t task = torch::autograd::get_current_graph_task_id();
+    if (enter) {
+      enter_locked(s, task, module);
+    } else {
+      leave_locked(s, task, module);
+    }
+    return grads;
   }
-  s.has_backward_modules = !s.backward_module.empty();
+
+  // Compiled autograd asks every hook to register itself; this one only tracks modules for
+  // eager backward, so under compiled autograd it stays out (instead of failing the backward).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {}
+
+  int64_t index, generation, module;
+  bool enter;
+};
+
+// Hook the node that made ``tensor``: module ``module`` enters backward there (``enter``) or
+// leaves it. False when the tensor has no node (a leaf): Python takes that case.
+bool add_module_hook(int64_t index, const at::Tensor& tensor, int64_t module, bool enter) {
+  const auto& node = tensor.grad_fn();
+  if (!node) return false;
+  Slot& s = slot(index);
+  node->add_pre_hook(std::make_unique<ModuleHook>(index, s.generation.load(), module, enter));
+  return true;
+}
+
+// The innermost backward module of graph task ``task``, or -1.
+int64_t backward_module(int64_t index, int64_t task) {
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto it = s.backward_stacks.find(task);
+  return it == s.backward_stacks.end() || it->second.empty() ? -1 : it->second.back();
+}
+
+// Module ids are Python's (NativeCapture._module_id), dense from 0.
+void set_module_name(int64_t index, int64_t module, const std::string& name, bool root) {
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.module_names.size() <= static_cast<size_t>(module)) s.module_names.resize(module + 1);
+  s.module_names[module] = name;
+  if (root) s.root_module = module;
 }
 
 void clear_backward_modules(int64_t index) {
   Slot& s = slot(index);
   std::lock_guard<std::mutex> lock(s.mu);
-  s.backward_module.clear();
+  s.backward_stacks.clear();
   s.has_backward_modules = false;
 }
 
@@ -704,6 +807,32 @@ std::vector<std::string> strings(int64_t start) {
 
 int64_t dtype_code(const at::Tensor& t) { return static_cast<int64_t>(t.scalar_type()); }
 
+// ---- benchmark instrument: the RecordFunction machinery alone ----------------------------------
+// An observer registered like a meter's (thread-local, inputs and outputs, aten ops) whose
+// callbacks do nothing: what any RecordFunction-based capture pays before it does any work
+// (benchmarks/interleaved_step_overhead.py, variant observer_floor).
+std::unique_ptr<at::ObserverContext> floor_start(const at::RecordFunction&) { return nullptr; }
+void floor_end(const at::RecordFunction&, at::ObserverContext*) {}
+
+c10::optional<at::CallbackHandle>& floor_handle() {
+  static c10::optional<at::CallbackHandle> handle;
+  return handle;
+}
+
+void floor_enable() {
+  TORCH_CHECK(!floor_handle().has_value(), "flopcount: the observer floor is already on");
+  floor_handle() = at::addThreadLocalCallback(at::RecordFunctionCallback(floor_start, floor_end)
+                                                  .needsInputs(true)
+                                                  .needsOutputs(true)
+                                                  .scopes({at::RecordScope::FUNCTION}));
+}
+
+void floor_disable() {
+  if (!floor_handle().has_value()) return;
+  at::removeCallback(*floor_handle());
+  floor_handle().reset();
+}
+
 
 }  // namespace
 
@@ -714,7 +843,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release", &release);
   m.def("set_registry", &set_registry);
   m.def("set_context", &set_context);
-  m.def("set_backward_module", &set_backward_module);
+  m.def("backward_enter", &backward_enter);
+  m.def("backward_leave", &backward_leave);
+  m.def("add_module_hook", &add_module_hook);
+  m.def("backward_module", &backward_module);
+  m.def("set_module_name", &set_module_name);
   m.def("clear_backward_modules", &clear_backward_modules);
   m.def("mark_pending_boundary", &mark_pending_boundary);
   m.def("set_paused", &set_paused);
@@ -723,6 +856,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("op_names", &op_names, py::arg("start") = 0);
   m.def("strings", &strings, py::arg("start") = 0);
   m.def("dtype_code", &dtype_code);
+  m.def("floor_enable", &floor_enable);
+  m.def("floor_disable", &floor_disable);
   m.attr("KEY_VERSION") = 1;
   m.attr("SLOTS") = kSlots;
 }

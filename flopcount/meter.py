@@ -147,11 +147,11 @@ class Meter:
 
     def _on_optimizer_step(self) -> None:
         if not self._explicit_steps:
-            flush = getattr(self.capture, "flush", None)
-            if flush is not None:  # native backend: book what it aggregated (may close the last step)
-                flush()
+            native = getattr(self.capture, "flush", None) is not None
+            if native and self.budget is not None:  # the budget check needs this step's FLOPs booked
+                self.capture.flush()
             self._pending_end = time.time()
-            if flush is not None:
+            if native:  # the extension splits the step off at the next op with a formula
                 self.capture.mark_step_end()
             if self.budget is not None:  # decide before the next step runs, this open step included
                 self._enforce_budget(pending=self._open_training_flops())

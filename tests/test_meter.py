@@ -126,6 +126,23 @@ def test_modules_forward_and_backward_attribution(backend):
     assert m.summary()["by_module"]["0"] == mods["0"] + mods["0.up"] + mods["0.down"]
 
 
+def test_backward_of_an_earlier_meters_graph(backend):
+    """A graph built under one meter and run backward under the next: the first meter's gradient
+    hooks end with it (the native ones are C++ hooks that check their meter), so the second books
+    the whole backward outside any module, under both backends."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MLP(), torch.nn.Linear(D, 4))
+    x = torch.randn(B, D, requires_grad=True)
+    with flopcount.meter(backend=backend):
+        loss = model(x).sum()
+    with flopcount.meter(backend=backend) as m:
+        loss.backward()
+    head = 2 * B * D * 4
+    # up and down: input and weight gradients; relu's gradient; head: both gradients and the bias's.
+    backward = 2 * GEMM + 2 * GEMM + PER_ELEMENT["threshold_backward"].flops * B * H + 2 * head + B * 4
+    assert m.summary()["by_module"] == {"<none>": backward}
+
+
 class Pair(torch.nn.Module):
     """Two inputs made by different autograd nodes (or leaves): the multi-tensor hook path."""
 

@@ -15,7 +15,9 @@ always runs with grad disabled) stays forward.
 Modules: global forward pre/post hooks keep a stack of fully qualified names (as
 ``named_modules()`` gives them, relative to the outermost module called). Backward ops are
 attributed through gradient hooks on each module's outputs (entered) and inputs (left), one
-stack per autograd graph task, so reentrant backward inside checkpointing keeps its own.
+stack per autograd graph task, so reentrant backward inside checkpointing keeps its own. With a
+listener that keeps backward modules itself (the native backend, in C++), the hooks and stacks
+are its: same rules, no Python in backward.
 """
 from __future__ import annotations
 
@@ -104,8 +106,11 @@ class Context:
                               self.user_phases[-1] if self.user_phases else None, self._outer_grad())
         backward = None
         if task != -1 and forward is None:
-            backward_stack = self.backward_stacks.get(task)
-            backward = backward_stack[-1] if backward_stack else None
+            if self.listener is not None:
+                backward = self.listener.backward_module(task)
+            else:
+                backward_stack = self.backward_stacks.get(task)
+                backward = backward_stack[-1] if backward_stack else None
         return phase, resolve_module(task != -1, forward, backward)
 
     def snapshot(self) -> tuple:
@@ -184,7 +189,7 @@ class Context:
         self._changed()
         if grad:
             # Fires once gradients for all inputs exist: the module's backward is over.
-            self._when_grads(args, name, self._backward_leave, every=True)
+            self._when_grads(args, name, enter=False)
 
     def _module_post(self, module, args, output) -> None:
         stack = self.forward_stack
@@ -195,24 +200,27 @@ class Context:
         self._changed()
         if torch.is_grad_enabled():
             # Fires at the first gradient of an output: the module's backward begins.
-            self._when_grads(output, self._names_get(module), self._backward_enter, every=False)
+            self._when_grads(output, self._names_get(module), enter=True)
 
-    def _when_grads(self, value, name: str, callback: Callable[[str], None], every: bool) -> None:
-        """Call ``callback(name)`` in backward once the gradients of the tensors in ``value``
-        that require grad are computed: all of them (``every``) or the first one.
+    def _when_grads(self, value, name: str, enter: bool) -> None:
+        """In backward, enter module ``name`` at the first gradient of the tensors in ``value``
+        that require grad (``enter``), or leave it once all their gradients are computed.
 
         The common case, every such tensor made by one autograd node, is a pre-hook on that node:
         it runs when the node is about to run, i.e. once its gradients are complete, and dies
-        with the graph. Tensors from several nodes take torch's multi-grad hook. Hooks on leaf
-        tensors outlive the graph, so they are removed when the step closes."""
+        with the graph (the listener's own hook if it has one). Tensors from several nodes take
+        torch's multi-grad hook. Hooks on leaf tensors outlive the graph, so they are removed
+        when the step closes."""
         tensors = [t for t in _tensors(value) if t.requires_grad]
         if not tensors:
             return
+        callback = self._backward_enter if enter else self._backward_leave
         node = tensors[0].grad_fn
         if node is not None and all(t.grad_fn is node for t in tensors[1:]):
-            node.register_prehook(lambda grads: callback(name))
+            if self.listener is None or not self.listener.grad_hook(tensors[0], name, enter):
+                node.register_prehook(lambda grads: callback(name))
             return
-        handle = register_multi_grad_hook(tensors, lambda grads: callback(name), mode="all" if every else "any")
+        handle = register_multi_grad_hook(tensors, lambda grads: callback(name), mode="any" if enter else "all")
         if any(t.grad_fn is None for t in tensors):
             self.leaf_hooks.append(handle)
 
@@ -220,6 +228,9 @@ class Context:
         return self.names.get(module, type(module).__name__)
 
     def _backward_enter(self, name: str) -> None:
+        if self.listener is not None:
+            self.listener.backward_enter(name)
+            return
         # Nested modules can share an output tensor (an MLP returns its down_proj's output); the
         # outer module's hook fires later but must sit below its submodules.
         with self.lock:
@@ -228,16 +239,15 @@ class Context:
             while i > 0 and (name == ROOT_MODULE or stack[i - 1].startswith(name + ".")):
                 i -= 1
             stack.insert(i, name)
-        if self.listener is not None:
-            self.listener.backward_changed(_graph_task_id())
 
     def _backward_leave(self, name: str) -> None:
+        if self.listener is not None:
+            self.listener.backward_leave(name)
+            return
         with self.lock:
             stack = self.backward_stacks.get(_graph_task_id())
             if stack and name in stack:
                 del stack[len(stack) - 1 - stack[::-1].index(name)]
-        if self.listener is not None:
-            self.listener.backward_changed(_graph_task_id())
 
     def reset_backward(self) -> None:
         """Drop finished graph tasks' module stacks (modules whose inputs need no grad never leave)."""

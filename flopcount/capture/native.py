@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..conventions import ROOT_MODULE
 from ..distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
 from ..formulas import KNOWN_ZERO, REGISTRY
 from ..formulas.registry import op_name
@@ -155,8 +156,7 @@ class NativeCapture:
         self.bookings: dict[int, tuple] = {}  # key id -> what it books (see _booking)
         self.strings: list[str] = []
         self.dtypes = _dtype_codes(self.lib)
-        self.registry_size = -1
-        self.registry_fingerprint = None
+        self.registry_version = -1
         self.flushing = False
         self.slot = None  # the extension's per-meter state, while entered
 
@@ -164,6 +164,8 @@ class NativeCapture:
     def __enter__(self) -> "NativeCapture":
         self._push_registry()
         self.slot = self.lib.enable(bool(self.counter.strict))
+        for ident, name in enumerate(self.module_names):  # the slot starts without names
+            self.lib.set_module_name(self.slot, ident, name, name == ROOT_MODULE)
         self.context.listener = self
         self.context_changed()
         return self
@@ -184,7 +186,7 @@ class NativeCapture:
         if ident is None:
             ident = self.snapshot_ids[snapshot] = len(self.snapshots)
             self.snapshots.append(snapshot)
-        if len(REGISTRY._table) != self.registry_size:  # a formula was registered meanwhile
+        if REGISTRY.version != self.registry_version:  # a formula was registered meanwhile
             self._push_registry()
         status = self.lib.set_context(self.slot, ident, snapshot[0])
         if status & 1:  # strict mode: an uncounted op ran since the last change
@@ -192,9 +194,21 @@ class NativeCapture:
         if status & 2 and not self.flushing:  # the next step began: close the finished one now
             self.flush()
 
-    def backward_changed(self, task: int) -> None:
-        stack = self.context.backward_stacks.get(task)
-        self.lib.set_backward_module(self.slot, task, self._module_id(stack[-1]) if stack else -1)
+    # Backward modules live in C++ while this backend is active (Context routes them here): the
+    # gradient hooks then run no Python, and the observer reads the module without asking.
+    def grad_hook(self, tensor, name: str, enter: bool) -> bool:
+        """Hook the autograd node that made ``tensor``; False for a leaf (Context hooks it)."""
+        return self.lib.add_module_hook(self.slot, tensor, self._module_id(name), enter)
+
+    def backward_enter(self, name: str) -> None:
+        self.lib.backward_enter(self.slot, self._module_id(name))
+
+    def backward_leave(self, name: str) -> None:
+        self.lib.backward_leave(self.slot, self._module_id(name))
+
+    def backward_module(self, task: int) -> str | None:
+        module = self.lib.backward_module(self.slot, task)
+        return self.module_names[module] if module >= 0 else None
 
     def backward_reset(self) -> None:
         self.lib.clear_backward_modules(self.slot)
@@ -208,6 +222,7 @@ class NativeCapture:
         if ident is None:
             ident = self.module_ids[name] = len(self.module_names)
             self.module_names.append(name)
+            self.lib.set_module_name(self.slot, ident, name, name == ROOT_MODULE)
         return ident
 
     def _push_registry(self) -> None:
@@ -227,8 +242,7 @@ class NativeCapture:
                 entries.append((packet._qualified_op_name, "*", FORMULA_VALUES))
         self.lib.set_registry(entries, sorted(REGISTRY._zero_namespaces), list(COLLECTIVE_NAMESPACES),
                               sorted(NOT_COMMUNICATION))
-        self.registry_size = len(REGISTRY._table)
-        self.registry_fingerprint = _fingerprint()
+        self.registry_version = REGISTRY.version
         self.ops.clear()  # entries may have changed
         self.bookings.clear()
 
@@ -247,7 +261,7 @@ class NativeCapture:
                 self.keys = {k: v for k, v in self.keys.items() if k in used}
                 self.bookings.clear()
             self.keys.update(new_keys)
-            if self.registry_fingerprint != _fingerprint():
+            if self.registry_version != REGISTRY.version:
                 self._push_registry()
             self._refresh_ops()
             for i, (calls, uncounted) in enumerate(generations):
@@ -451,11 +465,6 @@ def _overload(name: str, overload: str):
 def _python_name(name: str) -> str:
     """'aten::mm.out' -> 'aten.mm' (op_name's display form: the packet)."""
     return name.split(".")[0].replace("::", ".")
-
-
-def _fingerprint():
-    return (len(REGISTRY._table), len(REGISTRY._zero_namespaces),
-            hash(tuple(map(id, REGISTRY._table.values()))))
 
 
 @functools.lru_cache(maxsize=1)

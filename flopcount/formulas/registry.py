@@ -86,17 +86,20 @@ class Registry:
         self._table: dict[Any, Formula | KnownZero] = {}
         self._cache: dict[Any, tuple[str, Formula | KnownZero | None]] = {}
         self._zero_namespaces: set[str] = set()
+        self.version = 0  # changes with every addition: the native backend re-sends the table then
 
     def add(self, op, entry: Formula | KnownZero) -> None:
         if isinstance(entry, Formula) and entry.category not in CATEGORIES:
             raise ValueError(f"category {entry.category!r} is not one of {', '.join(CATEGORIES)}")
         self._table[registry_key(op)] = entry
         self._cache.clear()
+        self.version += 1
 
     def add_zero_namespace(self, namespace: str) -> None:
         """Every op of ``namespace`` (e.g. c10d collectives) is known-zero unless it has a formula."""
         self._zero_namespaces.add(namespace)
         self._cache.clear()
+        self.version += 1
 
     def lookup(self, op) -> tuple[str, Formula | KnownZero | None]:
         """(display name, entry) for an op; entry None means uncounted. Cached per op object."""
