@@ -22,6 +22,13 @@
 // asynchronously to pinned host memory behind an event (no host-device synchronisation).
 
 #include <torch/extension.h>
+#include <torch/version.h>
+
+// RecordFunction::overload_name() and FunctionPreHook's const compiled_args() came with torch 2.7
+// (flopcount/capture/native.py checks this before building; older torch uses the dispatch backend).
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 7)
+#error "flopcount's native backend needs torch >= 2.7"
+#endif
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>

@@ -90,6 +90,15 @@ def _llama_steps(steps=2, *, autocast=False, checkpoint=None, explicit=True, bat
     return workload
 
 
+def test_older_torch_is_refused_before_building(monkeypatch):
+    """torch < 2.7 lacks RecordFunction::overload_name: the extension is not built there, and
+    the reason names the version (backend='auto' then falls back to dispatch with it)."""
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    module, why = native._load.__wrapped__()  # the uncached loader: the real one stays as it is
+    assert module is None
+    assert why == "it needs torch >= 2.7 (RecordFunction::overload_name); this is torch 2.6.0+cu124"
+
+
 # ---- identical summaries ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scenario", [

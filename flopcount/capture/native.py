@@ -32,6 +32,7 @@ from .context import resolve_module, resolve_phase
 EXTENSION = "flopcount_native"
 SOURCE_NAME = "flopcount_native.cpp"
 BUILD_FLAGS = ["-O2", "-DNDEBUG"]  # NDEBUG: RecordFunction's layout must match libtorch's
+MIN_TORCH = (2, 7)  # RecordFunction::overload_name; older torch uses the dispatch backend
 
 # Key tags, as in csrc/flopcount_native.cpp.
 (NONE, TENSOR, INT, DOUBLE, BOOL, STRING, INT_LIST, DOUBLE_LIST, BOOL_LIST, LIST, DTYPE, OPAQUE,
@@ -66,6 +67,9 @@ def _load():
     """(extension module, None) or (None, why it is not available). Built once per process."""
     if os.environ.get("FLOPCOUNT_NATIVE", "").strip() == "0":
         return None, "disabled by FLOPCOUNT_NATIVE=0"
+    if _torch_version() < MIN_TORCH:
+        return None, (f"it needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+                      f"(RecordFunction::overload_name); this is torch {torch.__version__}")
     source = source_path()
     if source is None:
         return None, f"the C++ source {SOURCE_NAME} is not installed"
@@ -82,6 +86,11 @@ def _load():
     except Exception as exc:  # no compiler, no ninja, incompatible headers, ...
         lines = str(exc).strip().splitlines()
         return None, f"the native extension did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def load():
