@@ -669,16 +669,21 @@ void leave_locked(Slot& s, int64_t task, int64_t module) {
   }
 }
 
-void backward_enter(int64_t index, int64_t module) {
-  Slot& s = slot(index);
-  std::lock_guard<std::mutex> lock(s.mu);
-  enter_locked(s, torch::autograd::get_current_graph_task_id(), module);
+// A gradient hook fired in the current graph task: module ``module`` enters or leaves backward.
+void backward_event_locked(Slot& s, int64_t module, bool enter) {
+  int64_t task = torch::autograd::get_current_graph_task_id();
+  if (enter) {
+    enter_locked(s, task, module);
+  } else {
+    leave_locked(s, task, module);
+  }
 }
 
-void backward_leave(int64_t index, int64_t module) {
+// The same, from a Python hook (tensors from several nodes, or leaves).
+void backward_event(int64_t index, int64_t module, bool enter) {
   Slot& s = slot(index);
   std::lock_guard<std::mutex> lock(s.mu);
-  leave_locked(s, torch::autograd::get_current_graph_task_id(), module);
+  backward_event_locked(s, module, enter);
 }
 
 // A pre-hook on an autograd node: it runs when the node is about to run, i.e. once the node's
@@ -691,12 +696,7 @@ struct ModuleHook : torch::autograd::FunctionPreHook {
     Slot& s = slot(index);
     if (s.generation.load() != generation) return grads;  // its meter has ended
     std::lock_guard<std::mutex> lock(s.mu);
-    int64_t task = torch::autograd::get_current_graph_task_id();
-    if (enter) {
-      enter_locked(s, task, module);
-    } else {
-      leave_locked(s, task, module);
-    }
+    backward_event_locked(s, module, enter);
     return grads;
   }
 
@@ -850,8 +850,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release", &release);
   m.def("set_registry", &set_registry);
   m.def("set_context", &set_context);
-  m.def("backward_enter", &backward_enter);
-  m.def("backward_leave", &backward_leave);
+  m.def("backward_event", &backward_event);
   m.def("add_module_hook", &add_module_hook);
   m.def("backward_module", &backward_module);
   m.def("set_module_name", &set_module_name);

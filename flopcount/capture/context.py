@@ -15,9 +15,9 @@ always runs with grad disabled) stays forward.
 Modules: global forward pre/post hooks keep a stack of fully qualified names (as
 ``named_modules()`` gives them, relative to the outermost module called). Backward ops are
 attributed through gradient hooks on each module's outputs (entered) and inputs (left), one
-stack per autograd graph task, so reentrant backward inside checkpointing keeps its own. With a
-listener that keeps backward modules itself (the native backend, in C++), the hooks and stacks
-are its: same rules, no Python in backward.
+stack per autograd graph task, so reentrant backward inside checkpointing keeps its own
+(``BackwardModules``; the native backend swaps in the same stacks kept in C++, whose gradient
+hooks run no Python).
 """
 from __future__ import annotations
 
@@ -72,11 +72,10 @@ class Context:
         self.user_phases: list[str] = []
         self.forward_stack: list[Frame] = []
         self.function_grad: list[bool] = []  # grad mode at each active autograd.Function.apply
-        self.backward_stacks: dict[int, list[str]] = {}
+        self.backward = BackwardModules()  # which module's backward runs, per graph task
         self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.handles: list = []
         self.leaf_hooks: list = []  # gradient hooks on leaf tensors (removed when a step closes)
-        self.lock = threading.Lock()
         # Told about every change of the state above (the native backend mirrors it in C++).
         self.listener = None
 
@@ -104,13 +103,7 @@ class Context:
         forward = stack[-1].name if stack else None
         phase = resolve_phase(bool(self.optimizer_depth), task != -1, torch.is_grad_enabled(),
                               self.user_phases[-1] if self.user_phases else None, self._outer_grad())
-        backward = None
-        if task != -1 and forward is None:
-            if self.listener is not None:
-                backward = self.listener.backward_module(task)
-            else:
-                backward_stack = self.backward_stacks.get(task)
-                backward = backward_stack[-1] if backward_stack else None
+        backward = self.backward.innermost(task) if task != -1 and forward is None else None
         return phase, resolve_module(task != -1, forward, backward)
 
     def snapshot(self) -> tuple:
@@ -208,59 +201,76 @@ class Context:
 
         The common case, every such tensor made by one autograd node, is a pre-hook on that node:
         it runs when the node is about to run, i.e. once its gradients are complete, and dies
-        with the graph (the listener's own hook if it has one). Tensors from several nodes take
-        torch's multi-grad hook. Hooks on leaf tensors outlive the graph, so they are removed
-        when the step closes."""
+        with the graph (``BackwardModules.hook`` may place its own). Tensors from several nodes
+        take torch's multi-grad hook. Hooks on leaf tensors outlive the graph, so they are removed
+        when the step closes. Python hooks find the stacks when they fire, not when hooked."""
         tensors = [t for t in _tensors(value) if t.requires_grad]
         if not tensors:
             return
-        callback = self._backward_enter if enter else self._backward_leave
+
+        def fired(grads) -> None:
+            (self.backward.enter if enter else self.backward.leave)(name)
+
         node = tensors[0].grad_fn
         if node is not None and all(t.grad_fn is node for t in tensors[1:]):
-            if self.listener is None or not self.listener.grad_hook(tensors[0], name, enter):
-                node.register_prehook(lambda grads: callback(name))
+            if not self.backward.hook(tensors[0], name, enter):
+                node.register_prehook(fired)
             return
-        handle = register_multi_grad_hook(tensors, lambda grads: callback(name), mode="any" if enter else "all")
+        handle = register_multi_grad_hook(tensors, fired, mode="any" if enter else "all")
         if any(t.grad_fn is None for t in tensors):
             self.leaf_hooks.append(handle)
 
     def _names_get(self, module) -> str:
         return self.names.get(module, type(module).__name__)
 
-    def _backward_enter(self, name: str) -> None:
-        if self.listener is not None:
-            self.listener.backward_enter(name)
-            return
-        # Nested modules can share an output tensor (an MLP returns its down_proj's output); the
-        # outer module's hook fires later but must sit below its submodules.
-        with self.lock:
-            stack = self.backward_stacks.setdefault(_graph_task_id(), [])
-            i = len(stack)
-            while i > 0 and (name == ROOT_MODULE or stack[i - 1].startswith(name + ".")):
-                i -= 1
-            stack.insert(i, name)
-
-    def _backward_leave(self, name: str) -> None:
-        if self.listener is not None:
-            self.listener.backward_leave(name)
-            return
-        with self.lock:
-            stack = self.backward_stacks.get(_graph_task_id())
-            if stack and name in stack:
-                del stack[len(stack) - 1 - stack[::-1].index(name)]
-
     def reset_backward(self) -> None:
         """Drop finished graph tasks' module stacks (modules whose inputs need no grad never leave)."""
-        with self.lock:
-            self.backward_stacks.clear()
+        self.backward.clear()
         self._remove_leaf_hooks()
-        if self.listener is not None:
-            self.listener.backward_reset()
 
     def _remove_leaf_hooks(self) -> None:
         hooks, self.leaf_hooks = self.leaf_hooks, []
         for handle in hooks:
             handle.remove()
+
+
+class BackwardModules:
+    """Which module's backward is running, one stack of names per autograd graph task. Gradient
+    hooks on a module's outputs enter it, on its inputs leave it (``Context._when_grads``). The
+    native backend replaces this with the same stacks kept in C++ (capture/native.py)."""
+
+    def __init__(self) -> None:
+        self.stacks: dict[int, list[str]] = {}
+        self.lock = threading.Lock()  # hooks run on autograd's threads
+
+    def hook(self, tensor, name: str, enter: bool) -> bool:
+        """Place a hook of this store's own on the node that made ``tensor``; False: none (the
+        caller hooks it in Python)."""
+        return False
+
+    def enter(self, name: str) -> None:
+        # Nested modules can share an output tensor (an MLP returns its down_proj's output); the
+        # outer module's hook fires later but must sit below its submodules.
+        with self.lock:
+            stack = self.stacks.setdefault(_graph_task_id(), [])
+            i = len(stack)
+            while i > 0 and (name == ROOT_MODULE or stack[i - 1].startswith(name + ".")):
+                i -= 1
+            stack.insert(i, name)
+
+    def leave(self, name: str) -> None:
+        with self.lock:
+            stack = self.stacks.get(_graph_task_id())
+            if stack and name in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(name)]
+
+    def innermost(self, task: int) -> str | None:
+        stack = self.stacks.get(task)
+        return stack[-1] if stack else None
+
+    def clear(self) -> None:
+        with self.lock:
+            self.stacks.clear()
 
 
 class _ModuleHooks:

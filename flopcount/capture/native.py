@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.torch_version import TorchVersion
 
 from ..conventions import ROOT_MODULE
 from ..distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
@@ -67,7 +68,7 @@ def _load():
     """(extension module, None) or (None, why it is not available). Built once per process."""
     if os.environ.get("FLOPCOUNT_NATIVE", "").strip() == "0":
         return None, "disabled by FLOPCOUNT_NATIVE=0"
-    if _torch_version() < MIN_TORCH:
+    if TorchVersion(torch.__version__) < MIN_TORCH:
         return None, (f"it needs torch >= {'.'.join(map(str, MIN_TORCH))} "
                       f"(RecordFunction::overload_name); this is torch {torch.__version__}")
     source = source_path()
@@ -86,11 +87,6 @@ def _load():
     except Exception as exc:  # no compiler, no ninja, incompatible headers, ...
         lines = str(exc).strip().splitlines()
         return None, f"the native extension did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"
-
-
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def load():
@@ -168,6 +164,7 @@ class NativeCapture:
         self.registry_version = -1
         self.flushing = False
         self.slot = None  # the extension's per-meter state, while entered
+        self.python_backward = None  # the Context's own BackwardModules, while ours replace them
 
     # ---- enter / exit -------------------------------------------------------------------------
     def __enter__(self) -> "NativeCapture":
@@ -176,12 +173,14 @@ class NativeCapture:
         for ident, name in enumerate(self.module_names):  # the slot starts without names
             self.lib.set_module_name(self.slot, ident, name, name == ROOT_MODULE)
         self.context.listener = self
+        self.python_backward, self.context.backward = self.context.backward, _BackwardModules(self)
         self.context_changed()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.lib.disable(self.slot)
         self.context.listener = None
+        self.context.backward = self.python_backward
         try:
             self.flush(raise_strict=exc_type is None)
         finally:
@@ -202,25 +201,6 @@ class NativeCapture:
             self.counter.uncounted(_python_name(self.lib.take_violation(self.slot)), "no formula")
         if status & 2 and not self.flushing:  # the next step began: close the finished one now
             self.flush()
-
-    # Backward modules live in C++ while this backend is active (Context routes them here): the
-    # gradient hooks then run no Python, and the observer reads the module without asking.
-    def grad_hook(self, tensor, name: str, enter: bool) -> bool:
-        """Hook the autograd node that made ``tensor``; False for a leaf (Context hooks it)."""
-        return self.lib.add_module_hook(self.slot, tensor, self._module_id(name), enter)
-
-    def backward_enter(self, name: str) -> None:
-        self.lib.backward_enter(self.slot, self._module_id(name))
-
-    def backward_leave(self, name: str) -> None:
-        self.lib.backward_leave(self.slot, self._module_id(name))
-
-    def backward_module(self, task: int) -> str | None:
-        module = self.lib.backward_module(self.slot, task)
-        return self.module_names[module] if module >= 0 else None
-
-    def backward_reset(self) -> None:
-        self.lib.clear_backward_modules(self.slot)
 
     def mark_step_end(self) -> None:
         """optimizer.step() ended a step (auto steps): the next op with a formula opens the next."""
@@ -469,6 +449,32 @@ def _overload(name: str, overload: str):
         return getattr(packet, overload or "default")
     except (AttributeError, RuntimeError):
         return None
+
+
+class _BackwardModules:
+    """Context.backward while the native backend is active: the same stacks (BackwardModules),
+    kept in the extension, so the gradient hooks run no Python and the observer reads the
+    innermost module itself."""
+
+    def __init__(self, capture: NativeCapture) -> None:
+        self.lib, self.slot, self.module_id = capture.lib, capture.slot, capture._module_id
+        self.module_names = capture.module_names
+
+    def hook(self, tensor, name: str, enter: bool) -> bool:
+        return self.lib.add_module_hook(self.slot, tensor, self.module_id(name), enter)
+
+    def enter(self, name: str) -> None:
+        self.lib.backward_event(self.slot, self.module_id(name), True)
+
+    def leave(self, name: str) -> None:
+        self.lib.backward_event(self.slot, self.module_id(name), False)
+
+    def innermost(self, task: int) -> str | None:
+        module = self.lib.backward_module(self.slot, task)
+        return self.module_names[module] if module >= 0 else None
+
+    def clear(self) -> None:
+        self.lib.clear_backward_modules(self.slot)
 
 
 def _python_name(name: str) -> str:
