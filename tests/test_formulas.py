@@ -254,7 +254,9 @@ def test_reductions_count_elements_read(backend):
 def test_known_zero_ops_are_zero_and_not_uncounted(backend):
     x = torch.randn(4, 6)
     s = metered(lambda: (x.view(24), x.t().contiguous(), torch.cat([x, x]), x[1:, ::2].clone(),
-                         x.to(torch.bfloat16), torch.zeros(3), x.index_select(0, torch.tensor([0, 2]))), backend)
+                         x.to(torch.bfloat16), torch.zeros(3), x.index_select(0, torch.tensor([0, 2])),
+                         # queries DeepSpeed's ZeRO-2 makes on some steps (it failed a CI run as uncounted)
+                         x.is_pinned(), x.is_complex(), torch.ops.aten.is_non_overlapping_and_dense(x)), backend)
     assert s["hardware_flops"] == 0 and s["uncounted_ops"] == {}
 
 

@@ -18,9 +18,10 @@ KNOWN_ZERO_GROUPS: dict[str, str] = {
         "is_nonzero _nested_tensor_size _local_scalar_dense item _assert_async _assert_tensor_metadata "
         "_functional_assert_async _print record_stream split_copy unsqueeze_copy view_copy t_copy "
         "transpose_copy permute_copy expand_copy slice_copy select_copy detach_copy alias_copy "
-        "_unsafe_index _unsafe_split"),
+        "_unsafe_index _unsafe_split is_pinned is_coalesced is_complex is_non_overlapping_and_dense "
+        "is_strides_like_format"),
     "copies and casts": (
-        "clone copy copy_ _copy_from _copy_from_and_resize _to_copy to contiguous _pin_memory "
+        "clone copy copy_ _copy_from _copy_from_and_resize _to_copy to contiguous _pin_memory pin_memory "
         "_foreach_copy_ _to_dense to_dense _to_sparse"),
     "creation and random numbers (random bits are not arithmetic)": (
         "empty empty_like empty_strided empty_permuted new_empty new_empty_strided zeros zeros_like ones "
