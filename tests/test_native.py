@@ -180,6 +180,39 @@ def test_distinct_shapes_and_scalars_are_separate_keys():
     assert native_summary["by_op"]["aten.mm"]["flops"] == sum(2 * n ** 3 for n in (3, 5, 7))
 
 
+@torch.library.custom_op("flopcount_native_tests::scale", mutates_args=())
+def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x * factor
+
+
+FORMULA_CALLS: list[tuple] = []
+
+
+@flopcount.register_formula(_scale, category="pointwise")
+def _scale_flops(x_shape, factor, *, out_shape):
+    FORMULA_CALLS.append((tuple(x_shape), factor))
+    return math.prod(x_shape)
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return _scale(x, 2.0)
+
+
+def test_formula_runs_once_per_distinct_arguments_whatever_the_module():
+    """Keys that differ only in module (every block of a model has the same shapes) evaluate the
+    formula once per meter; each module still gets its own FLOPs."""
+    blocks = torch.nn.Sequential(*(_Scale() for _ in range(3)))
+    FORMULA_CALLS.clear()
+    with flopcount.meter(backend="native", warn=False) as m:
+        blocks(torch.randn(4, 5))
+        _scale(torch.randn(3, 5), 2.0)
+    summary = m.summary()
+    assert sorted(FORMULA_CALLS) == [((3, 5), 2.0), ((4, 5), 2.0)]
+    assert summary["by_op"]["flopcount_native_tests.scale"] == {"flops": 3 * 20 + 15, "calls": 4}
+    assert [summary["by_module"][f"{i}"] for i in range(3)] == [20, 20, 20]
+
+
 # ---- uncounted ops and strict mode -------------------------------------------------------------
 
 def _uncounted_op():

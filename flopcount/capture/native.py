@@ -159,6 +159,9 @@ class NativeCapture:
         self.ops: list[tuple] = []  # by op id: (display name, OpOverload or None, registry entry)
         self.keys: dict[int, tuple] = {}  # key id -> key (the extension sends each key once)
         self.bookings: dict[int, tuple] = {}  # key id -> what it books (see _booking)
+        # (op id, arguments part of a key) -> works: keys that differ only in phase or module
+        # (the same layer shapes in every block, forward and recompute) evaluate their formula once.
+        self.works_by_arguments: dict[tuple, object] = {}
         self.strings: list[str] = []
         self.dtypes = _dtype_codes(self.lib)
         self.registry_version = -1
@@ -234,6 +237,7 @@ class NativeCapture:
         self.registry_version = REGISTRY.version
         self.ops.clear()  # entries may have changed
         self.bookings.clear()
+        self.works_by_arguments.clear()
 
     # ---- booking --------------------------------------------------------------------------------
     def flush(self, raise_strict: bool = True) -> None:
@@ -249,6 +253,7 @@ class NativeCapture:
                 used = {key_id for calls, _ in generations for key_id in calls}
                 self.keys = {k: v for k, v in self.keys.items() if k in used}
                 self.bookings.clear()
+                self.works_by_arguments.clear()
             self.keys.update(new_keys)
             if self.registry_version != REGISTRY.version:
                 self._push_registry()
@@ -303,7 +308,13 @@ class NativeCapture:
         phase = resolve_phase(optimizer, in_backward, bool(flags & 1), user_phase, outer_grad)
         module = resolve_module(in_backward, forward_module,
                                 self.module_names[backward_module] if backward_module >= 0 else None)
-        works = self._works(key, op, entry, values)
+        if getattr(entry, "needs_values", False):  # the key may reference this drain's values
+            works = self._works(key, op, entry, values)
+        else:
+            arguments = (op_id, key[4:])
+            works = self.works_by_arguments.get(arguments)
+            if works is None:
+                works = self.works_by_arguments[arguments] = self._works(key, op, entry, values)
         plan = None
         if entry is not KNOWN_ZERO and not isinstance(works, str):
             plan = (tuple(((p or phase, c, module, name), f) for c, f, p in works), (name, phase))
