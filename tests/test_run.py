@@ -110,6 +110,15 @@ def test_run_torchrun_budget_stops_every_rank_at_the_same_step(tmp_path):
     assert total < budget <= total + int(job_steps.max())  # stopped before crossing, not earlier
 
 
+def test_run_meters_ranks_started_by_multiprocessing_spawn(tmp_path):
+    """mp.spawn's ranks are metered like torchrun's; their spawn-started DataLoader workers (and the
+    parent, which only spawns) never step, so they write nothing: exactly two ranks' steps."""
+    result = run_metered(tmp_path / "run", [sys.executable, "train_spawn.py"], OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = assert_per_rank_matmuls(tmp_path / "run", ranks=2)
+    assert summary["by_phase"].get("eval", 0) == 0
+
+
 def test_run_accelerate_launch_two_processes(tmp_path):
     pytest.importorskip("accelerate")
     accelerate = console_script("accelerate", "accelerate.commands.accelerate_cli")

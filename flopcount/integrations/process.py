@@ -2,7 +2,8 @@
 
 ``start()`` runs right after the program imported torch. It opens a meter for the rest of the
 process (steps close after each ``optimizer.step()``), unless the process is a launcher that only
-starts workers, or a multiprocessing helper (DataLoader workers and the like).
+starts workers, or a multiprocessing helper (forkserver, resource tracker). Processes that never
+step (DataLoader workers, the parent of ``mp.spawn`` ranks) write nothing.
 """
 from __future__ import annotations
 
@@ -62,15 +63,18 @@ def main_module(orig_argv: list[str]) -> str | None:
     return None
 
 
-def multiprocessing_child(orig_argv: list[str]) -> bool:
-    """Started by multiprocessing's spawn, forkserver or resource tracker (``-c 'from multiprocessing...'``)."""
-    return "--multiprocessing-fork" in orig_argv or any(a.startswith("from multiprocessing") for a in orig_argv)
+def multiprocessing_helper(orig_argv: list[str]) -> bool:
+    """multiprocessing's forkserver or resource tracker (``-c 'from multiprocessing...'``): they run no
+    program code. Children started by spawn (``--multiprocessing-fork``: ``mp.spawn`` ranks,
+    spawn-started DataLoader workers) run the program's code and are metered; those that never
+    step (DataLoader workers) write nothing."""
+    return "--multiprocessing-fork" not in orig_argv and any(a.startswith("from multiprocessing") for a in orig_argv)
 
 
 def start() -> Meter | None:
     """Open the meter for the rest of this process; None when this process is not metered."""
     orig_argv = list(getattr(sys, "orig_argv", sys.argv))
-    if launcher_name(sys.argv, main_module(orig_argv)) or multiprocessing_child(orig_argv):
+    if launcher_name(sys.argv, main_module(orig_argv)) or multiprocessing_helper(orig_argv):
         return None
     try:
         config = json.loads(os.environ[ENV_VAR])
