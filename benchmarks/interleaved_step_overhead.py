@@ -85,22 +85,21 @@ def main() -> None:
     timed_steps = args.steps or (20 if args.twin else 3)
     for _ in range(3):
         train_step(model, optimizer, ids)
-    times: dict[str, list[float]] = {kind: [] for kind in variants}
+    times: dict[str, list[float]] = {kind: [] for kind in variants}  # steady state
+    first: dict[str, list[float]] = {kind: [] for kind in variants}  # second step (the first booking)
     order = random.Random(0)
-    first: dict[str, list[float]] = {kind: [] for kind in variants}
+
+    def timed() -> float:
+        start = clock()
+        train_step(model, optimizer, ids)
+        return clock() - start
+
     for _ in range(args.rounds):
         for kind in order.sample(variants, len(variants)):  # no variant always runs next to the baseline
             with metering(kind):
                 train_step(model, optimizer, ids)  # the meter's first step: hooks and keys appear
-                start = clock()
-                train_step(model, optimizer, ids)  # closes the first step: every distinct key is booked once
-                first[kind].append(clock() - start)
-                steps = []
-                for _ in range(timed_steps):
-                    start = clock()
-                    train_step(model, optimizer, ids)
-                    steps.append(clock() - start)
-                times[kind].append(statistics.median(steps))
+                first[kind].append(timed())  # closes the first step: every distinct key is booked once
+                times[kind].append(statistics.median(timed() for _ in range(timed_steps)))
     print(f"{'twin of the ' if args.twin else ''}reference step: {args.rounds} rounds, {args.threads} threads, "
           f"{args.clock} clock, malloc {'steady' if steady else 'default'}")
     print(f"steady state (median of steps 3-{timed_steps + 2} under a fresh meter: what each step of a job pays)")

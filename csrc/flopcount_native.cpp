@@ -167,6 +167,12 @@ Slot& slot(int64_t i) {
   return slots[i];
 }
 
+// The innermost backward module of graph task ``task`` (see backward_event), or -1; s.mu held.
+int64_t innermost_backward_locked(const Slot& s, int64_t task) {
+  auto it = s.backward_stacks.find(task);
+  return it == s.backward_stacks.end() || it->second.empty() ? -1 : it->second.back();
+}
+
 thread_local int64_t tls_depth[kSlots] = {};
 constexpr size_t kMaxCachedPointers = 1 << 16;  // bounds the op caches should pointers churn
 constexpr size_t kMaxKeys = 100000;              // distinct keys remembered across drains
@@ -474,8 +480,7 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
   int64_t module = -1;
   if (task != -1 && s.has_backward_modules.load(std::memory_order_relaxed)) {
     std::lock_guard<std::mutex> lock(s.mu);
-    auto it = s.backward_stacks.find(task);
-    if (it != s.backward_stacks.end() && !it->second.empty()) module = it->second.back();
+    module = innermost_backward_locked(s, task);
   }
   auto& key = tls_key[index];
   key.clear();
@@ -722,8 +727,7 @@ bool add_module_hook(int64_t index, const at::Tensor& tensor, int64_t module, bo
 int64_t backward_module(int64_t index, int64_t task) {
   Slot& s = slot(index);
   std::lock_guard<std::mutex> lock(s.mu);
-  auto it = s.backward_stacks.find(task);
-  return it == s.backward_stacks.end() || it->second.empty() ? -1 : it->second.back();
+  return innermost_backward_locked(s, task);
 }
 
 // Module ids are Python's (NativeCapture._module_id), dense from 0.

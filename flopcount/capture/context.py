@@ -207,14 +207,16 @@ class Context:
         tensors = [t for t in _tensors(value) if t.requires_grad]
         if not tensors:
             return
+        node = tensors[0].grad_fn
+        one_node = node is not None and all(t.grad_fn is node for t in tensors[1:])
+        if one_node and self.backward.hook(tensors[0], name, enter):
+            return
 
         def fired(grads) -> None:
             (self.backward.enter if enter else self.backward.leave)(name)
 
-        node = tensors[0].grad_fn
-        if node is not None and all(t.grad_fn is node for t in tensors[1:]):
-            if not self.backward.hook(tensors[0], name, enter):
-                node.register_prehook(fired)
+        if one_node:
+            node.register_prehook(fired)
             return
         handle = register_multi_grad_hook(tensors, fired, mode="any" if enter else "all")
         if any(t.grad_fn is None for t in tensors):

@@ -308,7 +308,8 @@ class NativeCapture:
         phase = resolve_phase(optimizer, in_backward, bool(flags & 1), user_phase, outer_grad)
         module = resolve_module(in_backward, forward_module,
                                 self.module_names[backward_module] if backward_module >= 0 else None)
-        if getattr(entry, "needs_values", False):  # the key may reference this drain's values
+        needs_values = getattr(entry, "needs_values", False)
+        if needs_values:  # the key may reference this drain's values
             works = self._works(key, op, entry, values)
         else:
             arguments = (op_id, key[4:])
@@ -319,7 +320,7 @@ class NativeCapture:
         if entry is not KNOWN_ZERO and not isinstance(works, str):
             plan = (tuple(((p or phase, c, module, name), f) for c, f, p in works), (name, phase))
         booking = (name, entry, works, plan)
-        if values and getattr(entry, "needs_values", False):  # a key of this drain only
+        if values and needs_values:  # a key of this drain only
             del self.keys[key_id]
         else:
             self.bookings[key_id] = booking
