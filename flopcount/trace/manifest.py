@@ -105,6 +105,11 @@ def chain_head_digest(manifests: dict[str, list[dict]]) -> str | None:
     return hashlib.sha256("\n".join(heads).encode()).hexdigest() if heads else None
 
 
+def combine_digests(digests: list[str]) -> str:
+    """One digest for several trace dirs (a project dir): SHA-256 over their digests, sorted."""
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
 @dataclass
 class Verification:
     location: str
