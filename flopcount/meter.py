@@ -35,6 +35,9 @@ class Meter:
     ``energy``: read the GPUs' NVML energy counters and the host's RAPL counters at every step
     boundary (docs/energy.md); ``devices``: the CUDA devices this process trains on (default:
     the rank's device under a launcher, else those holding its memory).
+    ``signing_key``: an Ed25519 private key file that signs every manifest entry (default:
+    FLOPCOUNT_SIGNING_KEY); ``ledger``: a file or URI outside ``out`` that gets each closing trace
+    digest (docs/traces.md, "Integrity").
     """
 
     def __init__(self, out=None, *, backend: str = "auto", base_model: str | None = None,
@@ -42,7 +45,8 @@ class Meter:
                  module_depth: int | None = None, run_id: str | None = None, flush_every: int = 50,
                  track_modules: bool = True, warn: bool = True, sync_every: int | None = None,
                  auto_steps: bool = True, budget=None, budget_warn_at: float = 0.8,
-                 energy: bool = True, devices: list[int] | None = None) -> None:
+                 energy: bool = True, devices: list[int] | None = None, signing_key=None,
+                 ledger=None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if module_depth is not None and (not isinstance(module_depth, int) or module_depth < 1):
@@ -67,6 +71,7 @@ class Meter:
             budget, budget_warn_at, base_model=base_model, base_model_flops=base_model_flops)
         self.rollup = Rollup()
         self.energy_enabled, self.devices = bool(energy), devices  # docs/energy.md
+        self.signing_key, self.ledger = signing_key, ledger  # the trace writer uses them (trace/writer.py)
         self.energy = None  # the EnergyMeter while active: devices, NVML / RAPL readers
         self.resources = ResourceTally()  # time, device time and energy of the closed steps
         self.training_phases = set(TRAINING_PHASES)

@@ -41,7 +41,7 @@ class LazyWriterMeter(Meter):
             self.rank, self.world_size = rank_and_world_size()
             self.rollup.world_size, self.rollup.ranks = self.world_size, {self.rank}
             self.out, self.lazy_out = self.lazy_out, None
-            self.writer = open_writer(self)
+            self.writer = open_writer(self, first_free=True)  # its own writer slot: r00000, r00000-p1, ...
         return super()._close(*args, **kwargs)
 
 
