@@ -352,6 +352,23 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def add_keys(parser) -> None:
+    parser.add_argument("action", choices=("new",), help="new: create an Ed25519 key pair")
+    parser.add_argument("keydir", metavar="KEYDIR", help="directory for flopcount-signing.pem (private, mode 600) "
+                        "and flopcount-verify.pem (public)")
+
+
+def cmd_keys(args) -> int:
+    from .trace.keys import SIGNING_KEY_ENV, new_keys
+
+    private, public, key_id = new_keys(args.keydir)
+    print(f"private key  {private} (mode 600: keep it with whoever operates the meter, not with the traces)")
+    print(f"public key   {public} (give it to auditors: flopcount verify DIR --public-key {public})")
+    print(f"key id       {key_id}")
+    print(f"sign runs with {SIGNING_KEY_ENV}={private} or flopcount.meter(..., signing_key=...)")
+    return EXIT_OK
+
+
 # name -> (one-line help, add arguments, run). A new subcommand is one entry here.
 COMMANDS = {
     "summarize": ("roll up a trace or project dir across steps, ranks and runs", add_summarize, cmd_summarize),
@@ -362,6 +379,7 @@ COMMANDS = {
     "verify": ("check every trace part against the hash-chained manifest", add_verify, cmd_verify),
     "models": ("list the base-model registry (published training compute)", add_models, cmd_models),
     "run": ("meter an unmodified training command: flopcount run [--out DIR] -- python train.py", add_run, cmd_run),
+    "keys": ("create the Ed25519 key pair that signs manifests: flopcount keys new KEYDIR", add_keys, cmd_keys),
     "info": ("versions, the capture backend that backend='auto' picks, the native extension's build status",
              add_info, cmd_info),
 }

@@ -58,6 +58,7 @@ def run(command: list[str], out: str, options: dict) -> int:
     """Run ``command`` metered; write the report and print the compliance summary; its exit status."""
     if not command:
         raise ValueError("flopcount: no command to run: write it after `--`, e.g. flopcount run -- python train.py")
+    check_out(out)
     env = child_env(out, options)
     sys.stderr.write(f"flopcount: metering `{' '.join(command)}` -> {os.path.abspath(out)}\n")
     try:
@@ -67,6 +68,24 @@ def run(command: list[str], out: str, options: dict) -> int:
     status = exit_status(_wait_forwarding_signals(child))
     finish_report(out, options, status)
     return status
+
+
+def check_out(out: str) -> None:
+    """Refuse, before COMMAND starts, an ``--out`` that cannot be written or that another live
+    writer holds (another `flopcount run` or meter on the same directory): one line, exit 2."""
+    from ..trace.lease import active_holders, describe_holder
+    from ..trace.storage import open_storage
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"flopcount: --out {out}: cannot create it ({e.strerror}); pass another --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"flopcount: --out {out} is not writable; pass another --out")
+    holders = active_holders(open_storage(out))
+    if holders:
+        raise ValueError(f"flopcount: --out {out} is being written by another meter ({describe_holder(holders[0])}; "
+                         f"lease {holders[0]['lease']}): wait for it to finish, or pass another --out")
 
 
 def _wait_forwarding_signals(child: subprocess.Popen) -> int:
@@ -92,6 +111,13 @@ def _wait_forwarding_signals(child: subprocess.Popen) -> int:
             signal.signal(signum, handler)
 
 
+def trace_digest_of(out: str) -> str | None:
+    """The trace digest of ``out`` now (every writer closed): `verify --digest` checks it later."""
+    from ..trace.reader import open_traces
+
+    return open_traces(out).digest
+
+
 def finish_report(out: str, options: dict, status: int) -> None:
     """Write report.md and report.json into ``out`` and print the compliance summary."""
     from ..report import RENDERERS, build_report
@@ -113,10 +139,12 @@ def finish_report(out: str, options: dict, status: int) -> None:
                 f.write(RENDERERS[fmt](report))
             written.append(path)
         sys.stdout.write(compliance_summary(out, **base) + "\n")
+        digest = trace_digest_of(out)
     except (TraceError, OSError) as e:  # the command's exit status still goes through
         sys.stderr.write(f"flopcount: no report for {out}: {e}\n")
         return
     sys.stdout.write(f"  report               {', '.join(written)}\n")
+    sys.stdout.write(f"  digest               {digest} (keep it: flopcount verify {out} --digest D)\n")
     if status:
         sys.stdout.write(f"  command              exited with status {status}\n")
     sys.stdout.flush()
