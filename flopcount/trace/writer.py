@@ -79,6 +79,7 @@ class TraceWriter:
         self.run_id = _resolve_run_id(meter.run_id, manifests, meter.out)
         own = manifests.get(manifest_path(self.rank, self.process), [])
         self.entries = list(own)
+        self.lines = [mf.dumps([e]) for e in own]  # serialized once: each flush rewrites the whole file
         self.prev = own[-1]["hash"] if own else mf.GENESIS
         # Entry times: later than every entry of the dir now, so a digest taken before this segment
         # never covers its entries, whatever the clocks of other hosts say (manifest.py, the digest).
@@ -230,7 +231,8 @@ class TraceWriter:
         t_us = max(int(time.time() * 1e6), self.last_t_us + 1)  # strictly increasing along the chain
         sealed = mf.seal(dict(entry, t=t_us / 1e6), self.prev, self.key, self.signer)
         self.entries.append(sealed)
-        self.storage.write_atomic(manifest_path(self.rank, self.process), mf.dumps(self.entries))
+        self.lines.append(mf.dumps([sealed]))
+        self.storage.write_atomic(manifest_path(self.rank, self.process), b"".join(self.lines))
         self.prev, self.last_t_us = sealed["hash"], mf.entry_time_us(sealed)
 
 
