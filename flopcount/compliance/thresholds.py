@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from ..errors import BadInput
 from .registry import lookup
 
 UNKNOWN_BASE_FLOP = 1e23            # para. 61: base compute unknown
@@ -57,9 +58,9 @@ def check_approaching(fraction) -> float:
     try:
         value = float(fraction)
     except (TypeError, ValueError):
-        raise ValueError(f"flopcount: approaching fraction {fraction!r} is not a number") from None
+        raise BadInput(f"flopcount: approaching fraction {fraction!r} is not a number") from None
     if not 0 < value <= 1:
-        raise ValueError(f"flopcount: approaching fraction {fraction!r} must be in (0, 1]")
+        raise BadInput(f"flopcount: approaching fraction {fraction!r} must be in (0, 1]")
     return value
 
 
@@ -78,7 +79,7 @@ def resolve_base(base_model: str | None = None, base_model_flops: float | None =
     entry = lookup(base_model) if base_model else None
     flops = base_model_flops if base_model_flops is not None else (entry.training_flop if entry else None)
     if flops is not None and (not isinstance(flops, (int, float)) or flops <= 0 or flops != flops):
-        raise ValueError(f"flopcount: base model training compute {flops!r} must be a positive number of FLOP")
+        raise BadInput(f"flopcount: base model training compute {flops!r} must be a positive number of FLOP")
     return {
         "base_model": entry.hf_id if entry else base_model,
         "base_model_flops": float(flops) if flops is not None else None,

@@ -35,8 +35,8 @@ class Integrity:
 
 def check_integrity(traces, *, digest: str | None = None, public_key=None, ledger=None) -> Integrity:
     """Every check `flopcount verify` makes, over every trace dir of ``traces``."""
-    from ..distributed import rank_integrity  # first version: moves into trace/ with the new manifest
     from . import manifest as mf
+    from .ranks import rank_integrity
 
     problems: list[str] = []
     parts = 0
