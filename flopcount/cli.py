@@ -37,34 +37,65 @@ class Parser(argparse.ArgumentParser):
 
 # ---- argument types ---------------------------------------------------------------------------
 
-def flop_count(text: str) -> float:
-    """A positive FLOP figure: '8.4e22', '84000000000000000000000'."""
+MAX_COUNT = 2**63 - 1  # steps, tokens: the trace's int64 range
+
+
+def _shown(text: str) -> str:
+    """A flag value for a one-line message (a 400-digit number is cut)."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def finite_number(text: str) -> float:
+    """A finite float written as a number; ArgumentTypeError naming the value otherwise."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (write FLOP like 8.4e22)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of FLOP")
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a finite number")
+    return value
+
+
+def flop_count(text: str) -> float:
+    """A FLOP figure from 1 to 1e40: '8.4e22', '84000000000000000000000'."""
+    from .compliance.thresholds import MAX_FLOP, MIN_FLOP
+
+    try:
+        value = finite_number(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (write FLOP like 8.4e22)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} must be a positive, finite number of FLOP")
+    if value < MIN_FLOP:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is less than one FLOP (write FLOP like 8.4e22)")
+    if value > MAX_FLOP:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is more than 1e40 FLOP (write FLOP like 8.4e22)")
     return value
 
 
 def positive_int(text: str) -> int:
+    """A whole number from 1 to 2**63 - 1, also written as 1e6 (but not 1.5)."""
+    from decimal import Decimal, InvalidOperation
+
     try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        value = Decimal(text.strip().replace("_", ""))
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a whole number") from None
+    if not value.is_finite() or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a whole number")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+        raise argparse.ArgumentTypeError(f"{_shown(text)} must be at least 1")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is larger than 2**63 - 1")
+    return int(value)
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = finite_number(text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+        raise argparse.ArgumentTypeError(f"{_shown(text)} must be in (0, 1]")
+    if value < sys.float_info.min:  # subnormal: no share of anything is meant by it
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is too small (a share in (0, 1] like 0.8)")
     return value
 
 
@@ -160,8 +191,10 @@ def integrity_of(traces, args):
 
 def report_integrity(integrity) -> bool:
     """Name each integrity problem on stderr; True when the traces do not verify (exit code 1)."""
+    from .errors import printable
+
     for problem in integrity.problems:
-        print(f"flopcount: integrity: {problem}", file=sys.stderr)
+        print(f"flopcount: integrity: {printable(problem)}", file=sys.stderr)
     return not integrity.verified
 
 
@@ -188,13 +221,14 @@ def add_check(parser) -> None:
 
 def cmd_check(args) -> int:
     from .compliance.thresholds import verdict_line
+    from .errors import printable
     from .report.text import integrity_line
 
     summary, result, integrity = checked_traces(args)
     if args.json:
         print_json({**result, "rank_problems": summary["rank_problems"], "integrity": integrity.as_dict()})
     else:
-        print(verdict_line(result))
+        print(printable(verdict_line(result)))
         if result["combined_flops"] is not None:
             print(f"base + modification: {result['text']['combined_flops']} against 1e25 FLOP: "
                   f"{result['combined_status']} (informational)")
@@ -238,6 +272,7 @@ def cmd_estimate(args) -> int:
 
 def _estimate_text(p: dict) -> str:
     from .compliance.thresholds import percent
+    from .errors import printable
 
     plan = f"{p['planned_steps']} steps" if p["planned_steps"] is not None else f"{p['planned_tokens']} tokens"
     lines = [f"measured: {p['measured_steps']} steps, {p['text']['flops_per_step']} per step",
@@ -253,7 +288,7 @@ def _estimate_text(p: dict) -> str:
     else:
         lines.append(f"the threshold would be crossed only after step {p['crossing_step']} "
                      f"({p['crossing_fraction_of_plan']:.2g}x the plan)")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def add_report(parser) -> None:
@@ -281,6 +316,7 @@ def add_report(parser) -> None:
 def cmd_report(args) -> int:
     from .report import RENDERERS, build_report
     from .report.cop import COP_RENDERERS, build_cop_report
+    from .errors import printable
     from .report.text import integrity_line
 
     options = dict(base_model=args.base_model, base_model_flops=args.base_model_flops,
@@ -307,7 +343,7 @@ def cmd_report(args) -> int:
         print(f"wrote {args.output} ({args.format}; status {status})")
         print(integrity_line(integrity))
     for problem in integrity["problems"]:
-        print(f"flopcount: integrity: {problem}", file=sys.stderr)
+        print(f"flopcount: integrity: {printable(problem)}", file=sys.stderr)
     return EXIT_OK if integrity["verified"] else EXIT_FINDING
 
 
@@ -318,6 +354,7 @@ def add_verify(parser) -> None:
 
 
 def cmd_verify(args) -> int:
+    from .errors import printable
     from .trace.reader import open_traces
 
     traces = open_traces(args.dir)
@@ -327,13 +364,13 @@ def cmd_verify(args) -> int:
                     "notes": list(integrity.notes)})
     else:
         state = "verified" if integrity.verified else f"NOT verified: {len(integrity.problems)} problem(s)"
-        print(f"{traces.location}: {integrity.parts_checked} parts checked, {state}"
+        print(f"{printable(traces.location)}: {integrity.parts_checked} parts checked, {state}"
               + (f", signed by {integrity.signed_by}" if integrity.signed_by else ""))
         print(f"digest {integrity.digest or '-'}")
         for note in integrity.notes:  # facts that are not findings: "signatures present, not checked"
-            print(f"  note: {note}")
+            print(f"  note: {printable(note)}")
         for problem in integrity.problems:
-            print(f"  {problem}")
+            print(f"  {printable(problem)}")
     return EXIT_OK if integrity.verified else EXIT_FINDING
 
 
@@ -359,8 +396,15 @@ def cmd_models(args) -> int:
 
 def budget_value(text: str) -> float:
     """A budget: a fraction of the threshold in (0, 1] or a number of FLOP above 1."""
+    value = finite_number(text)
+    if value <= 1:
+        try:
+            return fraction(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{_shown(text)} must be a fraction of the threshold in (0, 1] "
+                                             "or a number of FLOP above 1") from None
     value = flop_count(text)
-    return int(value) if value > 1 and value == int(value) else value
+    return int(value) if value == int(value) else value
 
 
 def add_run(parser) -> None:
@@ -467,7 +511,7 @@ def _pyarrow_without_pandas() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import BadInput, IntegrityError, one_line
+    from .errors import BadInput, IntegrityError, one_line, printable
 
     args = build_parser().parse_args(argv)
     if getattr(args, "dir", None) is not None:  # a command that reads traces
@@ -479,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except IntegrityError as e:  # traces that do not verify and could not be read either
         for problem in e.problems:
-            sys.stderr.write(f"flopcount: integrity: {problem}\n")
+            sys.stderr.write(f"flopcount: integrity: {printable(problem)}\n")
         sys.stderr.write(one_line(e) + "\n")
         return EXIT_FINDING
     except BrokenPipeError:

@@ -29,9 +29,18 @@ class IntegrityError(FlopcountError):
         self.problems = list(problems or [])
 
 
+def printable(text) -> str:
+    """``text`` with every control character (a newline, a terminal escape) written as its Python
+    escape: a run id or file name taken from a trace cannot break a line or drive the terminal."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def one_line(error: BaseException) -> str:
-    """The error's message as one line with the ``flopcount: `` prefix."""
-    message = " ".join(str(error).split("\n")).strip() or type(error).__name__
+    """The error's message as one printable line with the ``flopcount: `` prefix."""
+    message = printable(" ".join(str(error).split("\n")).strip()) or type(error).__name__
     return message if message.startswith("flopcount") else f"flopcount: {message}"
 
 

@@ -73,13 +73,23 @@ def threshold(base_flops: float | None, systemic_risk: bool = False) -> tuple[Fr
     return exact(UNKNOWN_BASE_FLOP) * MODIFICATION_SHARE, "unknown_base_compute"
 
 
+MIN_FLOP = 1.0  # a FLOP figure below one FLOP (5e-324) is a typo, and dividing by it overflows
+MAX_FLOP = 1e40  # 10^13 x the largest published training run: beyond it, a typo (and float overflow)
+
+
+def valid_flop(value) -> bool:
+    """A base-model or budget FLOP figure: a finite number from MIN_FLOP to MAX_FLOP."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_FLOP <= value <= MAX_FLOP
+
+
 def resolve_base(base_model: str | None = None, base_model_flops: float | None = None,
                  systemic_risk: bool | None = None) -> dict:
     """What is known about the base model. Raises UnknownBaseModel for a name not in the registry."""
     entry = lookup(base_model) if base_model else None
     flops = base_model_flops if base_model_flops is not None else (entry.training_flop if entry else None)
-    if flops is not None and (not isinstance(flops, (int, float)) or flops <= 0 or flops != flops):
-        raise BadInput(f"flopcount: base model training compute {flops!r} must be a positive number of FLOP")
+    if flops is not None and not valid_flop(flops):
+        raise BadInput(f"flopcount: base model training compute {flops!r} must be a number of FLOP from "
+                       "1 to 1e40")
     return {
         "base_model": entry.hf_id if entry else base_model,
         "base_model_flops": float(flops) if flops is not None else None,

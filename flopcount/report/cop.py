@@ -374,7 +374,9 @@ def render_cop_json(form: dict) -> str:
 
 
 def _cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    from .escape import markdown_text
+
+    return markdown_text(value)
 
 
 def render_cop_markdown(form: dict) -> str:
@@ -386,22 +388,22 @@ def render_cop_markdown(form: dict) -> str:
         lines += [f"## {section}", "", "| field | value | status | source |", "|---|---|---|---|"]
         for f in (f for f in form["fields"] if f["section"] == section):
             label = f"{f['number']} {f['field']}" if f["number"] else f["field"]
-            value = f["text"] if f["text"] is not None else "_to supply_"
+            value = _cell(f["text"]) if f["text"] is not None else "_to supply_"
             status = f"**{f['status']}**" if f["status"] in (TO_SUPPLY, PARTIAL) else f["status"]
-            lines.append(f"| {_cell(label)} | {_cell(value)} | {status} | {_cell(f['source'] or '-')} |")
+            lines.append(f"| {_cell(label)} | {value} | {status} | {_cell(f['source'] or '-')} |")
         lines.append("")
-    notes = [f"- **{f['field']}**: {f['note']}" for f in form["fields"] if f["note"]]
+    notes = [f"- **{f['field']}**: {_cell(f['note'])}" for f in form["fields"] if f["note"]]
     if notes:
         lines += ["## Notes", ""] + notes + [""]
     threshold, notification = form["threshold"], form["notification"]
     lines += ["## Threshold and notification", "",
               f"- **status**: {threshold['status']} ({threshold['ratio'] * 100:.2g}% of {sci2(threshold['threshold_flops'])} "
-              f"FLOP: {threshold['basis']})",
-              f"- **notification**: {notification['text']}"]
+              f"FLOP: {_cell(threshold['basis'])})",
+              f"- **notification**: {_cell(notification['text'])}"]
     if notification["notify_by"]:
         lines.append(f"- **window**: {notification['window_starts']} to {notification['notify_by']} "
-                     f"({notification['basis']})")
-    lines += [f"- **rule**: {notification['rule']}", ""]
+                     f"({_cell(notification['basis'])})")
+    lines += [f"- **rule**: {_cell(notification['rule'])}", ""]
     if "integrity" in form:
         from .sections import integrity_fields
 

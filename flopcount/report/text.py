@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..compliance.thresholds import DEFAULT_APPROACHING, flop_text, sig2, verdict_line
 from .cop import resource_lines
+from .escape import printable
 
 
 def integrity_line(integrity: dict) -> str:
@@ -12,7 +13,7 @@ def integrity_line(integrity: dict) -> str:
         state = "verified" + (f", signed by {integrity['signed_by']}" if integrity["signed_by"] else "")
     else:
         state = f"NOT verified ({len(integrity['problems'])} problem(s): run `flopcount verify`)"
-    return f"integrity: {state}; digest {integrity['digest'] or '-'}"
+    return printable(f"integrity: {state}; digest {integrity['digest'] or '-'}")
 
 
 def compliance_summary(location, *, base_model=None, base_model_flops=None, systemic_risk=None,
@@ -57,7 +58,7 @@ def report_summary(report: dict) -> str:
     lines.append(f"  integrity            {integrity['parts_checked']} parts checked: "
                  + integrity_line(integrity).removeprefix("integrity: "))
     lines += [f"    problem: {p}" for p in integrity["problems"]]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # run ids, module names, paths: no control characters
 
 
 def summary_text(summary: dict, top: int = 10) -> str:
@@ -79,7 +80,7 @@ def summary_text(summary: dict, top: int = 10) -> str:
     lines += [f"  {f / total:6.1%}  {sig2(f):>8}  {name}" for name, f in list(summary["by_module"].items())[:top]]
     if "compliance" in summary:
         lines.append("compliance        " + verdict_line(summary["compliance"]))
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # run ids, module names, paths: no control characters
 
 
 compliance_text = compliance_summary  # the name demo/finetune.py imports from flopcount.report
