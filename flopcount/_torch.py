@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 MIN_TORCH = (2, 5)
-INSTALL = "pip install 'torch>=2.5' (CPU wheels: --index-url https://download.pytorch.org/whl/cpu)"
+INSTALL = "pip install 'flopcount[torch]' or a torch>=2.5 build of your choice (https://pytorch.org/get-started)"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -20,7 +20,11 @@ def require_torch() -> None:
     runs without torch."""
     import importlib.util
 
-    if importlib.util.find_spec("torch") is None:
+    try:
+        spec = importlib.util.find_spec("torch")
+    except ImportError:  # a finder that refuses torch outright
+        spec = None
+    if spec is None:
         raise ImportError(f"flopcount: the meter needs PyTorch >= 2.5, which is not installed: {INSTALL} "
                           "(reading traces works without it)")
     from importlib.metadata import PackageNotFoundError, version
