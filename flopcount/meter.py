@@ -6,7 +6,10 @@ import re
 import time
 import warnings
 
-import torch
+from ._torch import require_torch
+
+require_torch()  # one line saying how to install PyTorch >= 2.5, not a ModuleNotFoundError from below
+import torch  # noqa: E402
 
 from .accounting import Rollup, StepAccumulator, StepRecord
 from .budget import STOP, BudgetGuard

@@ -168,7 +168,8 @@ def summarize_traces(traces: TraceSet, *, module_depth: int | None = None, base_
     breakdown.drain()
     if (breakdown.training, breakdown.hardware) != (steps.training, steps.hardware):
         raise TraceError(f"flopcount: the steps and breakdown tables under {traces.location} disagree "
-                         f"({steps.hardware} vs {breakdown.hardware} FLOPs): run `flopcount verify`")
+                         f"(training {steps.training} vs {breakdown.training}, hardware {steps.hardware} vs "
+                         f"{breakdown.hardware} FLOPs): run `flopcount verify`")
     rollup.steps = sum(len(s) for s in steps.steps_by_run.values())
     rollup.tokens, rollup.samples = steps.tokens, steps.samples
     rollup.world_size = max([steps.world_size] + [s.get("world_size", 1) for s in segments])
@@ -193,7 +194,7 @@ def summarize_traces(traces: TraceSet, *, module_depth: int | None = None, base_
 
 def _rank_integrity(traces: TraceSet) -> dict:
     """Missing and unfinished ranks of every trace dir (flopcount.distributed.rank_integrity)."""
-    from .distributed import rank_integrity
+    from .trace.integrity import rank_integrity
 
     found = [rank_integrity(t.manifests, t.name if len(traces.traces) > 1 else "") for t in traces.traces]
     return {"missing_ranks": sorted({r for f in found for r in f["missing_ranks"]}),

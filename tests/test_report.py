@@ -73,7 +73,7 @@ def test_compliance_text_for_the_demo(run_dir):
     assert "google/gemma-2-2b: 3.1e22 FLOP" in text
     assert "threshold            1.0e22 FLOP = one third of the base model's training compute" in text
     assert f"training compute     {live['compliance']['text']['training_flops']}" in text
-    assert "status               below" in text and "parts verified" in text
+    assert "status               below" in text and "parts checked: verified" in text
 
 
 def test_recorded_base_model_not_in_the_registry(tmp_path):

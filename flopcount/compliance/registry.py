@@ -14,10 +14,12 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from ..errors import BadInput
+
 METHODS = ("reported", "6ND", "hardware", "unknown")
 
 
-class UnknownBaseModel(ValueError):
+class UnknownBaseModel(BadInput):
     """A base-model name that is not in the registry (message lists close matches)."""
 
 
@@ -44,7 +46,7 @@ def parse_rows(rows) -> list[BaseModel]:
     for number, row in enumerate(rows, 2):
         flop = row["training_flop"].strip()
         if row["method"] not in METHODS:
-            raise ValueError(f"flopcount: base_models.csv line {number}: method {row['method']!r} "
+            raise BadInput(f"flopcount: base_models.csv line {number}: method {row['method']!r} "
                              f"is not one of {', '.join(METHODS)}")
         models.append(BaseModel(
             hf_id=row["hf_id"].strip(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from ..errors import BadInput
 from .registry import lookup
 
 UNKNOWN_BASE_FLOP = 1e23            # para. 61: base compute unknown
@@ -57,9 +58,9 @@ def check_approaching(fraction) -> float:
     try:
         value = float(fraction)
     except (TypeError, ValueError):
-        raise ValueError(f"flopcount: approaching fraction {fraction!r} is not a number") from None
+        raise BadInput(f"flopcount: approaching fraction {fraction!r} is not a number") from None
     if not 0 < value <= 1:
-        raise ValueError(f"flopcount: approaching fraction {fraction!r} must be in (0, 1]")
+        raise BadInput(f"flopcount: approaching fraction {fraction!r} must be in (0, 1]")
     return value
 
 
@@ -72,13 +73,23 @@ def threshold(base_flops: float | None, systemic_risk: bool = False) -> tuple[Fr
     return exact(UNKNOWN_BASE_FLOP) * MODIFICATION_SHARE, "unknown_base_compute"
 
 
+MIN_FLOP = 1.0  # a FLOP figure below one FLOP (5e-324) is a typo, and dividing by it overflows
+MAX_FLOP = 1e40  # 10^13 x the largest published training run: beyond it, a typo (and float overflow)
+
+
+def valid_flop(value) -> bool:
+    """A base-model or budget FLOP figure: a finite number from MIN_FLOP to MAX_FLOP."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_FLOP <= value <= MAX_FLOP
+
+
 def resolve_base(base_model: str | None = None, base_model_flops: float | None = None,
                  systemic_risk: bool | None = None) -> dict:
     """What is known about the base model. Raises UnknownBaseModel for a name not in the registry."""
     entry = lookup(base_model) if base_model else None
     flops = base_model_flops if base_model_flops is not None else (entry.training_flop if entry else None)
-    if flops is not None and (not isinstance(flops, (int, float)) or flops <= 0 or flops != flops):
-        raise ValueError(f"flopcount: base model training compute {flops!r} must be a positive number of FLOP")
+    if flops is not None and not valid_flop(flops):
+        raise BadInput(f"flopcount: base model training compute {flops!r} must be a number of FLOP from "
+                       "1 to 1e40")
     return {
         "base_model": entry.hf_id if entry else base_model,
         "base_model_flops": float(flops) if flops is not None else None,

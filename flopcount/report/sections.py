@@ -61,16 +61,22 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
             ("world size", str(method["world_size"])),
         ]),
         ("Counting conventions", "list", method["conventions"] + [f"full conventions: {method['conventions_doc']}"]),
-        ("Integrity", "fields", [
-            ("verified", "yes" if integrity["verified"] else "NO"),
-            ("parts checked", str(integrity["parts_checked"])),
-            ("signed (HMAC)", "yes" if integrity["signed"] else "no"),
-            *[(f"manifest digest ({where})", digest or "-") for where, digest in integrity["manifest_digests"].items()],
-            *[("problem", p) for p in integrity["problems"]],
-        ]),
+        ("Integrity", "fields", integrity_fields(integrity)),
     ]
     out[2:2] = resource_sections(report)  # time, energy, hardware cross-check, notification (report/cop.py)
     return out
+
+
+def integrity_fields(integrity: dict) -> list[tuple[str, str]]:
+    """The integrity check's result (trace/integrity.py): "verified" only when it is."""
+    return [
+        ("verified", "yes" if integrity["verified"] else "NO"),
+        ("parts checked", str(integrity["parts_checked"])),
+        ("signed by", integrity["signed_by"] or "no signature checked against a key"),
+        ("trace digest", integrity["digest"] or "-"),
+        *[("note", n) for n in integrity.get("notes", [])],
+        *[("problem", p) for p in integrity["problems"]],
+    ]
 
 
 def _hardware(hardware) -> str:

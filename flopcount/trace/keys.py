@@ -8,6 +8,8 @@ the signature of its ``hash`` and the key id: the first 32 hex digits of the SHA
 """
 from __future__ import annotations
 
+from ..errors import BadInput
+
 import base64
 import hashlib
 import os
@@ -40,11 +42,11 @@ def new_keys(keydir) -> tuple[str, str, str]:
     private_path, public_path = os.path.join(keydir, PRIVATE_NAME), os.path.join(keydir, PUBLIC_NAME)
     for path in (private_path, public_path):
         if os.path.exists(path):
-            raise ValueError(f"flopcount: {path} exists: keys are never overwritten; choose another KEYDIR")
+            raise BadInput(f"flopcount: {path} exists: keys are never overwritten; choose another KEYDIR")
     try:
         os.makedirs(keydir, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"flopcount: cannot create {keydir}: {e.strerror}") from None
+        raise BadInput(f"flopcount: cannot create {keydir}: {e.strerror}") from None
     private = Ed25519PrivateKey.generate()
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -75,12 +77,12 @@ def load_signer(path) -> Signer:
         with open(path, "rb") as f:
             key = _serialization().load_pem_private_key(f.read(), password=None)
     except OSError as e:
-        raise ValueError(f"flopcount: cannot read the signing key {path}: {e.strerror}") from None
+        raise BadInput(f"flopcount: cannot read the signing key {path}: {e.strerror}") from None
     except (ValueError, TypeError):
-        raise ValueError(f"flopcount: {path} is not an unencrypted PEM private key: "
+        raise BadInput(f"flopcount: {path} is not an unencrypted PEM private key: "
                          "create one with `flopcount keys new KEYDIR`") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"flopcount: {path} is not an Ed25519 key: create one with `flopcount keys new KEYDIR`")
+        raise BadInput(f"flopcount: {path} is not an Ed25519 key: create one with `flopcount keys new KEYDIR`")
     return Signer(key)
 
 

@@ -19,6 +19,8 @@ raised when the meter is entered, before any training step.
 """
 from __future__ import annotations
 
+from ..errors import BadInput
+
 import errno
 import json
 import os
@@ -39,7 +41,7 @@ _HELD_HERE: set[str] = set()
 _HELD_LOCK = threading.Lock()
 
 
-class LeaseHeld(ValueError):
+class LeaseHeld(BadInput):
     """Another live writer holds the lease of this (trace dir, rank, process)."""
 
 

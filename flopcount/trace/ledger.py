@@ -7,6 +7,8 @@ where the people who edit traces cannot write (another host, a WORM bucket, a gi
 """
 from __future__ import annotations
 
+from ..errors import BadInput
+
 import json
 import os
 import time
@@ -24,10 +26,10 @@ def check_location(ledger) -> str:
     path = location[len("file://"):] if location.startswith("file://") else location
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise ValueError(f"flopcount: ledger={location}: {directory} is not a writable directory; "
+        raise BadInput(f"flopcount: ledger={location}: {directory} is not a writable directory; "
                          "create it or pass another ledger path")
     if os.path.exists(path) and not os.path.isfile(path):
-        raise ValueError(f"flopcount: ledger={location} is not a regular file")
+        raise BadInput(f"flopcount: ledger={location} is not a regular file")
     return os.path.abspath(path)
 
 

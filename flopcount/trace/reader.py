@@ -155,7 +155,7 @@ def _trace_dirs(storage, name: str, depth: int):
             yield from _trace_dirs(storage.child(child), f"{name}/{child}".lstrip("/"), depth - 1)
 
 
-def _open_part(storage, rel: str) -> pq.ParquetFile:
+def _open_part(storage, rel: str, table: str | None = None) -> pq.ParquetFile:
     where = storage.describe(rel)
     if not storage.exists(rel):
         raise TraceError(f"flopcount: {where} is listed in the manifest but missing: run `flopcount verify`")
@@ -173,7 +173,25 @@ def _open_part(storage, rel: str) -> pq.ParquetFile:
     if major != TRACE_SCHEMA_MAJOR:
         raise TraceError(f"flopcount: {where} has trace schema {version}; this flopcount reads {TRACE_SCHEMA}: "
                          "use a flopcount version that matches the trace")
+    problem = _column_problem(part.schema_arrow, TABLES[table]) if table else None
+    if problem:
+        raise TraceError(f"flopcount: {where} is not a {table} part of {TRACE_SCHEMA}: {problem}; "
+                         "flopcount did not write it (read it with the tool that did, or leave it out)")
     return part
+
+
+def _column_problem(found: pa.Schema, expected: pa.Schema) -> str | None:
+    """What is wrong with a part's columns: a required one missing, or one of another type. Columns
+    added within the major version are nullable, so older parts without them still read."""
+    for field in expected:
+        if field.name not in found.names:
+            if not field.nullable:
+                return f"column {field.name!r} is missing"
+            continue
+        kind = found.field(field.name).type
+        if kind != field.type:
+            return f"column {field.name!r} is {kind}, not {field.type}"
+    return None
 
 
 def iter_batches(traces: TraceSet, table: str, columns: list[str], batch_size: int = 1 << 17):
@@ -181,7 +199,7 @@ def iter_batches(traces: TraceSet, table: str, columns: list[str], batch_size: i
     schema = TABLES[table]
     parts = [(trace, rel) for trace in traces.traces for rel in trace.parts(table)]
     for trace, rel in progress(parts, desc=f"reading {table}"):  # a bar on a terminal, for many parts
-        part = _open_part(trace.storage, rel)
+        part = _open_part(trace.storage, rel, table)
         present = [c for c in columns if c in part.schema_arrow.names]
         try:
             for batch in part.iter_batches(batch_size=batch_size, columns=present):

@@ -10,10 +10,12 @@ import os
 import re
 import stat
 
+from ..errors import BadInput
+
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-class TraceError(ValueError):
+class TraceError(BadInput):
     """Unusable trace input (missing dir, corrupt part, wrong schema version, ...): exit code 2."""
 
 
