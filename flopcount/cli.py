@@ -352,6 +352,18 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def add_build_native(parser) -> None:
+    parser.epilog = ("Builds into FLOPCOUNT_NATIVE_CACHE (default ~/.cache/flopcount/native), keyed by the torch "
+                     "installation, compiler, flags, source and Python ABI; waits for a build another process runs. "
+                     "Exit 0 when the extension loads, 1 otherwise (the dispatch backend is then used).")
+
+
+def cmd_build_native(args) -> int:
+    from .capture.native import build
+
+    return build()
+
+
 # name -> (one-line help, add arguments, run). A new subcommand is one entry here.
 COMMANDS = {
     "summarize": ("roll up a trace or project dir across steps, ranks and runs", add_summarize, cmd_summarize),
@@ -364,6 +376,8 @@ COMMANDS = {
     "run": ("meter an unmodified training command: flopcount run [--out DIR] -- python train.py", add_run, cmd_run),
     "info": ("versions, the capture backend that backend='auto' picks, the native extension's build status",
              add_info, cmd_info),
+    "build-native": ("build the native capture extension now (for images and shared caches)", add_build_native,
+                     cmd_build_native),
 }
 
 

@@ -181,4 +181,7 @@ def rank_integrity(manifests: dict[str, list[dict]], label: str = "") -> dict:
     problems = [f"{where}rank {r} of {world_size} is missing (no trace written)" for r in missing]
     problems += [f"{where}rank {r} of {world_size} did not close its trace (killed or still running): "
                  f"steps after its last flush are not counted" for r in sorted(unfinished)]
+    from .trace.integrity import unwritten_problems
+
+    problems += unwritten_problems(manifests, label)  # steps a storage fault kept from the trace
     return {"missing_ranks": missing, "unfinished_ranks": sorted(unfinished), "rank_problems": problems}

@@ -51,3 +51,20 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
         problems.append(f"the traces no longer have digest {digest} (now {combined})")
     return Integrity(verified=not problems, problems=problems, digest=combined, signed_by=None,
                      parts_checked=parts)
+
+
+def unwritten_problems(manifests: dict[str, list[dict]], label: str = "") -> list[str]:
+    """One finding per closed segment whose ``unwritten`` step ranges are not empty: steps the
+    writer could not store (a storage fault; trace/spool.py) are missing from every total."""
+    from .spool import format_ranges
+
+    where = f"{label}: " if label else ""
+    problems = []
+    for name, entries in sorted(manifests.items()):
+        rank = next((e.get("rank") for e in entries if e.get("type") == "segment"), name)
+        for entry in entries:
+            if entry.get("type") == "close" and entry.get("unwritten"):
+                problems.append(f"{where}rank {rank} segment {entry.get('segment')}: steps "
+                                f"{format_ranges(entry['unwritten'])} could not be written (storage fault): "
+                                f"they are missing from the totals")
+    return problems
