@@ -357,7 +357,8 @@ def _wait_for_build(paths: BuildPaths, wait: float) -> str | None:
         return _failed_line(paths, failed)
     if builder is not None and builder.poll() not in (None, 0):
         return f"its build process exited with status {builder.returncode} (see {paths.log})"
-    return (f"the native extension is being built ({building_line(paths)}); waited {wait:g} s "
+    started = builder.pid if builder is not None else None
+    return (f"the native extension is being built ({building_line(paths, started)}); waited {wait:g} s "
             f"({WAIT_ENV}); later processes will use it, or run `flopcount build-native` first")
 
 
@@ -366,11 +367,13 @@ def _failed_line(paths: BuildPaths, failed: dict) -> str:
             f"`flopcount build-native` retries)")
 
 
-def building_line(paths: BuildPaths) -> str:
+def building_line(paths: BuildPaths, started_pid: int | None = None) -> str:
+    """'by pid P since T' of the running build (``started_pid``: the builder this process started,
+    named while it has not taken the lock yet)."""
     who = holder(paths) or {}
     since = who.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else "just now"
-    return f"by pid {who.get('pid', '?')} since {when}"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else "now"
+    return f"by pid {who.get('pid') or started_pid or '?'} since {when}"
 
 
 def state(source: Path) -> dict:

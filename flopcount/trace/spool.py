@@ -133,12 +133,12 @@ class Spool:
         if not unwritten and close_written:
             return
         why = f" ({fault_kind(self.last_fault)}: {_reason(self.last_fault)})" if self.last_fault else ""
-        lost = f"steps {format_ranges(unwritten)} of rank {self.rank} could not be written" if unwritten else ""
+        steps = f"steps {format_ranges(unwritten)}" if unwritten else ""
         if close_written:
-            warn(f"flopcount: {lost} to {self.location}{why}; the segment's close entry records them as "
-                 f"unwritten and `flopcount verify` reports them")
+            warn(f"flopcount: {steps} of rank {self.rank} could not be written to {self.location}{why}; the "
+                 f"segment's close entry records them as unwritten and `flopcount verify` reports them")
         else:
-            warn(f"flopcount: {lost + ' and ' if lost else ''}the close entry of rank {self.rank} could not be "
+            warn(f"flopcount: {steps + ' and ' if steps else ''}the close entry of rank {self.rank} could not be "
                  f"written to {self.location}{why}; `flopcount verify` reports the segment as not closed")
 
 
