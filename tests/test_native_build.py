@@ -202,3 +202,41 @@ def test_two_environments_share_a_cache_without_rebuilding_each_other(tmp_path):
         if paths_b is not None:
             _kill_builder(paths_b)
         shutil.rmtree(envs, ignore_errors=True)
+
+
+def test_failed_build_is_recorded_once_then_jobs_fall_back_at_once(tmp_path):
+    """A compiler that fails: `flopcount build-native` exits 1 with the reason, `flopcount info`
+    says `failed: ...`, and a metered job falls back to dispatch without building again (a failed
+    build is retried by build-native only, not at every process start)."""
+    cache = tmp_path / "cache"
+    failing = tmp_path / "bin"
+    failing.mkdir()
+    (failing / "c++").write_text('#!/bin/sh\n[ "$1" = --version ] && echo "c++ (fake) 12.2.0" && exit 0\n'
+                                 'echo "x.cpp:1:1: error: this compiler always fails" >&2\nexit 1\n')
+    (failing / "c++").chmod(0o755)
+    env = _env(cache, CXX=str(failing / "c++"))
+    built = subprocess.run([sys.executable, "-m", "flopcount.cli", "build-native"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 1
+    assert "error: this compiler always fails" in built.stderr.splitlines()[-1]
+    info = json.loads(subprocess.run([sys.executable, "-m", "flopcount.cli", "info", "--json"], env=env,
+                                     capture_output=True, text=True, timeout=120).stdout)
+    assert info["native_state"] == "failed" and info["active_backend"] == "dispatch"
+    assert info["native_extension"].startswith("failed: ") and "this compiler always fails" in info["native_extension"]
+    log = next(cache.glob("*.log"))
+    size = log.stat().st_size
+
+    job = _job(sys.executable, _env(cache, CXX=str(failing / "c++"), FLOPCOUNT_NATIVE_WAIT="60"), tmp_path)
+    assert job["backend"] == "dispatch" and job["matmul"] == MATMUL_FLOPS
+    assert job["entered_s"] < 30  # no wait for a build: none was started
+    assert len(job["warnings"]) == 1 and "did not build" in job["warnings"][0] and "build-native` retries" in job["warnings"][0]
+    assert log.stat().st_size == size and not list(cache.glob(".*.tmp-*"))
+
+
+def test_info_says_disabled(tmp_path):
+    env = _env(tmp_path / "cache", FLOPCOUNT_NATIVE="0")
+    info = json.loads(subprocess.run([sys.executable, "-m", "flopcount.cli", "info", "--json"], env=env,
+                                     capture_output=True, text=True, timeout=120).stdout)
+    assert info["native_state"] == "disabled" and info["active_backend"] == "dispatch"
+    assert info["native_extension"] == "disabled (FLOPCOUNT_NATIVE=0)"
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing created

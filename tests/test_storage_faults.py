@@ -3,8 +3,10 @@ mid-run under a real training process, read-only and file `out`s for flopcount.m
 `flopcount run`. Mounting needs root: skipped cleanly elsewhere."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import flopcount
-from flopcount.trace.spool import max_unwritten_steps
+from flopcount.trace.spool import PendingPart, Spool, StorageWarning, merge_ranges, max_unwritten_steps
 from flopcount.trace.storage import TraceError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,3 +191,35 @@ def test_run_refuses_an_unwritable_out_before_the_command_starts(bad_outs, kind,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"flopcount: cannot write traces to {out}: ")
     assert reason in lines[0] and "Traceback" not in result.stderr
+
+
+def test_spool_holds_the_newest_steps_within_the_bound_and_retries_oldest_first():
+    """The spool's own rules, without a file system (the tmpfs tests above run them for real):
+    bound max(1000, 10 x flush_every), oldest parts dropped first, one warning per kind."""
+    assert [max_unwritten_steps(n) for n in (1, 50, 100, 250)] == [1000, 1000, 1000, 2500]
+    assert merge_ranges([[30, 39], [0, 9], [10, 19], [50, 59]]) == [[0, 19], [30, 39], [50, 59]]
+    written, down = [], [errno.ENOSPC]
+
+    def commit(part):
+        if down:
+            raise OSError(down[0], os.strerror(down[0]), "/data/trace/steps/r00000-000003.parquet.tmp-7")
+        written.append((part.first_step, part.last_step))
+
+    spool = Spool(commit, max_unwritten_steps(100), "/data/trace")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for first in range(0, 1300, 100):  # 13 parts of 100 steps, none written
+            spool.add(PendingPart(first, first + 99, 100))
+            assert not spool.drain()
+        down[:] = [errno.EROFS]
+        assert not spool.drain()
+        down.clear()
+        assert spool.drain()
+    assert written == [(first, first + 99) for first in range(300, 1300, 100)]  # oldest first
+    assert spool.unwritten() == [[0, 299]] and not spool.pending
+    messages = [str(w.message) for w in caught if issubclass(w.category, StorageWarning)]
+    assert len(messages) == 3  # ENOSPC once, dropping once, EROFS once
+    assert "/data/trace/steps/r00000-000003.parquet (ENOSPC" in messages[0]
+    assert "100 step(s) not yet written" in messages[0]
+    assert "dropping the oldest" in messages[1] and "steps 0-99 first" in messages[1]
+    assert "(EROFS" in messages[2] and "1000 step(s) not yet written" in messages[2]

@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -162,9 +163,20 @@ class BuildLock:
                 return False
             raise
         self.fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time(), "host": socket.gethostname()}).encode())
+        self.name_holder(os.getpid())
         return True
+
+    @classmethod
+    def inherited(cls, path: Path, fd: int) -> "BuildLock":
+        """The lock a parent took and handed down (the descriptor shares its flock)."""
+        lock = cls(path)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # already ours through the shared open file: returns at once
+        lock.fd = fd
+        return lock
+
+    def name_holder(self, pid: int) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": pid, "since": time.time(), "host": socket.gethostname()}).encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -202,15 +214,15 @@ def failure(paths: BuildPaths) -> dict | None:
         return None
 
 
-def build(source: Path, paths: BuildPaths, *, blocking: bool = True) -> str | None:
+def build(source: Path, paths: BuildPaths, lock: BuildLock | None = None) -> str | None:
     """Build ``paths.library`` unless it exists: None when it is there afterwards, else one line why.
 
-    Holds the build lock throughout (``blocking=False``: give up at once when another process
-    holds it). Builds in a private directory, loads the library there (a library that does not
-    load is a failed build), then renames the directory into place."""
-    lock = BuildLock(paths.lock)
-    if not lock.acquire(blocking):
-        return "another process is building it"
+    Holds the build lock throughout (``lock``: one already held, else it waits for the lock).
+    Builds in a private directory, loads the library there (a library that does not load is a
+    failed build), then renames the directory into place."""
+    if lock is None:
+        lock = BuildLock(paths.lock)
+        lock.acquire(blocking=True)
     try:
         if paths.library.is_file():
             return None
@@ -255,7 +267,7 @@ def _compile(source: Path, directory: Path) -> None:
 
 def _one_line(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower() and not line.startswith("ninja:")]
+    errors = [line for line in lines if re.search(r"\berror:", line)]  # the compiler's diagnostic
     line = (errors or lines or [""])[0]
     return f"{type(exc).__name__}: {line[:300]}"
 
@@ -278,18 +290,29 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def start_background_build(paths: BuildPaths) -> subprocess.Popen | None:
-    """One detached builder process (its own session: Ctrl-C and the job's exit leave it running)."""
-    paths.root.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in _RUN_VARS}
-    package_root = str(Path(__file__).resolve().parents[2])
-    code = (f"import sys; sys.path.insert(0, {package_root!r}); "
-            "from flopcount.capture.native_build import background_main; sys.exit(background_main())")
-    with open(paths.log, "ab") as log:
-        return subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    """Take the build lock and hand it to one detached builder process (its own session: Ctrl-C
+    and the job's exit leave it running); None when another process holds the lock. Only the
+    process that gets the lock starts a builder, so the ranks of a job start one between them."""
+    lock = BuildLock(paths.lock)
+    if not lock.acquire(blocking=False):
+        return None
+    try:
+        if paths.library.is_file():  # finished just now
+            return None
+        env = {k: v for k, v in os.environ.items() if k not in _RUN_VARS}
+        package_root = str(Path(__file__).resolve().parents[2])
+        code = (f"import sys; sys.path.insert(0, {package_root!r}); "
+                f"from flopcount.capture.native_build import background_main; sys.exit(background_main({lock.fd}))")
+        with open(paths.log, "ab") as log:
+            builder = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(lock.fd,))
+        lock.name_holder(builder.pid)
+        return builder
+    finally:
+        lock.release()  # our copy; the builder's inherited descriptor keeps the lock until it ends
 
 
-def background_main() -> int:
+def background_main(lock_fd: int) -> int:
     """Entry of the builder process started by ``start_background_build``."""
     from . import native
 
@@ -297,8 +320,9 @@ def background_main() -> int:
     if source is None:
         return 1
     paths = paths_for(source)
+    lock = BuildLock.inherited(paths.lock, lock_fd)
     _append_log(paths, f"background build by pid {os.getpid()} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-    return 0 if build(source, paths) is None else 1
+    return 0 if build(source, paths, lock) is None else 1
 
 
 # ---- loading with a bounded wait -------------------------------------------------------------------
@@ -343,7 +367,7 @@ def _wait_for_build(paths: BuildPaths, wait: float) -> str | None:
     failed = failure(paths)
     if failed is not None:
         return _failed_line(paths, failed)
-    builder = start_background_build(paths) if holder(paths) is None else None
+    builder = start_background_build(paths)  # None: another process builds it
     deadline = time.monotonic() + wait
     while not paths.library.is_file():
         exited = builder is not None and builder.poll() is not None
@@ -357,8 +381,7 @@ def _wait_for_build(paths: BuildPaths, wait: float) -> str | None:
         return _failed_line(paths, failed)
     if builder is not None and builder.poll() not in (None, 0):
         return f"its build process exited with status {builder.returncode} (see {paths.log})"
-    started = builder.pid if builder is not None else None
-    return (f"the native extension is being built ({building_line(paths, started)}); waited {wait:g} s "
+    return (f"the native extension is being built ({building_line(paths)}); waited {wait:g} s "
             f"({WAIT_ENV}); later processes will use it, or run `flopcount build-native` first")
 
 
@@ -367,13 +390,12 @@ def _failed_line(paths: BuildPaths, failed: dict) -> str:
             f"`flopcount build-native` retries)")
 
 
-def building_line(paths: BuildPaths, started_pid: int | None = None) -> str:
-    """'by pid P since T' of the running build (``started_pid``: the builder this process started,
-    named while it has not taken the lock yet)."""
+def building_line(paths: BuildPaths) -> str:
+    """'by pid P since T' of the running build."""
     who = holder(paths) or {}
     since = who.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else "now"
-    return f"by pid {who.get('pid') or started_pid or '?'} since {when}"
+    return f"by pid {who.get('pid') or '?'} since {when}"
 
 
 def state(source: Path) -> dict:
