@@ -391,11 +391,13 @@ def _failed_line(paths: BuildPaths, failed: dict) -> str:
 
 
 def building_line(paths: BuildPaths) -> str:
-    """'by pid P since T' of the running build."""
+    """'by pid P since T' of the running build ('by pid P on HOST since T' from another node)."""
     who = holder(paths) or {}
     since = who.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else "now"
-    return f"by pid {who.get('pid') or '?'} since {when}"
+    host = who.get("host")
+    where = f" on {host}" if host and host != socket.gethostname() else ""  # a cache shared by nodes
+    return f"by pid {who.get('pid') or '?'}{where} since {when}"
 
 
 def state(source: Path) -> dict:
