@@ -3,7 +3,9 @@ mid-run under a real training process, read-only and file `out`s for flopcount.m
 `flopcount run`. Mounting needs root: skipped cleanly elsewhere."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import warnings
@@ -97,8 +99,13 @@ def _train(tmp_path: Path, out: Path, filler: Path, *, fill_at: int, free_at: in
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flopcount.cli", *args], env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    """The `flopcount` command line, run in this process (it reads the traces the subprocess wrote)."""
+    from flopcount.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["flopcount", *args], code, out.getvalue(), err.getvalue())
 
 
 def _storage_warnings(job: dict) -> list[str]:
