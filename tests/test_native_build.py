@@ -229,7 +229,8 @@ def test_failed_build_is_recorded_once_then_jobs_fall_back_at_once(tmp_path):
     job = _job(sys.executable, _env(cache, CXX=str(failing / "c++"), FLOPCOUNT_NATIVE_WAIT="60"), tmp_path)
     assert job["backend"] == "dispatch" and job["matmul"] == MATMUL_FLOPS
     assert job["entered_s"] < 30  # no wait for a build: none was started
-    assert len(job["warnings"]) == 1 and "did not build" in job["warnings"][0] and "build-native` retries" in job["warnings"][0]
+    assert len(job["warnings"]) == 1, job["warnings"]
+    assert "did not build" in job["warnings"][0] and "build-native` retries" in job["warnings"][0]
     assert log.stat().st_size == size and not list(cache.glob(".*.tmp-*"))
 
 

@@ -75,7 +75,7 @@ def warn(message: str) -> None:
 
 class Spool:
     """The writer's queue of parts not yet written. ``commit(part)`` writes one part and its manifest
-    entry, raising on a storage fault; ``describe(exc)`` names the path it concerns."""
+    entry, raising on a storage fault (the part then stays queued); ``location`` names the trace dir."""
 
     def __init__(self, commit, max_steps: int, location: str, rank: int = 0) -> None:
         self.commit = commit

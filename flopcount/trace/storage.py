@@ -43,7 +43,8 @@ def check_writable(location) -> None:
         storage.write_atomic(probe, b"flopcount\n")
         storage.remove(probe)
     except Exception as e:  # OSError (EROFS, EACCES, ENOSPC, ENOTDIR), an object-store error, ...
-        raise TraceError(f"flopcount: cannot write traces to {where}: {_reason(e)}; choose a writable out / --out") from None
+        raise TraceError(f"flopcount: cannot write traces to {where}: {_reason(e)}; "
+                         f"choose a writable out / --out") from None
 
 
 def _reason(e: Exception) -> str:
