@@ -474,6 +474,18 @@ def cmd_keys(args) -> int:
     return EXIT_OK
 
 
+def add_build_native(parser) -> None:
+    parser.epilog = ("Builds into FLOPCOUNT_NATIVE_CACHE (default ~/.cache/flopcount/native), keyed by the torch "
+                     "installation, compiler, flags, source and Python ABI; waits for a build another process runs. "
+                     "Exit 0 when the extension loads, 1 otherwise (the dispatch backend is then used).")
+
+
+def cmd_build_native(args) -> int:
+    from .capture.native import build
+
+    return build()
+
+
 # name -> (one-line help, add arguments, run). A new subcommand is one entry here.
 COMMANDS = {
     "summarize": ("roll up a trace or project dir across steps, ranks and runs", add_summarize, cmd_summarize),
@@ -487,6 +499,8 @@ COMMANDS = {
     "keys": ("create the Ed25519 key pair that signs manifests: flopcount keys new KEYDIR", add_keys, cmd_keys),
     "info": ("versions, the capture backend that backend='auto' picks, the native extension's build status",
              add_info, cmd_info),
+    "build-native": ("build the native capture extension now (for images and shared caches)", add_build_native,
+                     cmd_build_native),
 }
 
 

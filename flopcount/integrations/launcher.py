@@ -60,7 +60,10 @@ def run(command: list[str], out: str, options: dict) -> int:
     """Run ``command`` metered; write the report and print the compliance summary; its exit status."""
     if not command:
         raise BadInput("flopcount: no command to run: write it after `--`, e.g. flopcount run -- python train.py")
-    check_out(out)
+    from ..trace.storage import check_writable
+
+    check_writable(out)  # TraceError (exit 2) before COMMAND starts, not a traceback at its first step
+    check_out(out)  # and no other live writer holds it
     env = child_env(out, options)
     sys.stderr.write(f"flopcount: metering `{' '.join(command)}` -> {os.path.abspath(out)}\n")
     try:

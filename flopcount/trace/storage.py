@@ -28,6 +28,33 @@ def open_storage(location) -> "LocalStorage | FileSystemStorage":
     return LocalStorage(location)
 
 
+PROBE = ".flopcount-write-probe"
+
+
+def check_writable(location) -> None:
+    """Raise TraceError (one line naming the path) unless traces can be written at ``location``:
+    creates the directory, writes and removes a probe file. Meter.__enter__ (through the writer)
+    and `flopcount run` call it before any training step."""
+    storage = open_storage(location)
+    where = storage.describe()
+    if isinstance(storage, LocalStorage) and os.path.exists(storage.root) and not os.path.isdir(storage.root):
+        raise TraceError(f"flopcount: cannot write traces to {where}: it is a file, not a directory; "
+                         f"choose another out / --out")
+    probe = f"{PROBE}-{os.getpid()}"
+    try:
+        storage.makedirs()
+        storage.write_atomic(probe, b"flopcount\n")
+        storage.remove(probe)
+    except Exception as e:  # OSError (EROFS, EACCES, ENOSPC, ENOTDIR), an object-store error, ...
+        raise TraceError(f"flopcount: cannot write traces to {where}: {_reason(e)}; "
+                         f"choose a writable out / --out") from None
+
+
+def _reason(e: Exception) -> str:
+    lines = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 class LocalStorage:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -104,14 +131,24 @@ class LocalStorage:
         tmp = f"{final}.tmp-{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:  # e.g. disk full: a partial temp file must not keep the space
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         _fsync_dir(directory)
+
+    def remove(self, rel: str) -> None:
+        os.unlink(self._abs(rel))
 
     def child(self, name: str) -> "LocalStorage":
         return LocalStorage(os.path.join(self.root, name))
@@ -242,6 +279,9 @@ class FileSystemStorage:
     def write_atomic(self, rel: str, data: bytes) -> None:
         with self.fs.open_output_stream(self._abs(rel)) as f:
             f.write(data)
+
+    def remove(self, rel: str) -> None:
+        self.fs.delete_file(self._abs(rel))
 
     def child(self, name: str) -> "FileSystemStorage":
         return FileSystemStorage(f"{self.location.rstrip('/')}/{name}")

@@ -29,7 +29,8 @@ from . import keys, lease, ledger
 from . import manifest as mf
 from .schema import (BREAKDOWN_SCHEMA, CATEGORY_COLUMNS, INT64_MAX, MANIFEST_DIR, PHASE_COLUMNS,
                      LEASE_DIR, STEPS_SCHEMA, TRACE_SCHEMA, manifest_path, part_path, writer_name)
-from .storage import open_storage
+from .spool import PendingPart, Spool, max_unwritten_steps
+from .storage import check_writable, open_storage
 
 
 def open_writer(meter, *, first_free: bool = False):
@@ -50,6 +51,7 @@ def default_run_id(location) -> str:
 
 class TraceWriter:
     def __init__(self, meter, *, first_free: bool = False) -> None:
+        check_writable(meter.out)  # one line naming the path, before any training step
         self.storage = open_storage(meter.out)
         self.rank, self.world_size = int(meter.rank), int(meter.world_size)
         self.signer = keys.signer_from(getattr(meter, "signing_key", None))  # bad key: an error at entry
@@ -94,6 +96,8 @@ class TraceWriter:
         self.steps_written = 0
         self.closed = False
         self._digest = None
+        # Parts not written yet (a storage fault): retried at each flush, bounded (spool.py).
+        self.spool = Spool(self._commit, max_unwritten_steps(self.flush_every), self.storage.describe(), self.rank)
         self._reset_buffers()
         identity = rank_identity()
         self.segment_id = uuid.uuid4().hex
@@ -171,14 +175,24 @@ class TraceWriter:
             self.flush()
 
     def close(self, summary: dict) -> None:
+        """Flush, then append the close entry; never raises a storage fault (the missing close is
+        then the finding). Releases the lease whatever happens."""
         try:
             self.flush()
-            self._append({"type": "close", "segment": self.segment, "steps": self.steps_written,
-                          "training_flops": summary.get("training_flops"),
-                          "hardware_flops": summary.get("hardware_flops"), "ended": time.time()})
-            self.closed = True
-            if self.ledger is not None:
-                self._record_in_ledger()
+            entry = {"type": "close", "segment": self.segment, "steps": self.steps_written,
+                     "training_flops": summary.get("training_flops"),
+                     "hardware_flops": summary.get("hardware_flops"), "ended": time.time(),
+                     "unwritten": self.spool.unwritten()}
+            try:
+                self._append(entry)
+                close_written = True
+            except Exception as exc:  # storage fault: reported below
+                self.spool.last_fault, close_written = exc, False
+            self.spool.report_exit(close_written)
+            if close_written:
+                self.closed = True
+                if self.ledger is not None:
+                    self._record_in_ledger()
         finally:
             self.lease.release()
 
@@ -193,24 +207,31 @@ class TraceWriter:
 
     # ---- flushing -----------------------------------------------------------------------------
     def flush(self) -> None:
-        if not self.rows:
-            return
-        first, last = self.rows[0][4], self.rows[-1][4]
-        steps = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(zip(*self.rows), STEPS_SCHEMA)],
-                                     schema=STEPS_SCHEMA)
-        breakdown = self._breakdown_table(first, last)
-        entry = {"type": "part", "seq": self.seq, "segment": self.segment, "first_step": first, "last_step": last,
-                 "rows": len(self.rows), "written": time.time()}
-        for name, table in (("steps", steps), ("breakdown", breakdown)):
-            data = _parquet_bytes(table)
+        """Hand the buffered steps to the spool and write every part it holds. Never raises a
+        storage fault: failed parts stay in memory (bounded) and are retried (spool.py)."""
+        if self.rows:
+            first, last = self.rows[0][4], self.rows[-1][4]
+            steps = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(zip(*self.rows), STEPS_SCHEMA)],
+                                         schema=STEPS_SCHEMA)
+            breakdown = self._breakdown_table(first, last)
+            files = {name: (_parquet_bytes(table), table.num_rows)
+                     for name, table in (("steps", steps), ("breakdown", breakdown))}
+            self.spool.add(PendingPart(first, last, len(self.rows), files))
+            self._reset_buffers()
+        self.spool.drain()
+
+    def _commit(self, part: PendingPart) -> None:
+        """Write one part's files and its manifest entry (the spool calls this; raises on a fault)."""
+        entry = {"type": "part", "seq": self.seq, "segment": self.segment, "first_step": part.first_step,
+                 "last_step": part.last_step, "rows": part.rows, "written": time.time()}
+        for name, (data, rows) in part.files.items():
             rel = part_path(name, self.rank, self.seq, self.process)
             self.storage.write_atomic(rel, data)
             entry[name] = {"file": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                           "rows": table.num_rows}
+                           "rows": rows}
         self._append(entry)
-        self.steps_written += len(self.rows)
+        self.steps_written += part.rows
         self.seq += 1
-        self._reset_buffers()
 
     def _breakdown_table(self, first: int, last: int) -> pa.Table:
         rows = [("flops", phase, category, module, op, self.window_training.get(phase, False), flops)
@@ -230,9 +251,11 @@ class TraceWriter:
     def _append(self, entry: dict) -> None:
         t_us = max(int(time.time() * 1e6), self.last_t_us + 1)  # strictly increasing along the chain
         sealed = mf.seal(dict(entry, t=t_us / 1e6), self.prev, self.key, self.signer)
+        line = mf.dumps([sealed])
+        # In memory only once written: a failed write (storage fault) leaves the chain as it was.
+        self.storage.write_atomic(manifest_path(self.rank, self.process), b"".join(self.lines) + line)
         self.entries.append(sealed)
-        self.lines.append(mf.dumps([sealed]))
-        self.storage.write_atomic(manifest_path(self.rank, self.process), b"".join(self.lines))
+        self.lines.append(line)
         self.prev, self.last_t_us = sealed["hash"], mf.entry_time_us(sealed)
 
 
