@@ -455,7 +455,7 @@ def test_a_python_child_under_flopcount_run_writes_as_its_own_process(tmp_path):
     assert matmul(run) == 6 * MATMUL_PER_STEP
     found = integrity(run)
     assert found.verified, found.problems
-    assert f"digest               {found.digest}" in result.stdout
+    assert f"verified; digest {found.digest}" in result.stdout  # the digest to keep, printed at the end
     # A second `flopcount run` is refused while a writer holds the dir... and allowed after.
     again = subprocess.run([sys.executable, "-m", "flopcount.cli", "run", "--out", str(run), "--", "true"],
                            capture_output=True, text=True, timeout=120, env=environ)

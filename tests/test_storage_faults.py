@@ -132,12 +132,12 @@ def test_disk_full_mid_run_drops_the_oldest_steps_past_the_bound_and_reports_exa
 
     summary = _cli("summarize", str(out), "--json")
     assert summary.returncode == 1, summary.stderr  # a finding
-    assert "steps 200-299 could not be written" in summary.stderr
+    assert "steps 200-299 of segment 0 could not be written" in summary.stderr
     facts = json.loads(summary.stdout)
     assert facts["steps"] == steps - 100
     assert facts["by_category"]["matmul"] == (steps - 100) * MATMUL_PER_STEP
     verify = _cli("verify", str(out))
-    assert verify.returncode == 1 and "steps 200-299 could not be written" in verify.stdout, verify.stdout
+    assert verify.returncode == 1 and "steps 200-299 of segment 0 could not be written" in verify.stdout, verify.stdout
     close = [json.loads(line) for line in (out / "manifest" / "r00000.jsonl").read_text().splitlines()][-1]
     assert close["type"] == "close" and close["unwritten"] == [[200, 299]]
 
