@@ -116,7 +116,7 @@ def test_every_consumer_carries_the_verified_integrity_and_its_digest(pristine, 
     assert digest in (tmp_path / "r.md").read_text()
     # The digest that was printed is the anchor: given back, it verifies; another one is a finding.
     assert flopcount("check", pristine, "--digest", digest).returncode == 0
-    wrong = "0" * 64
+    wrong = digest[:-64] + "0" * 64  # well-formed (fc1-<time>-<hex>), but not this trace's state
     for argv in (["verify", pristine], ["check", pristine], ["summarize", pristine],
                  ["report", pristine, "-o", tmp_path / "r2.md"]):
         result = flopcount(*argv, "--digest", wrong)
