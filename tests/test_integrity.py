@@ -268,6 +268,18 @@ def test_unwritten_steps_recorded_at_close_are_reported(tmp_path):
     assert not found.verified and "steps 5-7 of segment 0 could not be written" in found.problems[0]
 
 
+def test_re_hashed_step_ranges_that_disagree_with_the_parts_are_reported(tmp_path):
+    run = tmp_path / "run"
+    train(run, steps=4, flush_every=2)
+    entries = read_entries(manifest_file(run))
+    entries[2]["first_step"] = 1  # the second part now claims step 1 again
+    entries[-1]["steps"] = 5  # the close claims a fifth step
+    write_entries(manifest_file(run), rechain(entries))
+    assert integrity(run).problems == [
+        "manifest/r00000.jsonl segment 0: part 1 repeats steps up to 1 (steps 1-3)",
+        "manifest/r00000.jsonl segment 0: its close counts 5 steps, its parts 4"]
+
+
 # ---- signatures without and with keys ------------------------------------------------------------------
 
 def test_stale_hmac_without_the_key_is_never_called_signed(tmp_path, monkeypatch):

@@ -76,6 +76,7 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
         found, checked = mf.part_problems(trace.storage, trace.all_manifests)
         problems += [label + p for p in found]
         parts += checked
+        problems += [label + p for p in segment_problems(trace.manifests)]
         problems += rank_integrity(trace.manifests, trace.name if several else "")["rank_problems"]
     problems += [d.describe() for d in traces.duplicates]
     now = traces.digest
@@ -127,6 +128,31 @@ def _against_ledger(traces, location, notes: list[str]) -> list[str]:
         return [f"the ledger {location} has no record of {traces.location} (run {', '.join(traces.run_ids)}): "
                 "the run's closing digests were not recorded there"]
     return _against_digest(traces, record["digest"], f"the ledger's last record ({location})", notes)
+
+
+def segment_problems(manifests: dict[str, list[dict]]) -> list[str]:
+    """Each writer's segments agree with their parts: step ranges in order and not overlapping,
+    part sequence numbers counting up, a close's step count equal to its parts' rows. (An
+    honest writer never breaks these; an edited manifest that was re-hashed can.)"""
+    problems = []
+    for rel, entries in sorted(manifests.items()):
+        last_step, seq = -1, 0
+        for segment, parts, close in mf.segments_of(entries):
+            name = f"{rel} segment {segment['segment']}"
+            for part in parts:
+                if part["seq"] != seq:
+                    problems.append(f"{name}: part {part['seq']} is out of sequence (expected part {seq})")
+                if part["first_step"] <= last_step:
+                    problems.append(f"{name}: part {part['seq']} repeats steps up to {last_step} "
+                                    f"(steps {part['first_step']}-{part['last_step']})")
+                if part["steps"]["rows"] != part["rows"]:
+                    problems.append(f"{name}: part {part['seq']} lists {part['rows']} rows but its steps file "
+                                    f"{part['steps']['rows']}")
+                seq, last_step = part["seq"] + 1, max(last_step, part["last_step"])
+            if close is not None and close["steps"] != sum(p["rows"] for p in parts):
+                problems.append(f"{name}: its close counts {close['steps']} steps, its parts "
+                                f"{sum(p['rows'] for p in parts)}")
+    return problems
 
 
 def rank_integrity(manifests: dict[str, list[dict]], label: str = "") -> dict:
