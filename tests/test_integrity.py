@@ -434,6 +434,40 @@ def test_an_old_trace_without_the_new_fields_still_verifies(tmp_path):
     assert cli("verify", run).returncode == 0
 
 
+NO_TORCH = textwrap.dedent("""
+    import sys, types
+    sys.modules["torch"] = None  # any `import torch` now fails
+    package = types.ModuleType("flopcount")  # the trace package alone, without flopcount/__init__.py
+    package.__path__, package.__version__ = [sys.argv[1]], "test"
+    sys.modules["flopcount"] = package
+    from flopcount.trace.integrity import check_integrity
+    from flopcount.trace.reader import open_traces
+    result = check_integrity(open_traces(sys.argv[2]), public_key=sys.argv[3], digest=sys.argv[4])
+    print(result.verified, result.signed_by)
+""")
+
+
+def test_the_integrity_check_runs_without_torch(tmp_path, keypair):
+    private, public = keypair
+    train(tmp_path / "run", steps=2, signing_key=str(private))
+    digest = open_traces(tmp_path / "run").digest
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flopcount")
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, package, tmp_path / "run", public, digest],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", keys.load_verifier(public).key_id]
+
+
+def test_a_run_in_progress_is_not_verified_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    with flopcount.meter(out=run, backend="dispatch", flush_every=1) as m:
+        m.step()
+        found = integrity(run)
+    assert not found.verified and "did not close its trace (killed or still running)" in found.problems[0]
+    assert any("lease/r00000.lease is held by a live writer" in n for n in found.notes)
+    assert integrity(run).verified and integrity(run).notes == []
+
+
 # ---- flopcount run: a Python child that also trains ---------------------------------------------------
 
 CHILD_TRAINS = textwrap.dedent("""

@@ -79,6 +79,7 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
         problems += [label + p for p in segment_problems(trace.manifests)]
         problems += rank_integrity(trace.manifests, trace.name if several else "")["rank_problems"]
     problems += [d.describe() for d in traces.duplicates]
+    notes += _still_running(traces)
     now = traces.digest
     if digest is not None:
         problems += _against_digest(traces, digest, "digest", notes)
@@ -98,6 +99,21 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
         notes.append("HMAC present, not checked: set FLOPCOUNT_HMAC_KEY to check it")
     return Integrity(verified=not problems, problems=problems, digest=now, signed_by=signed_by,
                      parts_checked=parts, notes=notes, hmac_checked=key is not None and hmacs)
+
+
+def _still_running(traces) -> list[str]:
+    """Writers whose lease is held now: their open segment is a run in progress, not a lost one."""
+    from .lease import active_holders, describe_holder
+
+    notes = []
+    for trace in traces.traces:
+        try:
+            holders = active_holders(trace.storage)
+        except (OSError, TraceError):  # unreadable leases say nothing about the trace
+            continue
+        notes += [f"{trace.storage.describe()}: {h['lease']} is held by a live writer ({describe_holder(h)}): "
+                  "its segment is still being written" for h in holders]
+    return notes
 
 
 def _against_digest(traces, expected: str, what: str, notes: list[str]) -> list[str]:
