@@ -183,6 +183,11 @@ def test_a_copied_manifest_file_is_reported_with_both_paths_and_summed_once(tmp_
     found = integrity(run)
     assert not found.verified and len(found.problems) == 1
     assert "manifest/r00000 (copy).jsonl" in found.problems[0] and "manifest/r00000.jsonl" in found.problems[0]
+    # A copy edited and re-hashed is still the same segment (its random id): counted once.
+    edited = read_entries(manifest_file(run))
+    edited[-1]["ended"] += 1
+    write_entries(manifest_file(run, "r00000 (copy).jsonl"), rechain(edited))
+    assert matmul(run) == 3 * MATMUL_PER_STEP and len(integrity(run).problems) == 1
     summary = cli("summarize", run, "--json")
     assert json.loads(summary.stdout)["by_category"]["matmul"] == 3 * MATMUL_PER_STEP
     if CLI_INTEGRITY:

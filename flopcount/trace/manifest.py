@@ -330,11 +330,6 @@ def chain_head_digest(manifests: dict[str, list[dict]]) -> str | None:
     return trace_digest(list(manifests.values()))
 
 
-def combine_digests(digests: list[str]) -> str:
-    """Kept for callers of the first version: SHA-256 over several digests, sorted."""
-    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
-
-
 # ---- parts ------------------------------------------------------------------------------------
 
 @dataclass
