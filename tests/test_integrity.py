@@ -183,6 +183,11 @@ def test_a_copied_manifest_file_is_reported_with_both_paths_and_summed_once(tmp_
     found = integrity(run)
     assert not found.verified and len(found.problems) == 1
     assert "manifest/r00000 (copy).jsonl" in found.problems[0] and "manifest/r00000.jsonl" in found.problems[0]
+    # A copy edited and re-hashed is still the same segment (its random id): counted once.
+    edited = read_entries(manifest_file(run))
+    edited[-1]["ended"] += 1
+    write_entries(manifest_file(run, "r00000 (copy).jsonl"), rechain(edited))
+    assert matmul(run) == 3 * MATMUL_PER_STEP and len(integrity(run).problems) == 1
     summary = cli("summarize", run, "--json")
     assert json.loads(summary.stdout)["by_category"]["matmul"] == 3 * MATMUL_PER_STEP
     if CLI_INTEGRITY:
@@ -266,6 +271,18 @@ def test_unwritten_steps_recorded_at_close_are_reported(tmp_path):
     write_entries(manifest_file(run), rechain(entries))
     found = integrity(run)
     assert not found.verified and "steps 5-7 of segment 0 could not be written" in found.problems[0]
+
+
+def test_re_hashed_step_ranges_that_disagree_with_the_parts_are_reported(tmp_path):
+    run = tmp_path / "run"
+    train(run, steps=4, flush_every=2)
+    entries = read_entries(manifest_file(run))
+    entries[2]["first_step"] = 1  # the second part now claims step 1 again
+    entries[-1]["steps"] = 5  # the close claims a fifth step
+    write_entries(manifest_file(run), rechain(entries))
+    assert integrity(run).problems == [
+        "manifest/r00000.jsonl segment 0: part 1 repeats steps up to 1 (steps 1-3)",
+        "manifest/r00000.jsonl segment 0: its close counts 5 steps, its parts 4"]
 
 
 # ---- signatures without and with keys ------------------------------------------------------------------
@@ -420,6 +437,40 @@ def test_an_old_trace_without_the_new_fields_still_verifies(tmp_path):
     assert found.verified and found.parts_checked == 4 and found.digest.startswith("fc1-")
     assert integrity(run, digest=found.digest).verified
     assert cli("verify", run).returncode == 0
+
+
+NO_TORCH = textwrap.dedent("""
+    import sys, types
+    sys.modules["torch"] = None  # any `import torch` now fails
+    package = types.ModuleType("flopcount")  # the trace package alone, without flopcount/__init__.py
+    package.__path__, package.__version__ = [sys.argv[1]], "test"
+    sys.modules["flopcount"] = package
+    from flopcount.trace.integrity import check_integrity
+    from flopcount.trace.reader import open_traces
+    result = check_integrity(open_traces(sys.argv[2]), public_key=sys.argv[3], digest=sys.argv[4])
+    print(result.verified, result.signed_by)
+""")
+
+
+def test_the_integrity_check_runs_without_torch(tmp_path, keypair):
+    private, public = keypair
+    train(tmp_path / "run", steps=2, signing_key=str(private))
+    digest = open_traces(tmp_path / "run").digest
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flopcount")
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, package, tmp_path / "run", public, digest],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", keys.load_verifier(public).key_id]
+
+
+def test_a_run_in_progress_is_not_verified_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    with flopcount.meter(out=run, backend="dispatch", flush_every=1) as m:
+        m.step()
+        found = integrity(run)
+    assert not found.verified and "did not close its trace (killed or still running)" in found.problems[0]
+    assert any("lease/r00000.lease is held by a live writer" in n for n in found.notes)
+    assert integrity(run).verified and integrity(run).notes == []
 
 
 # ---- flopcount run: a Python child that also trains ---------------------------------------------------

@@ -34,7 +34,7 @@ def test_report_content(run_dir):
     assert report["compliance"]["status"] == "below"
     [run] = report["project"]["runs"]
     assert (run["run_id"], run["ranks"], run["first_step"], run["last_step"]) == ("ft-1", [0], 0, 7)
-    assert report["integrity"]["verified"] and re.fullmatch(r"fc1-\d+-[0-9a-f]{64}", run["manifest_digest"])
+    assert report["integrity"]["verified"] and re.fullmatch(r"fc1-[0-9a-f]{64}-\d+", run["manifest_digest"])
     assert report["method"]["phases_excluded"]["recompute"].endswith("excluded by Annex A.1")
     cumulative = [p[3] for p in report["series"]["cumulative_training_flops"]]
     assert len(cumulative) == 8 and cumulative == sorted(cumulative) and cumulative[-1] == live["training_flops"]

@@ -76,8 +76,10 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
         found, checked = mf.part_problems(trace.storage, trace.all_manifests)
         problems += [label + p for p in found]
         parts += checked
+        problems += [label + p for p in segment_problems(trace.manifests)]
         problems += rank_integrity(trace.manifests, trace.name if several else "")["rank_problems"]
     problems += [d.describe() for d in traces.duplicates]
+    notes += _still_running(traces)
     now = traces.digest
     if digest is not None:
         problems += _against_digest(traces, digest, "digest", notes)
@@ -97,6 +99,21 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
         notes.append("HMAC present, not checked: set FLOPCOUNT_HMAC_KEY to check it")
     return Integrity(verified=not problems, problems=problems, digest=now, signed_by=signed_by,
                      parts_checked=parts, notes=notes, hmac_checked=key is not None and hmacs)
+
+
+def _still_running(traces) -> list[str]:
+    """Writers whose lease is held now: their open segment is a run in progress, not a lost one."""
+    from .lease import active_holders, describe_holder
+
+    notes = []
+    for trace in traces.traces:
+        try:
+            holders = active_holders(trace.storage)
+        except (OSError, TraceError):  # unreadable leases say nothing about the trace
+            continue
+        notes += [f"{trace.storage.describe()}: {h['lease']} is held by a live writer ({describe_holder(h)}): "
+                  "its segment is still being written" for h in holders]
+    return notes
 
 
 def _against_digest(traces, expected: str, what: str, notes: list[str]) -> list[str]:
@@ -127,6 +144,31 @@ def _against_ledger(traces, location, notes: list[str]) -> list[str]:
         return [f"the ledger {location} has no record of {traces.location} (run {', '.join(traces.run_ids)}): "
                 "the run's closing digests were not recorded there"]
     return _against_digest(traces, record["digest"], f"the ledger's last record ({location})", notes)
+
+
+def segment_problems(manifests: dict[str, list[dict]]) -> list[str]:
+    """Each writer's segments agree with their parts: step ranges in order and not overlapping,
+    part sequence numbers counting up, a close's step count equal to its parts' rows. (An
+    honest writer never breaks these; an edited manifest that was re-hashed can.)"""
+    problems = []
+    for rel, entries in sorted(manifests.items()):
+        last_step, seq = -1, 0
+        for segment, parts, close in mf.segments_of(entries):
+            name = f"{rel} segment {segment['segment']}"
+            for part in parts:
+                if part["seq"] != seq:
+                    problems.append(f"{name}: part {part['seq']} is out of sequence (expected part {seq})")
+                if part["first_step"] <= last_step:
+                    problems.append(f"{name}: part {part['seq']} repeats steps up to {last_step} "
+                                    f"(steps {part['first_step']}-{part['last_step']})")
+                if part["steps"]["rows"] != part["rows"]:
+                    problems.append(f"{name}: part {part['seq']} lists {part['rows']} rows but its steps file "
+                                    f"{part['steps']['rows']}")
+                seq, last_step = part["seq"] + 1, max(last_step, part["last_step"])
+            if close is not None and close["steps"] != sum(p["rows"] for p in parts):
+                problems.append(f"{name}: its close counts {close['steps']} steps, its parts "
+                                f"{sum(p['rows'] for p in parts)}")
+    return problems
 
 
 def rank_integrity(manifests: dict[str, list[dict]], label: str = "") -> dict:

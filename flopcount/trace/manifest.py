@@ -19,7 +19,7 @@ without ``hash``/``hmac``/``sig``. ``hmac`` = HMAC-SHA256(FLOPCOUNT_HMAC_KEY, ha
 Ed25519(private key, hash) with ``key_id`` sign entries when a key is given. The whole manifest
 file is rewritten atomically at each flush, so it is never torn.
 
-The trace digest ``fc1-<T>-<H>`` commits to a time cut of every writer's chain: T is the newest
+The trace digest ``fc1-<H>-<T>`` commits to a time cut of every writer's chain: T is the newest
 entry's time (integer microseconds) and H the SHA-256 over, per writer chain, its first entry's
 hash, how many entries are at or before T, and the last of them. A later state of the same
 trace dir (resumed, more writers) has the same cut at T; a truncated or rolled-back one has not.
@@ -47,7 +47,7 @@ MAX_DEPTH = 16
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PART_FILE = re.compile(r"^(steps|breakdown)/[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.parquet$")
-_DIGEST = re.compile(r"^fc1-(\d{1,20})-([0-9a-f]{64})$")
+_DIGEST = re.compile(r"^fc1-([0-9a-f]{64})-(\d{1,20})$")
 
 
 def hmac_key(value: str | bytes | None = None) -> bytes | None:
@@ -296,7 +296,7 @@ def chain_cut(entries: list[dict], cut_us: int) -> int:
 
 
 def trace_digest(chains, cut_us: int | None = None) -> str | None:
-    """The digest ``fc1-<cut>-<sha256>`` of the writer chains ``chains`` cut at ``cut_us`` (default:
+    """The digest ``fc1-<sha256>-<cut>`` of the writer chains ``chains`` cut at ``cut_us`` (default:
     the newest entry); None when there are no entries."""
     chains = [c for c in chains if c]
     if not chains:
@@ -304,16 +304,16 @@ def trace_digest(chains, cut_us: int | None = None) -> str | None:
     if cut_us is None:
         cut_us = max(max(entry_time_us(e) for e in c) for c in chains)
     lines = sorted(f"{c[0]['hash']}:{n}:{c[n - 1]['hash']}" for c in chains if (n := chain_cut(c, cut_us)))
-    return f"fc1-{cut_us}-{hashlib.sha256(chr(10).join(lines).encode()).hexdigest()}"
+    return f"fc1-{hashlib.sha256(chr(10).join(lines).encode()).hexdigest()}-{cut_us}"
 
 
 def parse_digest(text: str) -> int:
     """The cut time of a digest string; TraceError when it is not one."""
     match = _DIGEST.match(str(text).strip())
     if match is None:
-        raise TraceError(f"flopcount: {str(text)[:100]!r} is not a flopcount trace digest (fc1-<time>-<64 hex>): "
+        raise TraceError(f"flopcount: {str(text)[:100]!r} is not a flopcount trace digest (fc1-<64 hex>-<time>): "
                          "pass the digest that `flopcount verify` or the run printed")
-    return int(match.group(1))
+    return int(match.group(2))
 
 
 def digest_extension(chains, expected: str) -> int | None:
@@ -328,11 +328,6 @@ def digest_extension(chains, expected: str) -> int | None:
 def chain_head_digest(manifests: dict[str, list[dict]]) -> str | None:
     """The trace digest of one trace dir's manifests."""
     return trace_digest(list(manifests.values()))
-
-
-def combine_digests(digests: list[str]) -> str:
-    """Kept for callers of the first version: SHA-256 over several digests, sorted."""
-    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
 
 
 # ---- parts ------------------------------------------------------------------------------------

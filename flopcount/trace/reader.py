@@ -6,7 +6,7 @@ manifest entry was never written (a crash between the two writes) was not commit
 never modifies a file.
 
 A writer's chain seen twice (a copied manifest file, a backup copy of a trace dir inside the
-project dir: the same segment entries) is read once: the longest copy is kept, the others are
+project dir: the same segment ids) is read once: the longest copy is kept, the others are
 listed in ``TraceSet.duplicates`` (an integrity problem, trace/integrity.py) and never summed.
 """
 from __future__ import annotations
@@ -114,29 +114,36 @@ def open_traces(location) -> TraceSet:
 
 def _drop_duplicates(traces: list[Trace], where: str) -> list[Duplicate]:
     """Keep each writer chain once (the longest copy; ties: the canonical file name, then the first
-    path) and remove the other copies from ``Trace.manifests``. Copies share segment entries
-    (each one holds a random segment id and its chain position)."""
+    path) and remove the other copies from ``Trace.manifests``. Copies share their segments'
+    identity (run, writer, segment number and random segment id), re-hashed or not."""
     def label(trace):
         return os.path.join(where, trace.name) if trace.name else where
 
     chains = [(trace, rel, entries) for trace in traces for rel, entries in sorted(trace.all_manifests.items())
               if entries]
     chains.sort(key=lambda c: (-len(c[2]), not _canonical_name(c[1], c[2]), c[0].name, c[1]))
-    owner: dict[str, tuple] = {}  # segment entry hash -> the kept chain holding it
+    owner: dict[tuple, tuple] = {}  # segment identity -> the kept chain holding it
     duplicates = []
     for trace, rel, entries in chains:
-        segments = [e for e in entries if e["type"] == "segment"]
-        kept = next((owner[e["hash"]] for e in segments if e["hash"] in owner), None)
+        segments = [_segment_identity(e) for e in entries if e["type"] == "segment"]
+        kept = next((owner[s] for s in segments if s in owner), None)
         if kept is None:
-            for e in segments:
-                owner[e["hash"]] = (trace, rel)
+            for s in segments:
+                owner[s] = (trace, rel)
             continue
         del trace.manifests[rel]
-        first = segments[0] if segments else entries[0]
+        first = next((e for e in entries if e["type"] == "segment"), entries[0])
         what = (f"run {first.get('run_id')!r} rank {first.get('rank')} segment {first.get('segment')}"
                 + (f" (id {first['segment_id'][:12]})" if first.get("segment_id") else ""))
         duplicates.append(Duplicate((label(kept[0]), kept[1]), (label(trace), rel), what))
     return duplicates
+
+
+def _segment_identity(segment: dict) -> tuple:
+    """What a copy of a segment keeps even when its entries were edited and re-hashed: the run,
+    the writer, the segment number and its random id (older traces: its start time)."""
+    return (segment["run_id"], segment["rank"], segment.get("process", 0), segment["segment"],
+            segment.get("segment_id") or repr(segment["started"]))
 
 
 def _canonical_name(rel: str, entries: list[dict]) -> bool:
