@@ -4,13 +4,15 @@ Each subcommand is one ``add_<name>(parser)`` function for its arguments and one
 ``cmd_<name>(args) -> exit code`` function, registered in ``COMMANDS``; adding a subcommand is
 two functions and one table entry.
 
-Exit codes: 0 success (``check``/``estimate``: below the threshold; ``verify``: every part
-matches); 1 a finding (at or over the threshold; a part missing, altered or unlisted; a rank of
-the job missing or unfinished, from ``summarize``, ``check``, ``estimate`` and ``verify``, which
-name it on stderr or in their output; ``report`` lists it under integrity); 2 bad input
-(missing or empty dir, corrupt or wrong-version trace, unknown base model, bad flags), reported
-as one line on stderr without a traceback. ``run`` exits with its COMMAND's exit status
-(128 + N when COMMAND died of signal N).
+Exit codes (the same for every command; README "Exit codes"): 0 success (``check``/``estimate``:
+below the threshold; the traces verify); 1 a finding: at or over the threshold, or traces that do
+not verify -- every command that reads traces runs ``verify``'s one integrity check
+(trace/integrity.py) and exits 1 whenever ``verify`` would, naming each problem on stderr
+(``report`` still writes its report); 2 bad input (missing or empty dir, malformed manifest or
+Parquet part, unknown schema version or base model, bad flag values, unwritable output), one
+line on stderr without a traceback (errors.py: exit codes by exception type). ``run`` exits
+with its COMMAND's exit status (128 + N when COMMAND died of signal N; 1 when COMMAND succeeded
+but its trace does not verify).
 """
 from __future__ import annotations
 
@@ -474,8 +476,8 @@ COMMANDS = {
 
 def build_parser() -> Parser:
     parser = Parser(prog="flopcount", description="Operator-level FLOP traces and EU AI Act compute checks.",
-                    epilog="exit codes: 0 ok / below threshold, 1 at or over threshold or integrity failure, "
-                           "2 bad input")
+                    epilog="exit codes: 0 ok / below threshold, 1 at or over threshold or the traces do not "
+                           "verify, 2 bad input")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
