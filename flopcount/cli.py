@@ -138,7 +138,7 @@ def add_summarize(parser) -> None:
 
 def cmd_summarize(args) -> int:
     from .errors import findings_first
-    from .report.text import integrity_line, summary_text
+    from .report.text import integrity_state, summary_text
     from .summary import summarize_traces
     from .trace.reader import open_traces
 
@@ -150,7 +150,7 @@ def cmd_summarize(args) -> int:
         print_json({**summary, "integrity": integrity.as_dict()})
     else:
         print(summary_text(summary, top=args.top))
-        print(integrity_line(integrity.as_dict()).replace("integrity: ", "integrity         ", 1))
+        print(f"integrity         {integrity_state(integrity_facts(integrity))}")
     return EXIT_FINDING if report_integrity(integrity) else EXIT_OK
 
 
@@ -189,6 +189,11 @@ def integrity_of(traces, args):
     from .trace.integrity import check_integrity
 
     return check_integrity(traces, digest=args.digest, public_key=args.public_key, ledger=args.ledger)
+
+
+def integrity_facts(integrity) -> dict:
+    """The integrity result for text output: the JSON block and the notes."""
+    return {**integrity.as_dict(), "notes": list(integrity.notes)}
 
 
 def report_integrity(integrity) -> bool:
@@ -234,7 +239,7 @@ def cmd_check(args) -> int:
         if result["combined_flops"] is not None:
             print(f"base + modification: {result['text']['combined_flops']} against 1e25 FLOP: "
                   f"{result['combined_status']} (informational)")
-        print(integrity_line(integrity.as_dict()))
+        print(integrity_line(integrity_facts(integrity)))
     unverified = report_integrity(integrity)  # the verdict then rests on evidence that does not verify
     return EXIT_FINDING if result["status"] == "exceeds" or unverified else EXIT_OK
 
@@ -267,7 +272,7 @@ def cmd_estimate(args) -> int:
         print_json({**projection, "rank_problems": summary["rank_problems"], "integrity": integrity.as_dict()})
     else:
         print(_estimate_text(projection))
-        print(integrity_line(integrity.as_dict()))
+        print(integrity_line(integrity_facts(integrity)))
     unverified = report_integrity(integrity)  # the projection then rests on evidence that does not verify
     return EXIT_FINDING if projection["projected_status"] == "exceeds" or unverified else EXIT_OK
 
