@@ -533,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"flopcount: integrity: {printable(problem)}\n")
         sys.stderr.write(one_line(e) + "\n")
         return EXIT_FINDING
+    except ValueError as e:  # not yet a BadInput: flopcount's own one-line "flopcount: ..." checks
+        if not str(e).startswith("flopcount: "):
+            raise  # a bug: keep its traceback
+        sys.stderr.write(one_line(e) + "\n")
+        return EXIT_BAD_INPUT
     except BrokenPipeError:
         return EXIT_OK
 
