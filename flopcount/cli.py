@@ -4,13 +4,15 @@ Each subcommand is one ``add_<name>(parser)`` function for its arguments and one
 ``cmd_<name>(args) -> exit code`` function, registered in ``COMMANDS``; adding a subcommand is
 two functions and one table entry.
 
-Exit codes: 0 success (``check``/``estimate``: below the threshold; ``verify``: every part
-matches); 1 a finding (at or over the threshold; a part missing, altered or unlisted; a rank of
-the job missing or unfinished, from ``summarize``, ``check``, ``estimate`` and ``verify``, which
-name it on stderr or in their output; ``report`` lists it under integrity); 2 bad input
-(missing or empty dir, corrupt or wrong-version trace, unknown base model, bad flags), reported
-as one line on stderr without a traceback. ``run`` exits with its COMMAND's exit status
-(128 + N when COMMAND died of signal N).
+Exit codes (the same for every command; README "Exit codes"): 0 success (``check``/``estimate``:
+below the threshold; the traces verify); 1 a finding: at or over the threshold, or traces that do
+not verify -- every command that reads traces runs ``verify``'s one integrity check
+(trace/integrity.py) and exits 1 whenever ``verify`` would, naming each problem on stderr
+(``report`` still writes its report); 2 bad input (missing or empty dir, malformed manifest or
+Parquet part, unknown schema version or base model, bad flag values, unwritable output), one
+line on stderr without a traceback (errors.py: exit codes by exception type). ``run`` exits
+with its COMMAND's exit status (128 + N when COMMAND died of signal N; 1 when COMMAND succeeded
+but its trace does not verify).
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def add_summarize(parser) -> None:
 
 def cmd_summarize(args) -> int:
     from .errors import findings_first
-    from .report.text import integrity_line, summary_text
+    from .report.text import integrity_state, summary_text
     from .summary import summarize_traces
     from .trace.reader import open_traces
 
@@ -148,7 +150,7 @@ def cmd_summarize(args) -> int:
         print_json({**summary, "integrity": integrity.as_dict()})
     else:
         print(summary_text(summary, top=args.top))
-        print(integrity_line(integrity.as_dict()).replace("integrity: ", "integrity         ", 1))
+        print(f"integrity         {integrity_state(integrity_facts(integrity))}")
     return EXIT_FINDING if report_integrity(integrity) else EXIT_OK
 
 
@@ -187,6 +189,11 @@ def integrity_of(traces, args):
     from .trace.integrity import check_integrity
 
     return check_integrity(traces, digest=args.digest, public_key=args.public_key, ledger=args.ledger)
+
+
+def integrity_facts(integrity) -> dict:
+    """The integrity result for text output: the JSON block and the notes."""
+    return {**integrity.as_dict(), "notes": list(integrity.notes)}
 
 
 def report_integrity(integrity) -> bool:
@@ -232,7 +239,7 @@ def cmd_check(args) -> int:
         if result["combined_flops"] is not None:
             print(f"base + modification: {result['text']['combined_flops']} against 1e25 FLOP: "
                   f"{result['combined_status']} (informational)")
-        print(integrity_line(integrity.as_dict()))
+        print(integrity_line(integrity_facts(integrity)))
     unverified = report_integrity(integrity)  # the verdict then rests on evidence that does not verify
     return EXIT_FINDING if result["status"] == "exceeds" or unverified else EXIT_OK
 
@@ -265,7 +272,7 @@ def cmd_estimate(args) -> int:
         print_json({**projection, "rank_problems": summary["rank_problems"], "integrity": integrity.as_dict()})
     else:
         print(_estimate_text(projection))
-        print(integrity_line(integrity.as_dict()))
+        print(integrity_line(integrity_facts(integrity)))
     unverified = report_integrity(integrity)  # the projection then rests on evidence that does not verify
     return EXIT_FINDING if projection["projected_status"] == "exceeds" or unverified else EXIT_OK
 
@@ -506,8 +513,8 @@ COMMANDS = {
 
 def build_parser() -> Parser:
     parser = Parser(prog="flopcount", description="Operator-level FLOP traces and EU AI Act compute checks.",
-                    epilog="exit codes: 0 ok / below threshold, 1 at or over threshold or integrity failure, "
-                           "2 bad input")
+                    epilog="exit codes: 0 ok / below threshold, 1 at or over threshold or the traces do not "
+                           "verify, 2 bad input")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -558,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"flopcount: integrity: {printable(problem)}\n")
         sys.stderr.write(one_line(e) + "\n")
         return EXIT_FINDING
+    except ValueError as e:  # not yet a BadInput: flopcount's own one-line "flopcount: ..." checks
+        if not str(e).startswith("flopcount: "):
+            raise  # a bug: keep its traceback
+        sys.stderr.write(one_line(e) + "\n")
+        return EXIT_BAD_INPUT
     except BrokenPipeError:
         return EXIT_OK
 

@@ -193,7 +193,7 @@ def summarize_traces(traces: TraceSet, *, module_depth: int | None = None, base_
 
 
 def _rank_integrity(traces: TraceSet) -> dict:
-    """Missing and unfinished ranks of every trace dir (flopcount.distributed.rank_integrity)."""
+    """Missing and unfinished ranks of every trace dir (flopcount.trace.integrity.rank_integrity)."""
     from .trace.integrity import rank_integrity
 
     found = [rank_integrity(t.manifests, t.name if len(traces.traces) > 1 else "") for t in traces.traces]

@@ -73,6 +73,22 @@ def test_analysis_commands_import_no_torch(trace_dir, tmp_path):
     assert report["integrity"]["verified"] and report["compliance"]["status"] == "below"
 
 
+ANALYSIS_MODULES = ["flopcount", "flopcount.cli", "flopcount.errors", "flopcount.summary", "flopcount.energy",
+                    "flopcount.accounting", "flopcount.hardware", "flopcount.compliance", "flopcount.compliance.method",
+                    "flopcount.compliance.forecast", "flopcount.report", "flopcount.report.build",
+                    "flopcount.report.cop", "flopcount.report.text", "flopcount.report.markdown",
+                    "flopcount.report.html", "flopcount.trace.reader", "flopcount.trace.integrity",
+                    "flopcount.trace.manifest", "flopcount.trace.ranks", "flopcount.trace.schema",
+                    "flopcount.trace.storage"]
+
+
+def test_the_analysis_modules_import_no_torch():
+    code = BLOCKED.split("from flopcount.cli")[0] + "".join(f"import {m}\n" for m in ANALYSIS_MODULES) + (
+        "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_import_flopcount_is_light_and_the_meter_is_the_function():
     code = ("import sys, flopcount; heavy = [m for m in ('torch', 'pandas', 'pyarrow') if m in sys.modules]; "
             "print(heavy, flopcount.__version__)")

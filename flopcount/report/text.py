@@ -6,14 +6,20 @@ from .cop import resource_lines
 from .escape import printable
 
 
-def integrity_line(integrity: dict) -> str:
-    """One line of an integrity result (trace/integrity.py ``as_dict()``): "verified" only when it
-    is, the key only when one was checked, and the digest to keep (``flopcount verify --digest``)."""
+def integrity_state(integrity: dict) -> str:
+    """An integrity result (trace/integrity.py ``as_dict()``, or the report's block) in words:
+    "verified" only when it is, the key only when one was checked, the notes (facts that are not
+    findings), and the digest to keep (``flopcount verify --digest``)."""
     if integrity["verified"]:
         state = "verified" + (f", signed by {integrity['signed_by']}" if integrity["signed_by"] else "")
     else:
         state = f"NOT verified ({len(integrity['problems'])} problem(s): run `flopcount verify`)"
-    return printable(f"integrity: {state}; digest {integrity['digest'] or '-'}")
+    state += "".join(f"; {note}" for note in integrity.get("notes", []))
+    return printable(f"{state}; digest {integrity['digest'] or '-'}")
+
+
+def integrity_line(integrity: dict) -> str:
+    return f"integrity: {integrity_state(integrity)}"
 
 
 def compliance_summary(location, *, base_model=None, base_model_flops=None, systemic_risk=None,
@@ -55,8 +61,7 @@ def report_summary(report: dict) -> str:
     if result["combined_flops"] is not None:
         lines.append(f"  base + modification  {result['text']['combined_flops']} against 1e25 FLOP: "
                      f"{result['combined_status']} (informational)")
-    lines.append(f"  integrity            {integrity['parts_checked']} parts checked: "
-                 + integrity_line(integrity).removeprefix("integrity: "))
+    lines.append(f"  integrity            {integrity['parts_checked']} parts checked: {integrity_state(integrity)}")
     lines += [f"    problem: {p}" for p in integrity["problems"]]
     return "\n".join(map(printable, lines))  # run ids, module names, paths: no control characters
 
