@@ -78,7 +78,7 @@ ANALYSIS_MODULES = ["flopcount", "flopcount.cli", "flopcount.errors", "flopcount
                     "flopcount.compliance.forecast", "flopcount.report", "flopcount.report.build",
                     "flopcount.report.cop", "flopcount.report.text", "flopcount.report.markdown",
                     "flopcount.report.html", "flopcount.trace.reader", "flopcount.trace.integrity",
-                    "flopcount.trace.manifest", "flopcount.trace.ranks", "flopcount.trace.schema",
+                    "flopcount.trace.manifest", "flopcount.trace.schema",
                     "flopcount.trace.storage"]
 
 
