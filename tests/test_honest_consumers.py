@@ -9,8 +9,8 @@ Real trace dirs written by a real metered loop; then a part altered, deleted or 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
