@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from .registry import lookup
+from .registry import lineage, lookup
 
 UNKNOWN_BASE_FLOP = 1e23            # para. 61: base compute unknown
 SYSTEMIC_FLOP = 1e25                # Art. 51(2): systemic-risk presumption
@@ -75,18 +75,26 @@ def threshold(base_flops: float | None, systemic_risk: bool = False) -> tuple[Fr
 def resolve_base(base_model: str | None = None, base_model_flops: float | None = None,
                  systemic_risk: bool | None = None) -> dict:
     """What is known about the base model. Raises UnknownBaseModel for a name not in the registry."""
-    entry = lookup(base_model) if base_model else None
+    named = lookup(base_model) if base_model else None
+    chain = lineage(named) if named else []
+    # A fine-tune of a fine-tune: the threshold is one third of the original model's compute.
+    entry = chain[-1] if chain else None
     flops = base_model_flops if base_model_flops is not None else (entry.training_flop if entry else None)
     if flops is not None and (not isinstance(flops, (int, float)) or flops <= 0 or flops != flops):
         raise ValueError(f"flopcount: base model training compute {flops!r} must be a positive number of FLOP")
-    return {
-        "base_model": entry.hf_id if entry else base_model,
+    result = {
+        "base_model": named.hf_id if named else base_model,
         "base_model_flops": float(flops) if flops is not None else None,
         "base_model_flops_source": ("given" if base_model_flops is not None else
                                     (entry.source if entry and entry.training_flop is not None else None)),
         "base_model_method": "given" if base_model_flops is not None else (entry.method if entry else None),
         "systemic_risk": bool(systemic_risk) if systemic_risk is not None else bool(entry and entry.systemic_risk),
     }
+    if len(chain) > 1:  # only for fine-tunes, so that existing outputs keep their keys
+        result["lineage"] = [m.hf_id for m in chain]
+        result["original_model"] = entry.hf_id
+        result["prior_modification_flops"] = sum(m.training_flop or 0 for m in chain[:-1])
+    return result
 
 
 def assess(training_flops: int, base: dict, approaching: float = DEFAULT_APPROACHING) -> dict:
