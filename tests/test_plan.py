@@ -33,7 +33,6 @@ def metered_cpu_step(values: dict, *, seq: int, batch: int, grad_accum: int = 1,
     values = dict(values)
     config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
     config._attn_implementation = attn
-    config.use_cache = False
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     if checkpointing:

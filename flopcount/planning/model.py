@@ -6,6 +6,8 @@ Linear is planned as what it computes, a frozen Linear: the same forward GEMM an
 input-gradient GEMM, no weight gradient (convention: all precisions count the same; the
 dequantization of the 4-bit weights, vector work the GPU does before its GEMM, is not planned).
 Multimodal configs (Gemma 3, Llama 4, Mistral Small 3.1) plan their text model (``text_config``).
+The config is taken as it is (``use_cache`` included: with a cache, transformers skips its
+packed-sequence check, a few FLOP), so that the plan runs what training with that config runs.
 """
 from __future__ import annotations
 
@@ -39,7 +41,6 @@ def hf_config(values: dict, attn: str):
         raise ValueError(f"flopcount: model_type {model_type!r} is not known to the installed transformers "
                          f"{transformers.__version__} ({str(e).splitlines()[0][:120]})") from None
     config._attn_implementation = attn
-    config.use_cache = False
     return config
 
 
@@ -61,7 +62,6 @@ def build(values: dict, *, attn: str = "sdpa", dtype: str = "bfloat16", lora_ran
             except ValueError as e:
                 raise ValueError(f"flopcount: cannot build {config.model_type!r} as a causal LM with "
                                  f"attention {attn!r}: {str(e).splitlines()[0][:160]}") from None
-    model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora_rank:
