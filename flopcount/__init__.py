@@ -17,6 +17,7 @@ _PUBLIC = {
     "Work": ".formulas", "register_formula": ".formulas",
     "summarize": ".summary",
     "read_trace": ".trace.reader",
+    "plan": ".planning",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -383,13 +383,16 @@ def cmd_verify(args) -> int:
 
 def add_models(parser) -> None:
     add_json(parser)
+    parser.add_argument("--file", metavar="PATH", action="append",
+                        help="an organisation's model CSV (same columns, optional base_model/config) merged over "
+                             "the shipped registry, like FLOPCOUNT_MODELS=PATH; repeatable")
 
 
 def cmd_models(args) -> int:
-    from .compliance.registry import base_models
+    from .compliance.registry import base_models, extra_files
     from .compliance.thresholds import sig2
 
-    models = base_models()
+    models = base_models(extra_files() + tuple(args.file or ()))
     if args.json:
         print_json([m.as_dict() for m in models])
         return EXIT_OK
@@ -493,6 +496,18 @@ def cmd_build_native(args) -> int:
     return build()
 
 
+def add_plan(parser) -> None:
+    from .planning.cli import add_arguments
+
+    add_arguments(parser, add_base_model, positive_int, flop_count)
+
+
+def cmd_plan(args) -> int:
+    from .planning.cli import run
+
+    return run(args, print_json)
+
+
 # name -> (one-line help, add arguments, run). A new subcommand is one entry here.
 COMMANDS = {
     "summarize": ("roll up a trace or project dir across steps, ranks and runs", add_summarize, cmd_summarize),
@@ -504,6 +519,8 @@ COMMANDS = {
     "models": ("list the base-model registry (published training compute)", add_models, cmd_models),
     "run": ("meter an unmodified training command: flopcount run [--out DIR] -- python train.py", add_run, cmd_run),
     "keys": ("create the Ed25519 key pair that signs manifests: flopcount keys new KEYDIR", add_keys, cmd_keys),
+    "plan": ("plan a fine-tune before it runs: one real training step of the model on the meta device, counted",
+             add_plan, cmd_plan),
     "info": ("versions, the capture backend that backend='auto' picks, the native extension's build status",
              add_info, cmd_info),
     "build-native": ("build the native capture extension now (for images and shared caches)", add_build_native,

@@ -1,4 +1,8 @@
-"""EU AI Act compute thresholds for a modification (guidelines C(2025) 5045, para. 60-61; Art. 51(2)).
+"""EU AI Act compute thresholds for a modification (guidelines C(2025) 7719, para. 60-61; Art. 51(2)).
+
+The guidelines: Communication from the Commission, Guidelines on the scope of the obligations for
+general-purpose AI models, C(2025) 7719 final of 19 November 2025, the current version of the
+text first approved on 18 July 2025 as C(2025) 5045 (paragraph numbers as cited since July).
 
 A modification makes its author the provider of a new general-purpose model when its training
 compute exceeds one third of the base model's training compute; when that compute is unknown,
@@ -11,7 +15,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from ..errors import BadInput
-from .registry import lookup
+from .registry import lineage, lookup
 
 UNKNOWN_BASE_FLOP = 1e23            # para. 61: base compute unknown
 SYSTEMIC_FLOP = 1e25                # Art. 51(2): systemic-risk presumption
@@ -85,19 +89,27 @@ def valid_flop(value) -> bool:
 def resolve_base(base_model: str | None = None, base_model_flops: float | None = None,
                  systemic_risk: bool | None = None) -> dict:
     """What is known about the base model. Raises UnknownBaseModel for a name not in the registry."""
-    entry = lookup(base_model) if base_model else None
+    named = lookup(base_model) if base_model else None
+    chain = lineage(named) if named else []
+    # A fine-tune of a fine-tune: the threshold is one third of the original model's compute.
+    entry = chain[-1] if chain else None
     flops = base_model_flops if base_model_flops is not None else (entry.training_flop if entry else None)
     if flops is not None and not valid_flop(flops):
         raise BadInput(f"flopcount: base model training compute {flops!r} must be a number of FLOP from "
                        "1 to 1e40")
-    return {
-        "base_model": entry.hf_id if entry else base_model,
+    result = {
+        "base_model": named.hf_id if named else base_model,
         "base_model_flops": float(flops) if flops is not None else None,
         "base_model_flops_source": ("given" if base_model_flops is not None else
                                     (entry.source if entry and entry.training_flop is not None else None)),
         "base_model_method": "given" if base_model_flops is not None else (entry.method if entry else None),
         "systemic_risk": bool(systemic_risk) if systemic_risk is not None else bool(entry and entry.systemic_risk),
     }
+    if len(chain) > 1:  # only for fine-tunes, so that existing outputs keep their keys
+        result["lineage"] = [m.hf_id for m in chain]
+        result["original_model"] = entry.hf_id
+        result["prior_modification_flops"] = sum(m.training_flop or 0 for m in chain[:-1])
+    return result
 
 
 def assess(training_flops: int, base: dict, approaching: float = DEFAULT_APPROACHING) -> dict:
