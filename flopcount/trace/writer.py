@@ -105,6 +105,7 @@ class TraceWriter:
             sum(record.uncounted.values()),
             sum(getattr(record, "collectives", {}).values()), sum(getattr(record, "collective_bytes", {}).values()),
             *energy_row(getattr(record, "energy", None), self.energy),
+            bool(getattr(record, "trailing", False)),
         ))
         for key, flops in record.flops.items():
             self.window_flops[key] += flops
@@ -122,7 +123,8 @@ class TraceWriter:
         self.flush()
         self._append({"type": "close", "segment": self.segment, "steps": self.steps_written,
                       "training_flops": summary.get("training_flops"),
-                      "hardware_flops": summary.get("hardware_flops"), "ended": time.time()})
+                      "hardware_flops": summary.get("hardware_flops"), "ended": time.time(),
+                      "meter_errors": summary.get("meter_errors") or {}})
 
     # ---- flushing -----------------------------------------------------------------------------
     def flush(self) -> None:
