@@ -72,6 +72,9 @@ class StepRecord:
     training_phases: frozenset[str] = TRAINING_PHASES
     collectives: dict[str, int] = field(default_factory=dict)  # communication op -> calls (0 FLOP)
     collective_bytes: dict[str, int] = field(default_factory=dict)  # communication op -> bytes
+    # Work after the last optimizer step (a final evaluation, a trailing zero_grad, a save):
+    # counted in its phases, but not a training step (``steps`` leaves it out).
+    trailing: bool = False
 
     def phase_totals(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -113,7 +116,8 @@ class Rollup:
     uncounted: Counter = field(default_factory=Counter)
     collectives: Counter = field(default_factory=Counter)
     collective_bytes: Counter = field(default_factory=Counter)
-    steps: int = 0
+    steps: int = 0  # optimizer steps: trailing records are not steps
+    trailing_flops: int = 0  # FLOPs of the work after the last optimizer step (in the totals too)
     tokens: int | None = None
     samples: int | None = None
     world_size: int = 1
@@ -134,7 +138,10 @@ class Rollup:
         self.uncounted.update(record.uncounted)
         self.collectives.update(record.collectives)
         self.collective_bytes.update(record.collective_bytes)
-        self.steps += 1
+        if record.trailing:
+            self.trailing_flops += record.hardware_flops
+        else:
+            self.steps += 1
         if record.tokens is not None:
             self.tokens = (self.tokens or 0) + int(record.tokens)
         if record.samples is not None:
@@ -181,6 +188,7 @@ class Rollup:
             "by_op": {op: {"flops": self.by_op.get(op, 0), "calls": self.op_calls.get(op, 0)}
                       for op in sorted(set(self.by_op) | set(self.op_calls), key=lambda o: -self.by_op.get(o, 0))},
             "steps": self.steps,
+            "trailing_flops": self.trailing_flops,
             "tokens": self.tokens,
             "samples": self.samples,
             "world_size": self.world_size,

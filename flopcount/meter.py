@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from .accounting import Rollup, StepAccumulator, StepRecord
 from .budget import STOP, BudgetGuard
 from .capture import compile as compiled_regions
-from .capture.context import Context
+from .capture.context import Context, HookGuard
 from .capture.counter import Counter
 from .conventions import BUILTIN_PHASES, TRAINING_PHASES
 from .distributed import rank_and_world_size
@@ -32,6 +32,8 @@ class Meter:
     Steps close on ``step()``; if the program never calls it, a step closes after each
     ``optimizer.step()`` (at the next op that does work, so zero_grad and friends stay in it);
     ``auto_steps=False`` leaves closing steps to ``step()`` alone (the framework callbacks).
+    ``steps`` counts optimizer steps: work after the last one (a final evaluation, a trailing
+    zero_grad, a save) is counted in its phases in a record marked ``trailing``, not a step.
     ``budget``: a fraction of the threshold in (0, 1] or FLOP above 1; a ``BudgetWarning`` at
     ``budget_warn_at`` of it, and ``BudgetExceeded`` (traces flushed) from ``step()`` or
     ``optimizer.step()`` when the next step would reach it (budget.py).
@@ -86,6 +88,8 @@ class Meter:
         self.writer = None
         self._active = False
         self._explicit_steps = not auto_steps  # auto_steps=False: only step() closes steps
+        self._caller_counts_steps = not auto_steps  # a framework callback: each step() is a trainer step
+        self._optimizer_steps_closed = 0  # optimizer steps seen when the last step closed
         self._pending_end: float | None = None
         self._step_start = 0.0
 
@@ -93,7 +97,9 @@ class Meter:
     def __enter__(self) -> "Meter":
         if self._active:
             raise RuntimeError("flopcount: this meter is already active; nest a new flopcount.meter() instead")
-        self.context = Context(on_optimizer_step=self._on_optimizer_step, track_modules=self.track_modules)
+        self.guard = HookGuard(warn=self.warn)  # failures inside hooks: recorded, never raised
+        self.context = Context(on_optimizer_step=self._on_optimizer_step, track_modules=self.track_modules,
+                               guard=self.guard)
         self.counter = Counter(self.context, strict=self.strict, warn=self.warn, on_work=self._on_work)
         self.capture = self._make_capture()
         self.rank, self.world_size = rank_and_world_size()
@@ -121,7 +127,9 @@ class Meter:
             self.context.remove()
             self._active = False
             if not self.counter.acc.empty():
-                self._close(end=self._pending_end)
+                # Work after the last optimizer step (auto steps) or after the last step() is
+                # counted in its phases, in a record marked trailing: it is not a training step.
+                self._close(end=self._pending_end, trailing=self._pending_end is None)
             if self.writer is not None:
                 self.writer.close(self.summary())
         return False
@@ -148,10 +156,18 @@ class Meter:
         self._require_active("step()")
         self._explicit_steps = True
         self._pending_end = None
-        record = self._close(tokens=tokens, samples=samples)
+        record = self._close(tokens=tokens, samples=samples, trailing=self._holds_no_optimizer_step())
         if self.budget is not None:
             self._enforce_budget()
         return record
+
+    def _holds_no_optimizer_step(self) -> bool:
+        """A plain loop's ``step()`` that closes work without an optimizer step, in a run that
+        uses one (the demo's step() after its final evaluation, a step() per micro-batch): not a
+        training step, the record is marked trailing. Loops without torch.optim (no optimizer step
+        ever seen) and framework callbacks (``auto_steps=False``) count every ``step()``."""
+        steps = self.context.optimizer_steps
+        return not self._caller_counts_steps and steps > 0 and steps == self._optimizer_steps_closed
 
     def _on_optimizer_step(self) -> None:
         if not self._explicit_steps:
@@ -184,7 +200,7 @@ class Meter:
             end, self._pending_end = self._pending_end, None
             self._close(end=end)
 
-    def _close(self, tokens=None, samples=None, end: float | None = None) -> StepRecord:
+    def _close(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
         flush = getattr(self.capture, "flush", None)
         if flush is not None:  # native backend: book what it aggregated (a no-op while it books)
             flush()
@@ -195,7 +211,8 @@ class Meter:
                 tokens=_as_int(tokens, "tokens"), samples=_as_int(samples, "samples"),
                 flops=dict(acc.flops), calls=dict(acc.calls), uncounted=dict(acc.uncounted),
                 training_phases=frozenset(self.training_phases),
-                collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes))
+                collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes),
+                trailing=trailing)
         record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
         self.resources.add_step(self.run_id or "run", self.rank, record, record.energy, self.energy)
         self.rollup.add(record)
@@ -203,6 +220,7 @@ class Meter:
             self.writer.write(record)
         self.last_step = record
         self.step_index += 1
+        self._optimizer_steps_closed = self.context.optimizer_steps
         self._step_start = record.end_time
         self.context.reset_backward()
         if self.sync_every is not None and self.step_index % self.sync_every == 0:
@@ -273,7 +291,8 @@ class Meter:
         """Totals over the closed steps (the open step is included once it closes)."""
         summary = self.rollup.summary(self.module_depth)
         summary.update(run_id=self.run_id, backend=self.backend, base_model=self.base_model, rank=self.rank,
-                       module_depth=self.module_depth, torch_version=torch.__version__)
+                       module_depth=self.module_depth, torch_version=torch.__version__,
+                       meter_errors=self.guard.summary() if hasattr(self, "guard") else {})
         summary.update(resources_summary(self.resources, summary["training_flops"]))  # time, energy, estimate
         from .compliance import add_method_and_compliance
 

@@ -5,8 +5,9 @@ these meanings across ranks and runs:
 
 - totals (``training_flops``, ``by_phase``, ``by_module``, ...) add up every rank of every run:
   a project dir holding several runs on one base model is one modification;
-- ``steps`` is the number of distinct steps of each run, added over runs (ranks of one step
-  count once); ``tokens`` and ``samples`` add up the per-rank counts;
+- ``steps`` is the number of distinct optimizer steps of each run, added over runs (ranks of
+  one step count once; rows marked ``trailing`` are not steps, their FLOPs are in the totals
+  and in ``trailing_flops``); ``tokens`` and ``samples`` add up the per-rank counts;
 - ``run_id``, ``rank``, ``backend`` and ``torch_version`` are single values when all runs agree,
   else lists (``rank`` is None for several ranks); ``world_size`` is the largest recorded.
 
@@ -29,7 +30,7 @@ from .trace.reader import TraceSet, iter_batches, open_traces
 from .trace.storage import TraceError
 
 STEP_COLUMNS = ["run_id", "rank", "world_size", "step", "start_time", "end_time", "tokens", "samples",
-                "training_flops", "hardware_flops"]
+                "training_flops", "hardware_flops", "trailing"]
 BREAKDOWN_KEYS = ["kind", "phase", "category", "module", "op", "training"]
 AGGREGATE_ROWS = 1 << 19  # breakdown rows buffered before one group-by
 
@@ -54,6 +55,7 @@ class _StepTotals:
 
     def __init__(self) -> None:
         self.training = self.hardware = 0
+        self.trailing = 0  # FLOPs of rows marked trailing (work after the last optimizer step)
         self.tokens: int | None = None
         self.samples: int | None = None
         self.steps_by_run: dict[str, set[int]] = {}
@@ -71,10 +73,14 @@ class _StepTotals:
             column = batch.column(name)
             if column.null_count < len(column):
                 setattr(self, name, (getattr(self, name) or 0) + exact_sum(column))
+        # Trailing rows (null in older traces: not trailing) are counted, but are not steps.
+        trailing = pc.fill_null(batch.column("trailing"), False)
+        self.trailing += exact_sum(pc.filter(batch.column("hardware_flops"), trailing))
         steps = batch.column("step").to_numpy()
         run_ids = batch.column("run_id")
+        is_step = pc.invert(trailing).to_numpy(zero_copy_only=False)
         for run_id in pc.unique(run_ids).to_pylist():
-            mask = pc.equal(run_ids, run_id).to_numpy(zero_copy_only=False)
+            mask = pc.equal(run_ids, run_id).to_numpy(zero_copy_only=False) & is_step
             self.steps_by_run.setdefault(run_id, set()).update(np.unique(steps[mask]).tolist())
         self.ranks.update(pc.unique(batch.column("rank")).to_pylist())
         self.world_size = max(self.world_size, pc.max(batch.column("world_size")).as_py())
@@ -171,12 +177,14 @@ def summarize_traces(traces: TraceSet, *, module_depth: int | None = None, base_
                          f"(training {steps.training} vs {breakdown.training}, hardware {steps.hardware} vs "
                          f"{breakdown.hardware} FLOPs): run `flopcount verify`")
     rollup.steps = sum(len(s) for s in steps.steps_by_run.values())
+    rollup.trailing_flops = steps.trailing
     rollup.tokens, rollup.samples = steps.tokens, steps.samples
     rollup.world_size = max([steps.world_size] + [s.get("world_size", 1) for s in segments])
     rollup.ranks = steps.ranks or {s["rank"] for s in segments}
     rollup.first_time, rollup.last_time = steps.first, steps.last
     summary = rollup.summary(module_depth)
     summary.update(_rank_integrity(traces))
+    summary["meter_errors"] = _meter_errors(traces)
     recorded_name, recorded_flops = recorded_base_model(traces)
     if base_model is None and base_model_flops is None:
         base_model, base_model_flops = recorded_name, recorded_flops
@@ -190,6 +198,18 @@ def summarize_traces(traces: TraceSet, *, module_depth: int | None = None, base_
         json.loads(hardware) if hardware else {})  # {}: not recorded (never this machine's)
     return add_method_and_compliance(summary, base_model=base_model, base_model_flops=base_model_flops,
                                      hardware=hardware)
+
+
+def _meter_errors(traces: TraceSet) -> dict:
+    """Failures inside the meter's hooks that the ranks recorded at close (Meter.summary's
+    ``meter_errors``), added over ranks and segments; the first message of each kind kept."""
+    out: dict = {}
+    closes = [e for t in traces.traces for entries in t.manifests.values() for e in entries if e["type"] == "close"]
+    for entry in closes:
+        for kind, value in (entry.get("meter_errors") or {}).items():
+            seen = out.setdefault(kind, {"count": 0, "first": value.get("first")})
+            seen["count"] += int(value.get("count", 0))
+    return dict(sorted(out.items()))
 
 
 def _rank_integrity(traces: TraceSet) -> dict:

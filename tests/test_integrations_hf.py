@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+import flopcount
+
 transformers = pytest.importorskip("transformers")
 
 from conftest import tiny_llama  # noqa: E402
@@ -154,3 +156,30 @@ def test_trl_sft_trainer_counts_real_tokens(tmp_path):
     assert trainer.state.log_history[1]["num_tokens"] == sum(lengths)
     steps = read_table(str(tmp_path / "trace"), "steps").to_pandas().sort_values("step")
     assert trainer.state.log_history[1]["flopcount/training_flops"] == float(steps["training_flops"][:2].sum())
+    assert summary["steps"] == trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_steps_are_the_trainers_global_step(tmp_path, accumulation):
+    """max_steps=2 (with gradient accumulation: 2 micro-batches per step) and an evaluation after
+    step 2: steps == global_step; the evaluation and the loss bookkeeping after the last step are
+    trailing work, counted in their phases."""
+    callback = FlopMeterCallback(out=str(tmp_path / "trace"), backend="dispatch")
+    trainer = make_trainer(tiny_llama(), tmp_path, callback, max_steps=2, gradient_accumulation_steps=accumulation,
+                           eval_lengths=[10, 4])
+    trainer.train()
+    summary = callback.summary()
+    assert trainer.state.global_step == 2
+    assert summary["steps"] == trainer.state.global_step
+    assert flopcount.summarize(str(tmp_path / "trace"))["steps"] == 2
+    # Batches of 2 of the 6 samples: steps of 1 batch, or of 2 batches then the epoch's last one.
+    samples = {1: 4, 2: 6}[accumulation]
+    assert summary["samples"] == samples
+    cats = summary["by_phase_category"]
+    positions = samples * SEQ
+    assert cats["forward"]["matmul"] == 2 * positions * W
+    assert cats["eval"]["matmul"] == 2 * (2 * SEQ) * W  # one evaluation of 2 samples, after the last step
+    rows = read_table(str(tmp_path / "trace"), "steps").to_pandas()
+    assert rows["trailing"].tolist() == [False, False, True]
+    assert rows["cat_matmul"].tolist()[-1] == 2 * (2 * SEQ) * W
+    assert summary["trailing_flops"] == rows["hardware_flops"].tolist()[-1]

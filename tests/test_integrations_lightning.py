@@ -72,6 +72,11 @@ def test_lightning_callback_steps_eval_and_logs(tmp_path):
     assert summary["tokens"] is None  # tensor batches carry no tokens
     steps = read_table(str(tmp_path / "trace"), "steps").to_pandas()
     assert (steps["training_flops"] > 0).sum() == 2  # one step per optimizer step (validation: no training work)
+    # steps == global_step (accumulate_grad_batches=2); the validation after the last step is
+    # trailing work, counted in phase eval.
+    assert summary["steps"] == trainer.global_step == 2
+    assert steps.sort_values("step")["trailing"].tolist() == [False, False, True]
+    assert summary["trailing_flops"] == summary["by_phase"]["eval"]
     with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
         logged = [float(row["flopcount/training_flops"]) for row in csv.DictReader(f)
                   if row.get("flopcount/training_flops")]

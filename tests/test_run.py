@@ -39,16 +39,19 @@ def run_metered(out, command, timeout=240, **env):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_per_rank_matmuls(out, ranks, eval_forwards=0):
+def assert_per_rank_matmuls(out, ranks, eval_forwards=0, micro_batches=1):
     summary = flopcount.summarize(str(out))
     cats = summary["by_phase_category"]
     assert sorted(summary["ranks"]) == list(range(ranks)) and summary["world_size"] == ranks
-    assert cats["forward"]["matmul"] == ranks * STEPS * FORWARD
-    assert cats["backward"]["matmul"] == ranks * STEPS * BACKWARD
+    assert cats["forward"]["matmul"] == ranks * STEPS * micro_batches * FORWARD
+    assert cats["backward"]["matmul"] == ranks * STEPS * micro_batches * BACKWARD
     assert cats.get("eval", {}).get("matmul", 0) == ranks * eval_forwards * FORWARD
+    assert summary["steps"] == STEPS  # the optimizer steps (ranks of one step count once)
     steps = read_table(str(out), "steps").to_pandas()
-    for rank in range(ranks):  # one step per optimizer step on every rank
-        assert (steps[(steps["rank"] == rank)]["training_flops"] > 0).sum() == STEPS
+    for rank in range(ranks):  # one step per optimizer step on every rank, then trailing work
+        rows = steps[(steps["rank"] == rank)].sort_values("step")
+        assert (rows["training_flops"] > 0).sum() == STEPS
+        assert (~rows["trailing"].astype(bool)).sum() == STEPS
     return summary
 
 
@@ -125,9 +128,11 @@ def test_run_accelerate_launch_two_processes(tmp_path):
     # --multi_gpu picks accelerate's torchrun-style launcher; without CUDA it runs gloo on CPU.
     result = run_metered(tmp_path / "run", [*accelerate, "launch", "--multi_gpu", "--num_processes", "2",
                                             "--num_machines", "1", "--mixed_precision", "no",
-                                            "--dynamo_backend", "no", "train_accelerate.py"], OMP_NUM_THREADS="1")
+                                            "--dynamo_backend", "no", "train_accelerate.py"], OMP_NUM_THREADS="1",
+                          ACCUM="2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_per_rank_matmuls(tmp_path / "run", ranks=2)
+    # Gradient accumulation: 2 micro-batches per optimizer step, steps are the optimizer's.
+    assert_per_rank_matmuls(tmp_path / "run", ranks=2, micro_batches=2)
 
 
 def test_run_budget_stops_the_script_in_one_line(tmp_path):

@@ -21,8 +21,11 @@ hooks run no Python).
 """
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
 import weakref
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -31,6 +34,63 @@ from torch.autograd.graph import register_multi_grad_hook
 from ..conventions import BACKWARD, EVAL, FORWARD, NO_MODULE, OPTIMIZER, RECOMPUTE, ROOT_MODULE
 
 _graph_task_id = torch._C._current_graph_task_id
+
+
+def _passes_through() -> tuple:
+    """The only exceptions the meter lets reach the training loop: asked for by the user."""
+    from ..budget import BudgetExceeded
+    from .counter import UncountedOpError
+
+    return BudgetExceeded, UncountedOpError
+
+
+class HookGuard:
+    """A meter never breaks training: the meter's work inside module, autograd and optimizer
+    hooks (and inside the ops it books) runs through ``call``/``failed``. A failure is recorded
+    (``errors``: kind -> count, ``first``: kind -> the first message), warned about once per
+    kind, and training goes on. Where a failure loses FLOPs, the caller books the op as
+    uncounted, so the totals say they are a lower bound. Only ``BudgetExceeded`` and strict
+    mode's ``UncountedOpError`` pass through."""
+
+    def __init__(self, warn: bool = True) -> None:
+        self.warn = warn
+        self.errors: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+
+    def failed(self, kind: str, exc: BaseException) -> None:
+        if isinstance(exc, _passes_through()):
+            raise exc
+        self.errors[kind] += 1
+        if kind not in self.first:
+            self.first[kind] = f"{type(exc).__name__}: {exc}"
+            if self.warn:
+                warnings.warn(f"flopcount: the meter failed in {kind} ({self.first[kind]}); training goes on, "
+                              f"see meter_errors in the summary", stacklevel=3)
+
+    def call(self, kind: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, or None after recording its failure."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self.failed(kind, exc)
+            return None
+
+    def summary(self) -> dict:
+        return {kind: {"count": n, "first": self.first[kind]} for kind, n in sorted(self.errors.items())}
+
+
+def guarded(kind: str):
+    """Decorator for Context methods that run inside hooks: failures go to ``self.guard``."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                self.guard.failed(kind, exc)
+                return None
+        return run
+    return wrap
 
 
 def resolve_phase(optimizer: bool, in_backward: bool, grad_enabled: bool, user_phase: str | None,
@@ -65,10 +125,13 @@ class Frame:
 class Context:
     """Phase and module tracking for one meter. ``install()`` adds global hooks; ``remove()``."""
 
-    def __init__(self, on_optimizer_step: Callable[[], None] | None = None, track_modules: bool = True) -> None:
+    def __init__(self, on_optimizer_step: Callable[[], None] | None = None, track_modules: bool = True,
+                 guard: HookGuard | None = None) -> None:
         self.on_optimizer_step = on_optimizer_step
         self.track_modules = track_modules
+        self.guard = guard or HookGuard()
         self.optimizer_depth = 0
+        self.optimizer_steps = 0  # completed outermost optimizer.step() calls
         self.user_phases: list[str] = []
         self.forward_stack: list[Frame] = []
         self.function_grad: list[bool] = []  # grad mode at each active autograd.Function.apply
@@ -118,7 +181,9 @@ class Context:
         stack, functions = self.forward_stack, self.function_grad
         return bool((stack and stack[0].grad_enabled) or (functions and functions[0]))
 
+    @guarded("context tracking")
     def _changed(self) -> None:
+        # The native backend's listener may close a step here (flush): never into the hook.
         if self.listener is not None:
             self.listener.context_changed()
 
@@ -130,6 +195,7 @@ class Context:
         self.user_phases.pop()
         self._changed()
 
+    @guarded("optimizer hook")
     def _optimizer_pre(self, optimizer, args, kwargs):
         self.optimizer_depth += 1
         self._changed()
@@ -151,11 +217,14 @@ class Context:
                 self._changed()
         return run_closure
 
+    @guarded("optimizer hook")
     def _optimizer_post(self, optimizer, args, kwargs) -> None:
         self.optimizer_depth = max(0, self.optimizer_depth - 1)
         self._changed()
+        if self.optimizer_depth == 0:
+            self.optimizer_steps += 1
         if self.optimizer_depth == 0 and self.on_optimizer_step is not None:
-            self.on_optimizer_step()
+            self.on_optimizer_step()  # closes the step; BudgetExceeded passes the guard
 
     # ---- modules --------------------------------------------------------------------------
     def _name(self, module) -> str:
@@ -175,6 +244,7 @@ class Context:
         self.names[module] = name
         return name
 
+    @guarded("module hook")
     def _module_pre(self, module, args) -> None:
         name = self._name(module)
         grad = torch.is_grad_enabled()
@@ -184,6 +254,7 @@ class Context:
             # Fires once gradients for all inputs exist: the module's backward is over.
             self._when_grads(args, name, enter=False)
 
+    @guarded("module hook")
     def _module_post(self, module, args, output) -> None:
         stack = self.forward_stack
         for i in range(len(stack) - 1, -1, -1):  # exceptions may skip frames (always_call)
@@ -213,7 +284,7 @@ class Context:
             return
 
         def fired(grads) -> None:
-            (self.backward.enter if enter else self.backward.leave)(name)
+            self.guard.call("gradient hook", self.backward.enter if enter else self.backward.leave, name)
 
         if one_node:
             node.register_prehook(fired)

@@ -25,9 +25,18 @@ class Counter:
         self.warned: set[str] = set()
         self.collective_ops: dict = {}  # op -> (name, Collective) or None, for known-zero ops
 
+    @property
+    def guard(self):
+        return self.context.guard
+
     def before(self, func):
         """Entry for an op about to run, or None when nothing is to be computed for it."""
-        name, entry = REGISTRY.lookup(func)
+        try:
+            name, entry = REGISTRY.lookup(func)
+        except Exception as exc:  # never into the op's caller: the op is then uncounted
+            self.guard.failed("booking", exc)
+            self.uncounted(str(getattr(func, "__name__", func)), "registry lookup failed")
+            return None
         if entry is KNOWN_ZERO:
             # Communication is known-zero in FLOPs; its calls and bytes are booked separately.
             collective = self.collective_ops.get(func, False)
@@ -42,7 +51,10 @@ class Counter:
     def count(self, entry, args, kwargs, out) -> None:
         name, formula = entry
         if formula.__class__ is Collective:
-            self.acc.add_collective(name, formula.payload_bytes(args, kwargs, out))
+            try:
+                self.acc.add_collective(name, formula.payload_bytes(args, kwargs, out))
+            except Exception as exc:
+                self.guard.failed("booking", exc)
             return
         try:
             works = formula.works(args, kwargs, out)
@@ -52,12 +64,18 @@ class Counter:
         self.book(name, works)
 
     def book(self, name: str, works, phase: str | None = None, module: str | None = None) -> None:
-        if phase is None or module is None:
-            here_phase, here_module = self.context.where()
-            phase, module = phase or here_phase, module or here_module
-        if self.on_work is not None and phase != OPTIMIZER and any(w.flops for w in works):
-            self.on_work()
-        self.acc.add(phase, module, name, works)
+        """Book one call's work items; a failure (a malformed formula result, a step that could
+        not close) is recorded and the op listed as uncounted, never raised into the op's caller."""
+        try:
+            if phase is None or module is None:
+                here_phase, here_module = self.context.where()
+                phase, module = phase or here_phase, module or here_module
+            if self.on_work is not None and phase != OPTIMIZER and any(w.flops for w in works):
+                self.on_work()
+            self.acc.add(phase, module, name, works)
+        except Exception as exc:
+            self.guard.failed("booking", exc)
+            self.acc.add_uncounted(name)
 
     def uncounted(self, name: str, why: str) -> None:
         if self.strict:

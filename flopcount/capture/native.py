@@ -313,7 +313,12 @@ class NativeCapture:
         for key_id, count in calls.items():
             booking = self.bookings.get(key_id)
             if booking is None:
-                booking = self._booking(key_id, values)
+                try:
+                    booking = self._booking(key_id, values)
+                except Exception as exc:  # as Counter.book: recorded, the calls listed as uncounted
+                    counter.guard.failed("booking", exc)
+                    self._lost(key_id, count)
+                    continue
             name, entry, works, plan = booking
             if plan is not None:
                 booked.append((*plan, count))
@@ -373,6 +378,13 @@ class NativeCapture:
             return entry.works(args, kwargs, out)
         except Exception as exc:  # a formula must never break training; report the op instead
             return f"formula failed: {type(exc).__name__}: {exc}"
+
+    def _lost(self, key_id: int, count: int) -> None:
+        """Calls of a key whose booking failed: uncounted, under the op's name when it is known."""
+        key = self.keys.get(key_id)
+        name = self.ops[key[0]][0] if key and key[0] < len(self.ops) else "<native key>"
+        with self.counter.acc.lock:
+            self.counter.acc.uncounted[name] += count
 
     def _uncounted(self, name: str, why: str, count: int, raise_strict: bool) -> None:
         counter = self.counter

@@ -69,6 +69,10 @@ STEPS_FIELDS = [
     pa.field("gpu_energy_devices", pa.int32()),    # GPUs whose energy is in gpu_energy_j
     pa.field("cpu_energy_j", pa.float64()),        # CPU package (+ DRAM) energy (RAPL) in J; null: no figure
     pa.field("cpu_energy_source", pa.string()),    # rapl / rapl_local_rank_0 / unavailable
+    # Work after the last optimizer step (final evaluation, trailing zero_grad, a save): counted
+    # in its phases and totals, not a training step (``steps`` leaves it out). Added within
+    # version 1: null (= false) in older traces.
+    pa.field("trailing", pa.bool_()),
 ]
 
 # Table ``breakdown``: long format, one row per key per flush window [first_step, last_step] of a rank.

@@ -161,6 +161,7 @@ class TraceWriter:
             sum(record.uncounted.values()),
             sum(getattr(record, "collectives", {}).values()), sum(getattr(record, "collective_bytes", {}).values()),
             *energy_row(getattr(record, "energy", None), self.energy),
+            bool(getattr(record, "trailing", False)),
         ))
         for key, flops in record.flops.items():
             self.window_flops[key] += flops
@@ -182,7 +183,7 @@ class TraceWriter:
             entry = {"type": "close", "segment": self.segment, "steps": self.steps_written,
                      "training_flops": summary.get("training_flops"),
                      "hardware_flops": summary.get("hardware_flops"), "ended": time.time(),
-                     "unwritten": self.spool.unwritten()}
+                     "unwritten": self.spool.unwritten(), "meter_errors": summary.get("meter_errors") or {}}
             try:
                 self._append(entry)
                 close_written = True
