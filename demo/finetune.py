@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         with torch.no_grad():  # diagnostics: booked as eval, excluded from training_flops
             ids = held_out[: (len(held_out) // args.seq) * args.seq].view(-1, args.seq)[:4]
             print(f"  held-out loss {model(input_ids=ids, labels=ids).loss.item():.3f}")
-        m.step()  # the evaluation is a step of its own, with no training tokens
+        # The evaluation runs after the last optimizer step: trailing work, counted in `eval`, not a step.
     elapsed = time.time() - started
     print_report(m.summary(), n_params, n_trainable, elapsed)
     print_planned_vs_metered(planned, m.summary())
@@ -139,7 +139,7 @@ def print_planned_vs_metered(planned: dict, s: dict) -> None:
 def print_report(s: dict, n_params: int, n_trainable: int, elapsed: float) -> None:
     tokens = s["tokens"]
     phases = [p for p in ("forward", "backward", "optimizer", "recompute", "eval") if p in s["by_phase"]]
-    print(f"\nCounted FLOPs by phase and category ({s['steps'] - 1} training steps + 1 evaluation step, "
+    print(f"\nCounted FLOPs by phase and category ({s['steps']} training steps + a final evaluation, "
           f"{tokens} training tokens, {elapsed:.0f} s):")
     print(f"  {'category':<10}" + "".join(f"{p:>12}" for p in phases))
     for category in CATEGORIES:
