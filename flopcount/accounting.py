@@ -72,6 +72,7 @@ class StepRecord:
     training_phases: frozenset[str] = TRAINING_PHASES
     collectives: dict[str, int] = field(default_factory=dict)  # communication op -> calls (0 FLOP)
     collective_bytes: dict[str, int] = field(default_factory=dict)  # communication op -> bytes
+    dark_modules: dict[str, str] = field(default_factory=dict)  # module -> class (capture/dark.py)
 
     def phase_totals(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -113,6 +114,7 @@ class Rollup:
     uncounted: Counter = field(default_factory=Counter)
     collectives: Counter = field(default_factory=Counter)
     collective_bytes: Counter = field(default_factory=Counter)
+    dark_modules: dict = field(default_factory=dict)  # module name -> class name (capture/dark.py)
     steps: int = 0
     tokens: int | None = None
     samples: int | None = None
@@ -134,6 +136,7 @@ class Rollup:
         self.uncounted.update(record.uncounted)
         self.collectives.update(record.collectives)
         self.collective_bytes.update(record.collective_bytes)
+        self.dark_modules.update(getattr(record, "dark_modules", {}))
         self.steps += 1
         if record.tokens is not None:
             self.tokens = (self.tokens or 0) + int(record.tokens)
@@ -186,6 +189,7 @@ class Rollup:
             "world_size": self.world_size,
             "ranks": sorted(self.ranks),
             "uncounted_ops": dict(self.uncounted.most_common()),
+            "dark_modules": dict(sorted(self.dark_modules.items())),
             "missing_ranks": [], "unfinished_ranks": [], "rank_problems": [],  # traces: summary.py
             "collective_calls": sum(self.collectives.values()),
             "collective_bytes": sum(self.collective_bytes.values()),
