@@ -110,6 +110,8 @@ PER_ELEMENT: dict[str, PerElement] = {
     # Fused attention softmax, per (query, key) pair and query head.
     **_rows("attention_softmax_forward", 5, "pointwise", "formula", "as _softmax, computed online"),
     **_rows("attention_softmax_backward", 4, "pointwise", "formula", "as _softmax_backward_data"),
+    **_rows("attention_softcap", 3, "pointwise", "formula", "cap * tanh(score / cap): divide, tanh, multiply"),
+    **_rows("attention_softcap_backward", 3, "pointwise", "formula", "g * (1 - t^2): square, subtract, multiply"),
     # Optimizers (per parameter element).
     **_rows("adam_step", 16, "pointwise", "formula",
             "decay (2), m update (3), v update (4), two bias corrections, sqrt, add eps, divide, lr scale, subtract"),
