@@ -102,6 +102,9 @@ class Meter:
         from .integrations.deepspeed import watch_opaque_kernels
 
         self.context.handles += watch_opaque_kernels(self.counter)  # removed with the context's hooks
+        from .integrations.kernels import watch_api_kernels
+
+        self.context.handles += watch_api_kernels(self.counter)  # libraries counted at their Python API
         self.capture.__enter__()
         compiled_regions.attach(self)  # torch.compile regions, Triton launches, CUDA graph replays
         self._active = True

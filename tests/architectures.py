@@ -46,7 +46,7 @@ def small_config(model_type: str, attn: str):
         raise Skip(f"no default config: {type(exc).__name__}: {str(exc)[:100]}") from None
     text = getattr(default, "get_text_config", lambda: default)()
     overrides = {k: v for k, v in SMALL.items() if hasattr(text, k)}
-    for key in ("layer_types", "layers_block_type", "block_types", "attn_layer_indices", "mlp_only_layers"):
+    for key in ("layer_types", "layers_block_type", "block_types"):
         settable = not isinstance(getattr(type(text), key, None), property)
         if settable and isinstance(getattr(text, key, None), list):
             overrides[key] = _resize(getattr(text, key), 2)
@@ -66,13 +66,29 @@ def _resize(values: list, n: int) -> list:
     return (kinds * n)[:n]
 
 
+MAX_PARAMETERS = 3_000_000  # a "small" config that is not small (sizes the overrides do not reach)
+
+
 def build(model_type: str, attn: str):
     from transformers import AutoModelForCausalLM
 
-    config = small_config(model_type, attn)
+    for attempt in (attn, "eager"):  # some architectures support eager attention only
+        config = small_config(model_type, attempt)
+        try:
+            with torch.device("meta"):
+                size = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                    config, attn_implementation=attempt).parameters())
+            break
+        except ValueError as exc:
+            if attempt == "eager" or "attention" not in str(exc):
+                raise Skip(f"does not build from a small config: ValueError: {str(exc)[:120]}") from None
+        except Exception as exc:
+            raise Skip(f"does not build from a small config: {type(exc).__name__}: {str(exc)[:120]}") from None
+    if size > MAX_PARAMETERS:
+        raise Skip(f"{size:,} parameters from the small config (sizes it does not shrink)")
     torch.manual_seed(0)
     try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attempt)
     except Exception as exc:
         raise Skip(f"does not build from a small config: {type(exc).__name__}: {str(exc)[:120]}") from None
     model.train()

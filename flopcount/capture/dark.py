@@ -22,20 +22,20 @@ import torch
 
 # Libraries whose kernels never reach the dispatcher (DESIGN.md, measured facts).
 BYPASSING_PACKAGES = ("transformer_engine", "mamba_ssm", "causal_conv1d", "apex")
-# Classes of those libraries that flopcount counts at their Python API (integrations/kernels.py
-# adds the ones it wraps), as 'module.QualName'.
-COUNTED_CLASSES: set[str] = set()
+# Classes of those libraries that flopcount counts at their Python API, as (root package, class
+# name): integrations/kernels.py adds the modules it wraps.
+COUNTED_CLASSES: set[tuple[str, str]] = set()
 LOOKUP_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
 
 def class_name(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__name__}"
 
 
 def bypassing(cls) -> bool:
     """A class of a dispatcher-bypassing library that flopcount does not count at its API."""
     root = cls.__module__.split(".", 1)[0]
-    return root in BYPASSING_PACKAGES and class_name(cls) not in COUNTED_CLASSES
+    return root in BYPASSING_PACKAGES and (root, cls.__name__) not in COUNTED_CLASSES
 
 
 def dark_in_step(ran: dict[str, str], always_dark: dict[str, str], flops_keys) -> dict[str, str]:

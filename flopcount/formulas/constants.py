@@ -128,6 +128,11 @@ PER_ELEMENT: dict[str, PerElement] = {
     **_rows("trust_ratio", 3, "pointwise", "formula",
             "LAMB/LARS update-norm clipping: square, sum, rescale"),
     **_rows("grad_scale", 1, "pointwise", "formula", "gradient multiplied by a norm scale != 1"),
+    # State-space scans (mamba-ssm's selective scan, counted at its API; docs/custom_kernels.md).
+    **_rows("selective_scan_step", 9, "other", "formula",
+            "per (batch, channel, position, state): delta*A, exp, delta*B*u (2), h = dA*h + dBu (2), C*h and sum (2)"),
+    **_rows("selective_scan_backward", 18, "other", "formula",
+            "twice the forward step: gradients of the recurrence flow to h, delta, A, B, C and u"),
     # Quantization (bitsandbytes; docs/custom_kernels.md). Code lookups are indexing (zero).
     **_rows("dequantize_blockwise dequantize_4bit", 1, "pointwise", "formula",
             "code lookup (indexing) and one multiply by the block's absmax, per dequantized element"),
