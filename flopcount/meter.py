@@ -14,8 +14,9 @@ import torch  # noqa: E402
 from .accounting import Rollup, StepAccumulator, StepRecord
 from .budget import STOP, BudgetGuard
 from .capture import compile as compiled_regions
-from .capture.context import Context, HookGuard
-from .capture.counter import Counter
+from .capture.context import MODULE_HOOKS, Context, HookGuard
+from .capture.counter import Counter, UncountedOpError
+from .capture.dark import DarkModuleWatch
 from .conventions import BUILTIN_PHASES, TRAINING_PHASES
 from .distributed import rank_and_world_size
 from .energy import ResourceTally, open_energy_meter, resources_summary
@@ -109,9 +110,15 @@ class Meter:
 
         self.writer = open_writer(self)
         self.context.install()
+        self.dark = DarkModuleWatch(self.context)  # capture/dark.py: after the Context, which names modules
+        if self.track_modules:
+            self.context.handles.append(MODULE_HOOKS.subscribe(self.dark))
         from .integrations.deepspeed import watch_opaque_kernels
 
         self.context.handles += watch_opaque_kernels(self.counter)  # removed with the context's hooks
+        from .integrations.kernels import watch_api_kernels
+
+        self.context.handles += watch_api_kernels(self.counter)  # libraries counted at their Python API
         self.capture.__enter__()
         compiled_regions.attach(self)  # torch.compile regions, Triton launches, CUDA graph replays
         self._active = True
@@ -126,12 +133,18 @@ class Meter:
         finally:
             self.context.remove()
             self._active = False
-            if not self.counter.acc.empty():
+            dark = None
+            if not self.counter.acc.empty() or self.dark.ran or self.dark.always_dark:
                 # Work after the last optimizer step (auto steps) or after the last step() is
                 # counted in its phases, in a record marked trailing: it is not a training step.
-                self._close(end=self._pending_end, trailing=self._pending_end is None)
+                try:
+                    self._close(end=self._pending_end, trailing=self._pending_end is None)
+                except UncountedOpError as error:  # strict dark modules: raised once traces are closed
+                    dark = error
             if self.writer is not None:
                 self.writer.close(self.summary())
+        if dark is not None and exc_type is None:
+            raise dark
         return False
 
     def _make_capture(self):
@@ -213,6 +226,7 @@ class Meter:
                 training_phases=frozenset(self.training_phases),
                 collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes),
                 trailing=trailing)
+        record.dark_modules = self.dark.take(record.flops)  # capture/dark.py
         record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
         self.resources.add_step(self.run_id or "run", self.rank, record, record.energy, self.energy)
         self.rollup.add(record)
@@ -225,6 +239,11 @@ class Meter:
         self.context.reset_backward()
         if self.sync_every is not None and self.step_index % self.sync_every == 0:
             self.global_totals()
+        if self.strict and record.dark_modules:
+            names = ", ".join(f"{name} ({cls})" for name, cls in record.dark_modules.items())
+            raise UncountedOpError(f"flopcount: module(s) whose forward booked no FLOPs: {names}; their work "
+                                   "ran outside every capture path (docs/custom_kernels.md); give it a formula "
+                                   "or run without strict=True")
         return record
 
     # ---- phases -----------------------------------------------------------------------------

@@ -131,6 +131,8 @@ class _BreakdownTotals:
             rollup.op_calls[op] += value
         elif kind == "uncounted":
             rollup.uncounted[op] += value
+        elif kind == "dark_module":
+            rollup.dark_modules[module] = op
         elif kind == "collective_calls" and hasattr(rollup, "collectives"):
             rollup.collectives[op] += value
         elif kind == "collective_bytes" and hasattr(rollup, "collective_bytes"):

@@ -255,6 +255,9 @@ class NativeCapture:
                 entries.append((op._schema.name, op._overloadname, klass))
             elif isinstance(op, torch._ops.OpOverloadPacket):
                 entries.append((op._qualified_op_name, "*", klass))
+            elif isinstance(op, str):  # registered by name: 'ns::op' or 'ns::op.overload'
+                name, _, overload = op.partition(".")
+                entries.append((name, overload or "*", klass))
         # Non-aten ops with a formula in torch's own flop registry (Registry.lookup reuses those).
         from torch.utils.flop_counter import flop_registry
 

@@ -49,6 +49,10 @@ def method_statement(summary: dict, *, flopcount_version: str, hardware=None) ->
     else:
         uncertainty = ("every executed op had a formula or is a known zero-FLOP op; remaining uncertainty is "
                        "that of the counting conventions (per-element constants of vector ops)")
+    dark = summary.get("dark_modules") or {}
+    if dark:  # capture/dark.py: forwards whose work no capture path saw
+        uncertainty += (f"; {len(dark)} module(s) with parameters booked no FLOPs in their forward (their work ran "
+                        f"outside every capture path and is not in the totals: {', '.join(list(dark)[:10])})")
     return {
         "estimation_method": ESTIMATION_METHOD,
         "conventions": list(CONVENTIONS),
@@ -58,6 +62,7 @@ def method_statement(summary: dict, *, flopcount_version: str, hardware=None) ->
         "excluded_flops": sum(by_phase.get(p, 0) for p in excluded),
         "uncounted_ops": uncounted,
         "uncounted_calls": uncounted_calls,
+        "dark_modules": dark,
         "uncertainty": uncertainty,
         "flopcount_version": flopcount_version,
         "torch_version": summary.get("torch_version"),

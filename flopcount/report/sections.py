@@ -54,6 +54,8 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
             ("phases included", ", ".join(method["phases_included"])),
             ("phases excluded", "; ".join(f"{p}: {why}" for p, why in method["phases_excluded"].items()) or "none"),
             ("uncounted ops", ", ".join(f"{op} ({n})" for op, n in method["uncounted_ops"].items()) or "none"),
+            *([("dark module", f"{name} ({cls})") for name, cls in method.get("dark_modules", {}).items()]
+              or [("dark modules", "none")]),
             ("uncertainty", method["uncertainty"]),
             ("tool", f"flopcount {method['flopcount_version']}, torch {method['torch_version']}, "
                      f"backend {method['backend']}"),

@@ -79,6 +79,7 @@ def summary_text(summary: dict, top: int = 10) -> str:
         "by category       " + ", ".join(f"{c} {sig2(f)}" for c, f in summary["by_category"].items() if f),
         "excluded phases   " + ", ".join(summary["excluded_phases"]),
         "uncounted ops     " + (", ".join(f"{op} x{n}" for op, n in summary["uncounted_ops"].items()) or "none"),
+        "dark modules      " + (", ".join(f"{m} ({c})" for m, c in summary.get("dark_modules", {}).items()) or "none"),
         *resource_lines(summary),
         f"top modules (of {len(summary['by_module'])}):",
     ]

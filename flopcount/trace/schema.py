@@ -80,7 +80,9 @@ STEPS_FIELDS = [
 #   kind="calls":     phase, op                             -> value = calls
 #   kind="uncounted": op                                    -> value = calls of an op without a formula
 #   kind="collective_calls" / "collective_bytes": op         -> value = calls / bytes of a communication op
-BREAKDOWN_KINDS = ("flops", "calls", "uncounted", "collective_calls", "collective_bytes")
+#   kind="dark_module": module, op = the module's class      -> value = steps in which it was dark: its
+#                      forward ran but booked no FLOPs (capture/dark.py; added within version 1)
+BREAKDOWN_KINDS = ("flops", "calls", "uncounted", "collective_calls", "collective_bytes", "dark_module")
 BREAKDOWN_FIELDS = [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("rank", pa.int32(), nullable=False),

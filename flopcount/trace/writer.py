@@ -137,6 +137,7 @@ class TraceWriter:
         self.window_flops: defaultdict = defaultdict(int)   # (phase, category, module, op) -> FLOPs
         self.window_calls: Counter = Counter()              # (op, phase) -> calls
         self.window_uncounted: Counter = Counter()
+        self.window_dark: Counter = Counter()  # (module, class) -> steps in which it was dark
         self.window_collectives: Counter = Counter()
         self.window_collective_bytes: Counter = Counter()
         self.window_training: dict[str, bool] = {}
@@ -169,6 +170,7 @@ class TraceWriter:
             self.window_training[phase] = phase in record.training_phases
         self.window_calls.update(record.calls)
         self.window_uncounted.update(record.uncounted)
+        self.window_dark.update(getattr(record, "dark_modules", {}).items())
         self.window_collectives.update(getattr(record, "collectives", {}))
         self.window_collective_bytes.update(getattr(record, "collective_bytes", {}))
         self.window_hardware += hardware
@@ -239,6 +241,7 @@ class TraceWriter:
                 for (phase, category, module, op), flops in self.window_flops.items()]
         rows += [("calls", phase, None, None, op, None, n) for (op, phase), n in self.window_calls.items()]
         rows += [("uncounted", None, None, None, op, None, n) for op, n in self.window_uncounted.items()]
+        rows += [("dark_module", None, None, module, cls, None, n) for (module, cls), n in self.window_dark.items()]
         rows += [("collective_calls", None, None, None, op, None, n) for op, n in self.window_collectives.items()]
         rows += [("collective_bytes", None, None, None, op, None, n)
                  for op, n in self.window_collective_bytes.items()]
