@@ -133,7 +133,7 @@ def describe() -> dict:
         "native_error": error if state["state"] in ("failed", "unsupported") else None,
         "native_source": str(source) if source else None,
         "native_build_dir": state["build_dir"],
-        "native_module": getattr(module, "__file__", None),
+        "native_module": str(native_build.paths_for(source).library) if module is not None and source else None,
     }
 
 
@@ -160,7 +160,9 @@ def build() -> int:
         print(f"flopcount: native backend unavailable ({why}); the dispatch backend will be used",
               file=sys.stderr)
         return 1
-    print(f"flopcount: native extension ready: {load().__file__}")
+    # The library is loaded from its private build dir before that is renamed into place: name
+    # where it lives now, not the module's (stale) __file__.
+    print(f"flopcount: native extension ready: {native_build.paths_for(source_path()).library}")
     return 0
 
 

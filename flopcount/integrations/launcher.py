@@ -60,10 +60,7 @@ def run(command: list[str], out: str, options: dict) -> int:
     """Run ``command`` metered; write the report and print the compliance summary; its exit status."""
     if not command:
         raise BadInput("flopcount: no command to run: write it after `--`, e.g. flopcount run -- python train.py")
-    from ..trace.storage import check_writable
-
-    check_writable(out)  # TraceError (exit 2) before COMMAND starts, not a traceback at its first step
-    check_out(out)  # and no other live writer holds it
+    check_out(out)  # exit 2 before COMMAND starts, not a traceback at its first step
     env = child_env(out, options)
     sys.stderr.write(f"flopcount: metering `{' '.join(command)}` -> {os.path.abspath(out)}\n")
     try:
@@ -76,21 +73,17 @@ def run(command: list[str], out: str, options: dict) -> int:
 
 
 def check_out(out: str) -> None:
-    """Refuse, before COMMAND starts, an ``--out`` that cannot be written or that another live
-    writer holds (another `flopcount run` or meter on the same directory): one line, exit 2."""
+    """Refuse, before COMMAND starts, an ``--out`` that cannot be written (trace/storage.py
+    ``check_writable``) or that another live writer holds (another `flopcount run` or meter on the
+    same directory): one line, exit 2."""
     from ..trace.lease import active_holders, describe_holder
-    from ..trace.storage import open_storage
+    from ..trace.storage import check_writable, open_storage
 
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise BadInput(f"flopcount: --out {out}: cannot create it ({e.strerror}); pass another --out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise BadInput(f"flopcount: --out {out} is not writable; pass another --out")
+    check_writable(out)
     holders = active_holders(open_storage(out))
     if holders:
         raise BadInput(f"flopcount: --out {out} is being written by another meter ({describe_holder(holders[0])}; "
-                         f"lease {holders[0]['lease']}): wait for it to finish, or pass another --out")
+                       f"lease {holders[0]['lease']}): wait for it to finish, or pass another --out")
 
 
 def _wait_forwarding_signals(child: subprocess.Popen) -> int:
