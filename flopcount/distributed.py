@@ -8,30 +8,21 @@
 """
 from __future__ import annotations
 
-import os
 import socket
 
 import torch
 
 from .formulas.registry import op_name
-
-# (rank, world size) variables set by torchrun / accelerate / deepspeed, SLURM and Open MPI.
-_ENV_PAIRS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
-              ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
-_LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
-# Launcher job ids: every rank of one job sees the same value.
-_JOB_ID_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
+from .resources.rank import env_rank_and_world_size, job_id, local_rank
 
 
 def rank_and_world_size() -> tuple[int, int]:
+    """torch.distributed's answer when it is initialised, else the launcher's environment
+    (resources/rank.py, the one table of launcher variables)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    for rank_var, world_var in _ENV_PAIRS:
-        rank, world = os.environ.get(rank_var), os.environ.get(world_var)
-        if rank is not None and world is not None and rank.isdigit() and world.isdigit():
-            return int(rank), int(world)
-    return 0, 1
+    return env_rank_and_world_size()
 
 
 def rank_identity() -> dict:
@@ -39,10 +30,8 @@ def rank_identity() -> dict:
     (None outside a launcher). Written with each rank's trace so that the summarizer can tell
     which ranks of which world it has."""
     rank, world_size = rank_and_world_size()
-    local = next((os.environ[v] for v in _LOCAL_RANK_VARS if os.environ.get(v, "").isdigit()), None)
-    job_id = next((os.environ[v] for v in _JOB_ID_VARS if os.environ.get(v)), None)
-    return {"rank": rank, "world_size": world_size, "local_rank": None if local is None else int(local),
-            "host": socket.gethostname(), "job_id": job_id}
+    return {"rank": rank, "world_size": world_size, "local_rank": local_rank(),
+            "host": socket.gethostname(), "job_id": job_id()}
 
 
 # ---- collectives -----------------------------------------------------------------------------

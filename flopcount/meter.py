@@ -19,7 +19,7 @@ from .capture.counter import Counter, UncountedOpError
 from .capture.dark import DarkModuleWatch
 from .conventions import BUILTIN_PHASES, TRAINING_PHASES
 from .distributed import rank_and_world_size
-from .energy import ResourceTally, open_energy_meter, resources_summary
+from .resources import ResourceTally, open_energy_meter, resources_summary
 
 compiled_regions.install()  # before any torch.compile, so that compiled regions are countable
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from .accounting import Rollup
 from .compliance import add_method_and_compliance
-from .energy import RESOURCE_COLUMNS, ResourceTally, resources_summary
+from .resources import RESOURCE_COLUMNS, ResourceTally, resources_summary
 from .trace.reader import TraceSet, iter_batches, open_traces
 from .trace.storage import TraceError
 
@@ -165,7 +165,7 @@ def summarize_traces(traces: TraceSet, *, module_depth: int | None = None, base_
         depths = {s.get("module_depth") for s in segments} - {None}
         module_depth = min(depths) if depths else None
     steps = _StepTotals()
-    resources = ResourceTally()  # time, device time and energy (flopcount.energy)
+    resources = ResourceTally()  # time, device time and energy (flopcount.resources)
     for batch in iter_batches(traces, "steps", list(dict.fromkeys(STEP_COLUMNS + RESOURCE_COLUMNS))):
         steps.add(batch)
         resources.add_batch(batch)

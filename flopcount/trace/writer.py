@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ..compliance.method import hardware_description
 from ..conventions import BUILTIN_PHASES
-from ..energy import energy_row
+from ..resources import energy_row
 from ..distributed import rank_identity
 from . import keys, lease, ledger
 from . import manifest as mf
@@ -73,7 +73,7 @@ class TraceWriter:
         from .. import __version__
 
         self.flush_every = meter.flush_every
-        self.energy = getattr(meter, "energy", None)  # devices and energy readers (flopcount.energy)
+        self.energy = getattr(meter, "energy", None)  # devices and energy readers (flopcount.resources)
         self.key = mf.hmac_key()
         self.name = writer_name(self.rank, self.process)
         self._remove_leftover_temp_files()
