@@ -31,11 +31,14 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
 
 from ..conventions import NO_MODULE, RECOMPUTE, ROOT_MODULE
 from ..formulas import KNOWN_ZERO, REGISTRY, known_zero
-from ..formulas.registry import formula
+from ..formulas.registry import formula, launched_kernel
+from . import cudagraphs, triton
+from .active import HOOKS
+from .context import MODULE_HOOKS
+from .triton import kernel_args
 
 _INDUCTOR = "torch._inductor.compile_fx"
 
@@ -46,69 +49,9 @@ INDUCTOR_RANDOM = ("inductor_random", "inductor_seeds", "inductor_lookup_seed") 
 
 
 # ---- meters that compiled regions, CUDA graph replays and Triton launches book into ----------
-class Hooks:
-    """The active meters and, per thread, how deep we are inside compiled regions."""
-
-    def __init__(self) -> None:
-        self.meters: list = []
-        self.local = threading.local()
-
-    def region_depth(self) -> int:
-        return getattr(self.local, "depth", 0)
-
-    def enter_region(self) -> tuple:
-        """A compiled region starts: the meters' captures step aside. Returns what to undo."""
-        self.local.depth = self.region_depth() + 1
-        meters = list(self.meters)
-        popped = _pop_captures(meters)
-        for meter in meters:
-            if getattr(meter, "capture", None) not in popped:
-                _suspend(meter, +1)
-        return meters, popped
-
-    def leave_region(self, state: tuple) -> None:
-        meters, popped = state
-        self.local.depth = self.region_depth() - 1
-        for mode in reversed(popped):
-            _push_mode(mode)
-        for meter in meters:
-            if getattr(meter, "capture", None) not in popped:
-                _suspend(meter, -1)
-
-
-def _pop_captures(meters: list) -> list:
-    """Take the meters' dispatch modes off the top of the mode stack: compiled code then runs
-    with no Python dispatch at all (a mode that only passes ops through still costs per op)."""
-    captures = [getattr(m, "capture", None) for m in meters]
-    popped = []
-    while any(_get_current_dispatch_mode() is c for c in captures):
-        popped.append(_pop_mode())
-    return popped
-
-
-def _suspend(meter, delta: int) -> None:
-    """Other captures (not on top of the stack, or not a dispatch mode) skip ops while suspended:
-    a capture with an int ``suspended`` skips ops while it is positive."""
-    capture = getattr(meter, "capture", None)
-    if capture is None:
-        return
-    if hasattr(capture, "suspended"):
-        capture.suspended += delta
-    elif hasattr(getattr(capture, "lib", None), "set_paused"):
-        # The native observer (capture/native.py) has no ``suspended`` yet: pause its slot.
-        depth = getattr(capture, "region_depth", 0) + delta
-        capture.region_depth = depth
-        capture.lib.set_paused(capture.slot, depth > 0)
-
-
-HOOKS = Hooks()
-
-
 def attach(meter) -> None:
     """Called by Meter.__enter__: compiled regions (and Triton launches, CUDA graph replays) book
-    into ``meter.counter`` from now on."""
-    from . import cudagraphs, triton
-
+    into ``meter.counter`` from now on (capture/active.py: the registry and its lifetime)."""
     install()
     cudagraphs.install()
     triton.watch_kernels()
@@ -209,15 +152,11 @@ def _functionalized(node):
     if name in ("auto_functionalized", "auto_functionalized_v2") and node.args:
         return node.args[0], (), dict(node.kwargs)
     if name in ("triton_kernel_wrapper_functional", "triton_kernel_wrapper_mutation"):
-        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # Triton: optional
 
-        from .triton import kernel_args
-
-        kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+        kernel = launched_kernel(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]))
         merged = {**kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]),
                   **node.kwargs["kwargs"]}
-        while type(kernel).__name__ in ("Autotuner", "Heuristics") and hasattr(kernel, "fn"):
-            kernel = kernel.fn
         return (kernel, *kernel_args(kernel, (), merged))
     return target, node.args, node.kwargs
 
@@ -489,8 +428,6 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Make every later torch.compile (Inductor) region countable. Idempotent, cheap."""
-    from .context import MODULE_HOOKS
-
     MODULE_HOOKS.install()  # Dynamo guards on global module hooks: they must predate compiles
     module = sys.modules.get(_INDUCTOR)
     if module is not None:

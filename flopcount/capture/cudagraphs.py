@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..accounting import StepAccumulator
 from ..formulas.registry import Work
-from .compile import HOOKS
+from .active import HOOKS
 
 TALLY = "_flopcount_tally"       # list of (phase, module, op, works or None), or None
 CAPTURE = "_flopcount_capture"   # per meter: (meter, its accumulator, its on_work, recorder)

@@ -20,7 +20,8 @@ import inspect
 import sys
 
 from ..formulas import KNOWN_ZERO, REGISTRY
-from .compile import HOOKS
+from ..formulas.registry import launched_kernel
+from .active import HOOKS
 
 _HOOKED = "__flopcount_hooked__"
 
@@ -38,8 +39,7 @@ def kernels_in_modules() -> list:
         if not namespace:
             continue
         for value in list(namespace.values()):
-            while type(value).__name__ in ("Autotuner", "Heuristics") and hasattr(value, "fn"):
-                value = value.fn
+            value = launched_kernel(value)
             if is_kernel(value) and not _library_kernel(value):
                 found.append(value)
     return found

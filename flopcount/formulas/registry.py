@@ -148,9 +148,16 @@ def registry_key(op):
         return op
     if isinstance(getattr(op, "_opoverload", None), torch._ops.OpOverload):  # torch.library.custom_op
         return op._opoverload
-    while type(op).__name__ in ("Autotuner", "Heuristics") and hasattr(op, "fn"):
-        op = op.fn
-    return op
+    return launched_kernel(op)
+
+
+def launched_kernel(obj):
+    """The kernel a Triton ``Autotuner`` / ``Heuristics`` wrapper launches (wrappers nest: follow
+    ``.fn`` down to the ``JITFunction``); any other object as it is. The one place that unwraps
+    them: formula keys, the kernels flopcount hooks and the kernels inside compiled graphs."""
+    while type(obj).__name__ in ("Autotuner", "Heuristics") and hasattr(obj, "fn"):
+        obj = obj.fn
+    return obj
 
 
 def torch_formula(op) -> Formula | None:
