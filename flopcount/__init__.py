@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "Meter": ".meter", "meter": ".meter",
-    "BudgetExceeded": ".budget", "BudgetWarning": ".budget",
-    "UncountedOpError": ".capture.counter",
+    "BudgetExceeded": ".errors", "BudgetWarning": ".budget",
+    "UncountedOpError": ".errors", "FlopcountError": ".errors",
     "Work": ".formulas", "register_formula": ".formulas",
     "summarize": ".summary",
     "read_trace": ".trace.reader",

@@ -19,20 +19,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .compliance.thresholds import exact, flop_text, percent, resolve_base, threshold
+from .errors import BadInput, BudgetExceeded  # noqa: F401  (BudgetExceeded: also imported from here)
 
 OK, WARN, STOP = "ok", "warn", "stop"
 DEFAULT_WARN_AT = 0.8
-
-
-class BudgetExceeded(RuntimeError):
-    """Raised by ``Meter.step()`` / ``optimizer.step()`` when the next step would cross the budget.
-
-    The traces are flushed before it is raised. ``total`` (training FLOPs so far, all ranks),
-    ``forecast`` (the next step's) and ``limit`` (the budget) say why."""
-
-    def __init__(self, message: str, *, total: int, forecast: int, limit: float, step: int) -> None:
-        super().__init__(message)
-        self.total, self.forecast, self.limit, self.step = total, forecast, limit, step
 
 
 class BudgetWarning(UserWarning):
@@ -43,14 +33,14 @@ def budget_limit(budget, threshold_flops: Fraction) -> Fraction:
     """The budget in FLOP: a fraction in (0, 1] of ``threshold_flops``, or FLOP when above 1."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float, Fraction)) \
             or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"flopcount: budget={budget!r} must be a fraction of the threshold in (0, 1] "
+        raise BadInput(f"flopcount: budget={budget!r} must be a fraction of the threshold in (0, 1] "
                          f"or a number of FLOP above 1 (e.g. 0.5 or 1e21)")
     return exact(budget) * threshold_flops if budget <= 1 else exact(budget)
 
 
 def check_warn_at(warn_at) -> float:
     if isinstance(warn_at, bool) or not isinstance(warn_at, (int, float)) or not 0 < warn_at <= 1:
-        raise ValueError(f"flopcount: budget_warn_at={warn_at!r} must be a fraction of the budget in (0, 1]")
+        raise BadInput(f"flopcount: budget_warn_at={warn_at!r} must be a fraction of the budget in (0, 1]")
     return float(warn_at)
 
 

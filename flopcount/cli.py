@@ -505,7 +505,12 @@ def add_plan(parser) -> None:
 def cmd_plan(args) -> int:
     from .planning.cli import run
 
-    return run(args, print_json)
+    try:
+        return run(args, print_json)
+    except ValueError as e:  # the planner reports bad input as ValueError (planning/): exit 2 by type
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(str(e)) from e
 
 
 # name -> (one-line help, add arguments, run). A new subcommand is one entry here.
@@ -567,26 +572,22 @@ def _pyarrow_without_pandas() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import BadInput, IntegrityError, one_line, printable
+    from .errors import FlopcountError, IntegrityError, exit_code, one_line, printable
 
     args = build_parser().parse_args(argv)
     if getattr(args, "dir", None) is not None:  # a command that reads traces
         _pyarrow_without_pandas()
     try:
         return args.run(args)
-    except BadInput as e:  # TraceError, UnknownBaseModel, InputError, ...: one line, no traceback
+    except FlopcountError as e:  # by type (errors.EXIT_CODES): one line, no traceback
+        code = exit_code(e)
+        if code is None:
+            raise  # a kind the command line does not expect: keep its traceback
+        if isinstance(e, IntegrityError):  # traces that do not verify and could not be read either
+            for problem in e.problems:
+                sys.stderr.write(f"flopcount: integrity: {printable(problem)}\n")
         sys.stderr.write(one_line(e) + "\n")
-        return EXIT_BAD_INPUT
-    except IntegrityError as e:  # traces that do not verify and could not be read either
-        for problem in e.problems:
-            sys.stderr.write(f"flopcount: integrity: {printable(problem)}\n")
-        sys.stderr.write(one_line(e) + "\n")
-        return EXIT_FINDING
-    except ValueError as e:  # not yet a BadInput: flopcount's own one-line "flopcount: ..." checks
-        if not str(e).startswith("flopcount: "):
-            raise  # a bug: keep its traceback
-        sys.stderr.write(one_line(e) + "\n")
-        return EXIT_BAD_INPUT
+        return code
     except BrokenPipeError:
         return EXIT_OK
 

@@ -1,10 +1,16 @@
-"""flopcount's exceptions, by what the command line does with them (cli.main maps them to exit codes).
+"""flopcount's exceptions: one base, ``FlopcountError``, and one subclass per kind of problem.
+``cli.main`` maps them to exit codes by type only (``EXIT_CODES``); any other exception is a bug
+and keeps its traceback.
 
 - ``BadInput`` (a ValueError): input flopcount cannot use (a missing or empty dir, a malformed
-  manifest or Parquet part, an unknown schema version or base model, a bad flag value): exit 2,
-  one line naming the file or value. TraceError, UnknownBaseModel and the CLI's InputError derive
-  from it and stay importable where they always were.
+  manifest or Parquet part, an unknown schema version or base model, a bad flag or option value):
+  exit 2, one line naming the file or value. ``TraceError`` (trace input), UnknownBaseModel and
+  the CLI's InputError derive from it and stay importable where they always were.
 - ``IntegrityError``: the evidence does not verify (exit 1).
+- ``UncountedOpError`` (a RuntimeError): strict mode met an op with neither a formula nor a
+  known-zero entry. Asked for by the user, so it reaches the training loop.
+- ``BudgetExceeded`` (a RuntimeError): the next step would cross the compute budget. Asked for,
+  so it reaches the training loop. Both stay importable from capture/counter.py and budget.py.
 
 Every message is one line that starts with "flopcount: " and says what to do.
 """
@@ -27,6 +33,34 @@ class IntegrityError(FlopcountError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class TraceError(BadInput):
+    """Unusable trace input (missing dir, corrupt part, wrong schema version, ...): exit code 2."""
+
+
+class UncountedOpError(FlopcountError, RuntimeError):
+    """Raised in strict mode for an op with neither a formula nor a known-zero entry."""
+
+
+class BudgetExceeded(FlopcountError, RuntimeError):
+    """Raised by ``Meter.step()`` / ``optimizer.step()`` when the next step would cross the budget.
+
+    The traces are flushed before it is raised. ``total`` (training FLOPs so far, all ranks),
+    ``forecast`` (the next step's) and ``limit`` (the budget) say why."""
+
+    def __init__(self, message: str, *, total: int, forecast: int, limit: float, step: int) -> None:
+        super().__init__(message)
+        self.total, self.forecast, self.limit, self.step = total, forecast, limit, step
+
+
+# The command line's exit code of each kind (the most specific class listed wins; README "Exit codes").
+EXIT_CODES: dict[type, int] = {IntegrityError: 1, BadInput: 2}
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code ``cli.main`` gives ``error``; None for an exception it does not map (a bug)."""
+    return next((EXIT_CODES[cls] for cls in type(error).__mro__ if cls in EXIT_CODES), None)
 
 
 def printable(text) -> str:
@@ -52,8 +86,6 @@ def findings_first(integrity, location: str):
     try:
         yield
     except BadInput as e:
-        from .trace.storage import TraceError
-
         if integrity.verified or not isinstance(e, TraceError):  # a bad flag stays bad input
             raise
         raise IntegrityError(f"{one_line(e)} ({location} does not verify: {len(integrity.problems)} problem(s))",

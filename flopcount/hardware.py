@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from .errors import BadInput
+
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 DEFAULT_DTYPE = "bf16"
 # The hardware method needs a utilisation; 0.4 is a common planning value. It is flopcount's
@@ -99,9 +101,10 @@ def device_key(name: str | None) -> str | None:
 
 def peak_flops_per_s(device: str, precision: str = DEFAULT_DTYPE) -> float:
     """Dense peak of a device (table key or device name) in FLOP/s. KeyError for a device not in
-    the table, ValueError for a dtype it has no units for."""
+    the table; BadInput (a ValueError) for a dtype flopcount does not know, ValueError for a dtype
+    the device has no units for."""
     if precision not in DTYPES:
-        raise ValueError(f"flopcount: dtype {precision!r} is not one of {', '.join(DTYPES)}")
+        raise BadInput(f"flopcount: dtype {precision!r} is not one of {', '.join(DTYPES)}")
     key = device_key(device)
     if key is None:
         raise KeyError(f"unknown device {device!r}; known: {', '.join(PEAKS_TFLOPS)}")
@@ -150,9 +153,9 @@ def cross_check(training_flops: int, device_seconds: dict[str, float], step_rate
     device of each step; divided by the peak they are the MFU per step. Devices without a peak in
     the table (CPUs, unlisted GPUs) make the estimate unavailable rather than guessed."""
     if dtype not in DTYPES:
-        raise ValueError(f"flopcount: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise BadInput(f"flopcount: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not 0 < utilisation <= 1:
-        raise ValueError(f"flopcount: utilisation {utilisation!r} must be in (0, 1]")
+        raise BadInput(f"flopcount: utilisation {utilisation!r} must be in (0, 1]")
     step_rates = step_rates or {}
     devices, missing, capacity = [], [], 0.0
     for name, seconds in sorted(device_seconds.items()):

@@ -7,10 +7,7 @@ from ..conventions import OPTIMIZER
 from ..formulas import KNOWN_ZERO, REGISTRY
 from ..accounting import StepAccumulator
 from ..distributed import Collective, collective_entry
-
-
-class UncountedOpError(RuntimeError):
-    """Raised in strict mode for an op with neither a formula nor a known-zero entry."""
+from ..errors import UncountedOpError  # noqa: F401  (also imported from here)
 
 
 class Counter:

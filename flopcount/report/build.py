@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ..compliance.thresholds import DEFAULT_APPROACHING, compliance_block, flop_text
+from ..compliance.thresholds import DEFAULT_APPROACHING, flop_text
 from ..errors import findings_first
-from ..summary import recorded_base_model, step_series, summarize_traces
+from ..summary import step_series
 from ..trace.integrity import check_integrity
 from ..trace.reader import open_traces
+from .checks import check_traces, integrity_block  # noqa: F401  (also imported from here)
 from .cop import add_resources
 
 REPORT_SCHEMA = "flopcount.report/1"
@@ -22,19 +23,6 @@ def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def check_traces(traces, *, base_model=None, base_model_flops=None, systemic_risk=None,
-                 approaching: float = DEFAULT_APPROACHING, use_recorded: bool = True) -> tuple[dict, dict]:
-    """(summary, threshold check) of opened traces. Names not in the registry raise UnknownBaseModel.
-
-    Without a base model given, the one the runs recorded is used (``use_recorded=False``: none,
-    so the unknown-compute threshold applies)."""
-    summary = summarize_traces(traces)
-    if base_model is None and base_model_flops is None and use_recorded:
-        base_model, base_model_flops = recorded_base_model(traces)
-    result = compliance_block(summary["training_flops"], base_model, base_model_flops, systemic_risk, approaching)
-    return summary, result
 
 
 def _runs(traces) -> list[dict]:
@@ -54,11 +42,6 @@ def _runs(traces) -> list[dict]:
                 "manifest_digest": trace.digest,
             })
     return runs
-
-
-def integrity_block(integrity) -> dict:
-    """The report's ``integrity``: a check_integrity result (the check `flopcount verify` makes) as a dict."""
-    return {**integrity.as_dict(), "parts_checked": integrity.parts_checked, "notes": list(integrity.notes)}
 
 
 def build_report(location, *, base_model=None, base_model_flops=None, systemic_risk=None,

@@ -18,6 +18,8 @@ import datetime as dt
 import json
 from fractions import Fraction
 
+from .checks import check_traces, integrity_block, integrity_fields
+
 COP_SCHEMA = "flopcount.cop-form/1"
 NOTIFICATION_DAYS = 14
 NOTIFICATION_RULE = ("Art. 52(1) AI Act: notify the Commission without delay and in any event within two weeks "
@@ -291,7 +293,6 @@ def build_cop_report(location, *, base_model=None, base_model_flops=None, system
     from ..errors import findings_first
     from ..trace.integrity import check_integrity
     from ..trace.reader import open_traces
-    from .build import check_traces, integrity_block
 
     traces = open_traces(location)
     integrity = check_integrity(traces, digest=digest, public_key=public_key, ledger=ledger)
@@ -405,8 +406,6 @@ def render_cop_markdown(form: dict) -> str:
                      f"({_cell(notification['basis'])})")
     lines += [f"- **rule**: {_cell(notification['rule'])}", ""]
     if "integrity" in form:
-        from .sections import integrity_fields
-
         lines += ["## Integrity of the evidence", ""]
         lines += [f"- **{label}**: {_cell(value)}" for label, value in integrity_fields(form["integrity"])] + [""]
     lines += ["To supply: " + (", ".join(form["to_supply"]) or "nothing") + ".", ""]

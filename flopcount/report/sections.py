@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from ..compliance.thresholds import flop_text, percent, sig2
+from .checks import integrity_fields
 from .cop import resource_sections
 
 
@@ -67,18 +68,6 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
     ]
     out[2:2] = resource_sections(report)  # time, energy, hardware cross-check, notification (report/cop.py)
     return out
-
-
-def integrity_fields(integrity: dict) -> list[tuple[str, str]]:
-    """The integrity check's result (trace/integrity.py): "verified" only when it is."""
-    return [
-        ("verified", "yes" if integrity["verified"] else "NO"),
-        ("parts checked", str(integrity["parts_checked"])),
-        ("signed by", integrity["signed_by"] or "no signature checked against a key"),
-        ("trace digest", integrity["digest"] or "-"),
-        *[("note", n) for n in integrity.get("notes", [])],
-        *[("problem", p) for p in integrity["problems"]],
-    ]
 
 
 def _hardware(hardware) -> str:

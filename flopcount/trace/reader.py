@@ -21,6 +21,7 @@ from ..progress import progress
 from . import manifest as mf
 from .schema import (MANIFEST_DIR, SCHEMA_METADATA_KEY, TABLES, TRACE_SCHEMA, TRACE_SCHEMA_MAJOR,
                      manifest_path, schema_major)
+from ..errors import BadInput
 from .storage import TraceError, open_storage, pa_errors
 
 PROJECT_DEPTH = 3
@@ -238,7 +239,7 @@ def read_trace(location, table: str = "steps"):
     ``table="breakdown"`` gives the per-module / per-op long table instead (see trace/schema.py).
     """
     if table not in TABLES:
-        raise ValueError(f"flopcount: table={table!r} is not one of {', '.join(TABLES)}")
+        raise BadInput(f"flopcount: table={table!r} is not one of {', '.join(TABLES)}")
     frame = read_table(location, table).to_pandas()
     order = ["run_id", "step", "rank"] if table == "steps" else ["run_id", "rank", "first_step"]
     return frame.sort_values(order, kind="stable").reset_index(drop=True)

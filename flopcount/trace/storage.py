@@ -10,13 +10,9 @@ import os
 import re
 import stat
 
-from ..errors import BadInput
+from ..errors import BadInput, TraceError  # noqa: F401  (TraceError: also imported from here)
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-class TraceError(BadInput):
-    """Unusable trace input (missing dir, corrupt part, wrong schema version, ...): exit code 2."""
 
 
 def open_storage(location) -> "LocalStorage | FileSystemStorage":

@@ -25,6 +25,7 @@ from ..compliance.method import hardware_description
 from ..conventions import BUILTIN_PHASES
 from ..resources import energy_row
 from ..distributed import rank_identity
+from ..errors import BadInput
 from . import keys, lease, ledger
 from . import manifest as mf
 from .schema import (BREAKDOWN_SCHEMA, CATEGORY_COLUMNS, INT64_MAX, MANIFEST_DIR, PHASE_COLUMNS,
@@ -147,7 +148,7 @@ class TraceWriter:
     def write(self, record) -> None:
         hardware = record.hardware_flops
         if hardware > INT64_MAX:
-            raise ValueError(f"flopcount: step {record.step} of rank {self.rank} has {hardware} FLOPs, "
+            raise BadInput(f"flopcount: step {record.step} of rank {self.rank} has {hardware} FLOPs, "
                              "more than a trace column holds (2**63-1); close steps more often")
         if self.window_hardware + hardware > INT64_MAX:
             self.flush()  # keep every breakdown sum inside int64
@@ -293,6 +294,6 @@ def _resolve_run_id(requested: str | None, manifests: dict, location) -> str:
     if requested is None:
         return recorded[0] if recorded else default_run_id(location)
     if recorded and requested not in recorded:
-        raise ValueError(f"flopcount: {os.fspath(location)} holds run {recorded[0]!r}, not {requested!r}: "
+        raise BadInput(f"flopcount: {os.fspath(location)} holds run {recorded[0]!r}, not {requested!r}: "
                          f"pass run_id={recorded[0]!r} to resume it, or write the new run to another directory")
     return str(requested)
