@@ -39,6 +39,11 @@ class TraceError(BadInput):
     """Unusable trace input (missing dir, corrupt part, wrong schema version, ...): exit code 2."""
 
 
+class DuplicateFormula(BadInput):
+    """An op that already has a formula (or a known-zero entry) was registered again without
+    ``override=True`` (formulas/registry.py)."""
+
+
 class UncountedOpError(FlopcountError, RuntimeError):
     """Raised in strict mode for an op with neither a formula nor a known-zero entry."""
 

@@ -396,7 +396,11 @@ def register_inductor_prims() -> None:
     """Formulas for the prims that Inductor defines when it is imported."""
     known_zero(*(getattr(prims, n) for n in INDUCTOR_RANDOM if hasattr(prims, n)))
     if hasattr(prims, "fma"):  # fma(a, b, c) = a * b + c: one multiply-add, 2 FLOP per element
-        formula(prims.fma, "pointwise")(lambda *args, out_shape=None, **kwargs: 2 * math.prod(out_shape))
+        formula(prims.fma, "pointwise")(_fma_flops)
+
+
+def _fma_flops(*args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(out_shape)
 
 
 class _PatchingLoader(importlib.abc.Loader):

@@ -76,19 +76,19 @@ for _name, _row in PER_ELEMENT.items():
 _ADD_SUB = [op for name in ("add", "sub") for op in _variants(name)]
 
 
-@formula(_ADD_SUB, "pointwise")
+@formula(_ADD_SUB, "pointwise", override=True)  # replaces the table row: alpha != 1 scales
 def add_sub_flops(*args, out_shape=None, alpha=1, **kwargs) -> int:
     # a + alpha*b: the scaling is one more operation per element unless alpha is 1.
     return (1 + (alpha != 1)) * _output_elements(args, out_shape)
 
 
-@formula([aten.gelu, aten.gelu_], "pointwise")
+@formula([aten.gelu, aten.gelu_], "pointwise", override=True)  # the table row, by approximate
 def gelu_flops(x_shape, *args, out_shape=None, approximate="none", **kwargs) -> int:
     name = "gelu_tanh" if (args[:1] or (approximate,))[0] == "tanh" else "gelu"
     return PER_ELEMENT[name].flops * numel(x_shape)
 
 
-@formula(aten.gelu_backward, "pointwise")
+@formula(aten.gelu_backward, "pointwise", override=True)  # the table row, by approximate
 def gelu_backward_flops(grad_shape, x_shape, *args, out_shape=None, approximate="none", **kwargs) -> int:
     name = "gelu_tanh_backward" if (args[:1] or (approximate,))[0] == "tanh" else "gelu_backward"
     return PER_ELEMENT[name].flops * numel(x_shape)

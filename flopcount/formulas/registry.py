@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 
 from ..conventions import CATEGORIES
+from ..errors import DuplicateFormula
 
 
 class Work(NamedTuple):
@@ -95,12 +96,22 @@ class Registry:
         self._zero_namespaces: set[str] = set()
         self.version = 0  # changes with every addition: the native backend re-sends the table then
 
-    def add(self, op, entry: Formula | KnownZero) -> None:
+    def add(self, op, entry: Formula | KnownZero, *, override: bool = False) -> None:
+        """Register ``entry`` for ``op``. An op that already has another entry keeps it and
+        ``DuplicateFormula`` is raised, unless ``override=True`` asks to replace it; registering
+        the very same entry again (the same function, category and ``needs_values``) changes
+        nothing and is allowed."""
         if isinstance(entry, Formula) and entry.category not in CATEGORIES:
             raise ValueError(f"category {entry.category!r} is not one of {', '.join(CATEGORIES)}")
         if isinstance(op, str) and "::" not in op:
             raise ValueError(f"op name {op!r} must be qualified: 'namespace::name' or 'namespace::name.overload'")
-        self._table[registry_key(op)] = entry
+        key = registry_key(op)
+        existing = next((self._table[k] for k in _covering_keys(key) if k in self._table), None)
+        if existing is not None and existing != entry and not override:
+            raise DuplicateFormula(f"flopcount: {op_name(key) if not isinstance(key, str) else key} already has "
+                                   f"{'a known-zero entry' if existing is KNOWN_ZERO else 'a formula'}; "
+                                   "pass override=True to replace it")
+        self._table[key] = entry
         self._cache.clear()
         self.version += 1
 
@@ -138,6 +149,16 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+def _covering_keys(key) -> tuple:
+    """The keys whose entry ``lookup`` would give ``key``'s op: its own, and for one overload
+    also its packet's (by object or, for names, 'ns::name' for 'ns::name.overload')."""
+    if isinstance(key, torch._ops.OpOverload):
+        return key, key.overloadpacket
+    if isinstance(key, str) and "." in key.split("::", 1)[-1]:
+        return key, key.rsplit(".", 1)[0]
+    return (key,)
 
 
 def registry_key(op):
@@ -180,12 +201,13 @@ def _targets(ops) -> Iterable:
     return ops if isinstance(ops, (list, tuple, set, frozenset)) else (ops,)
 
 
-def formula(ops, category: str, *, needs_values: bool = False):
-    """Decorator: register ``fn`` as the formula for one op or a list of ops."""
+def formula(ops, category: str, *, needs_values: bool = False, override: bool = False):
+    """Decorator: register ``fn`` as the formula for one op or a list of ops (``override``: replace
+    an entry the op already has; without it that raises DuplicateFormula)."""
 
     def register(fn):
         for op in _targets(ops):
-            REGISTRY.add(op, Formula(fn, category, needs_values))
+            REGISTRY.add(op, Formula(fn, category, needs_values), override=override)
         return fn
 
     return register
@@ -196,17 +218,21 @@ def known_zero(*ops) -> None:
         REGISTRY.add(op, KNOWN_ZERO)
 
 
-def register_formula(op, fn: Callable | None = None, *, category: str = "other", needs_values: bool = False):
+def register_formula(op, fn: Callable | None = None, *, category: str = "other", needs_values: bool = False,
+                     override: bool = False):
     """Public API: give a custom op, aten op or Triton kernel its formula.
 
     ``fn(*args, out_shape=..., **kwargs) -> int | list[Work]`` receives shapes in place of tensors
-    (raw tensors with ``needs_values=True``). Usable directly or as a decorator::
+    (raw tensors with ``needs_values=True``). An op that already has a formula or a known-zero
+    entry (flopcount's own, or one registered before) keeps it: registering another raises
+    ``flopcount.errors.DuplicateFormula`` unless ``override=True`` asks to replace it.
+    Usable directly or as a decorator::
 
         @flopcount.register_formula(torch.ops.mylib.rms_norm.default, category="norm")
         def rms_norm_flops(x_shape, w_shape, eps, *, out_shape):
             return 4 * math.prod(x_shape)
     """
     if fn is None:
-        return formula(op, category, needs_values=needs_values)
-    formula(op, category, needs_values=needs_values)(fn)
+        return formula(op, category, needs_values=needs_values, override=override)
+    formula(op, category, needs_values=needs_values, override=override)(fn)
     return fn
