@@ -18,11 +18,11 @@ import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .compliance.thresholds import exact, flop_text, percent, resolve_base, threshold
+from .compliance.thresholds import DEFAULT_APPROACHING, exact, flop_text, percent, resolve_base, threshold
 from .errors import BadInput, BudgetExceeded  # noqa: F401  (BudgetExceeded: also imported from here)
 
 OK, WARN, STOP = "ok", "warn", "stop"
-DEFAULT_WARN_AT = 0.8
+DEFAULT_WARN_AT = DEFAULT_APPROACHING  # warn when approaching the budget
 
 
 class BudgetWarning(UserWarning):

@@ -106,6 +106,8 @@ def add_dir(parser) -> None:
 
 
 def add_base_model(parser) -> None:
+    from .compliance.thresholds import DEFAULT_APPROACHING
+
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--base-model", metavar="NAME",
                        help="base model id or alias from the registry (default: the one the run recorded)")
@@ -113,8 +115,9 @@ def add_base_model(parser) -> None:
                        help="the base model's training compute in FLOP, when it is not in the registry")
     parser.add_argument("--systemic-risk", action="store_true", default=None,
                         help="the base model is a systemic-risk model (threshold 1e25/3 when its compute is unknown)")
-    parser.add_argument("--approaching", metavar="F", type=fraction, default=0.8,
-                        help="share of the threshold from which the status is 'approaching' (default 0.8)")
+    parser.add_argument("--approaching", metavar="F", type=fraction, default=DEFAULT_APPROACHING,
+                        help=f"share of the threshold from which the status is 'approaching' (default "
+                             f"{DEFAULT_APPROACHING})")
 
 
 def add_json(parser) -> None:
@@ -418,6 +421,8 @@ def budget_value(text: str) -> float:
 
 
 def add_run(parser) -> None:
+    from .budget import DEFAULT_WARN_AT
+
     parser.add_argument("--out", metavar="DIR", help="trace dir (default: flopcount-run-<UTC time>)")
     parser.add_argument("--base-model", metavar="NAME", help="base model id or alias from the registry")
     parser.add_argument("--base-model-flops", metavar="X", type=flop_count,
@@ -428,8 +433,8 @@ def add_run(parser) -> None:
     parser.add_argument("--budget", metavar="B", type=budget_value,
                         help="stop before training compute would reach B: a fraction of the threshold "
                              "(0.5) or FLOP (1e21)")
-    parser.add_argument("--budget-warn-at", metavar="F", type=fraction, default=0.8,
-                        help="warn when compute reaches this share of the budget (default 0.8)")
+    parser.add_argument("--budget-warn-at", metavar="F", type=fraction, default=DEFAULT_WARN_AT,
+                        help=f"warn when compute reaches this share of the budget (default {DEFAULT_WARN_AT})")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                         help="the program to meter, e.g. -- python train.py, -- torchrun ..., -- accelerate launch ...")
 

@@ -12,7 +12,7 @@ require_torch()  # one line saying how to install PyTorch >= 2.5, not a ModuleNo
 import torch  # noqa: E402
 
 from .accounting import Rollup, StepAccumulator, StepRecord
-from .budget import STOP, BudgetGuard
+from .budget import DEFAULT_WARN_AT, STOP, BudgetGuard
 from .capture import compile as compiled_regions
 from .capture.context import MODULE_HOOKS, Context, HookGuard
 from .capture.counter import Counter, UncountedOpError
@@ -50,7 +50,7 @@ class Meter:
                  base_model_flops: float | None = None, strict: bool = False,
                  module_depth: int | None = None, run_id: str | None = None, flush_every: int = 50,
                  track_modules: bool = True, warn: bool = True, sync_every: int | None = None,
-                 auto_steps: bool = True, budget=None, budget_warn_at: float = 0.8,
+                 auto_steps: bool = True, budget=None, budget_warn_at: float = DEFAULT_WARN_AT,
                  energy: bool = True, devices: list[int] | None = None, signing_key=None,
                  ledger=None) -> None:
         if backend not in BACKENDS:

@@ -20,7 +20,7 @@ from .registry import lineage, lookup
 UNKNOWN_BASE_FLOP = 1e23            # para. 61: base compute unknown
 SYSTEMIC_FLOP = 1e25                # Art. 51(2): systemic-risk presumption
 MODIFICATION_SHARE = Fraction(1, 3)
-DEFAULT_APPROACHING = 0.8
+DEFAULT_APPROACHING = 0.8  # the one default share for 'approaching' a limit: threshold status and budget warning
 STATUSES = ("below", "approaching", "exceeds")
 
 BASIS_TEXT = {

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 from transformers import TrainerCallback
 
-from ..budget import STOP, BudgetGuard, job_training_flops, run_threshold
+from ..budget import DEFAULT_WARN_AT, STOP, BudgetGuard, job_training_flops, run_threshold
 from ..meter import Meter
 
 LOG_PREFIX = "flopcount/"
@@ -125,7 +125,7 @@ class FlopMeterCallback(TrainerCallback):
     the share of the budget that warns. Other keyword arguments go to ``flopcount.meter``."""
 
     def __init__(self, out=None, *, base_model: str | None = None, base_model_flops: float | None = None,
-                 budget=None, budget_warn_at: float = 0.8, **meter_options) -> None:
+                 budget=None, budget_warn_at: float = DEFAULT_WARN_AT, **meter_options) -> None:
         self.out = out
         self.base_model = base_model
         self.base_model_flops = base_model_flops

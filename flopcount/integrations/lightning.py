@@ -22,7 +22,7 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
-from ..budget import STOP, BudgetGuard, job_training_flops
+from ..budget import DEFAULT_WARN_AT, STOP, BudgetGuard, job_training_flops
 from ..meter import Meter
 from .hf import LOG_PREFIX, batch_tokens, registry_name, start_metering
 
@@ -44,7 +44,7 @@ class FlopMeterCallback(Callback):
     """Meters a Lightning Trainer's fit with flopcount. Options as in the Hugging Face callback."""
 
     def __init__(self, out=None, *, base_model: str | None = None, base_model_flops: float | None = None,
-                 budget=None, budget_warn_at: float = 0.8, budget_checkpoint: str | None = None,
+                 budget=None, budget_warn_at: float = DEFAULT_WARN_AT, budget_checkpoint: str | None = None,
                  **meter_options) -> None:
         self.out = out
         self.base_model, self.base_model_flops = base_model, base_model_flops

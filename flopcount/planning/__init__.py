@@ -25,7 +25,7 @@ def plan(config, *, seq_len: int | None = None, batch_size: int = 1, steps: int 
          optimizer: str = "adamw", attn: str = "sdpa", dtype: str = "bfloat16", base_model: str | None = None,
          base_model_flops: float | None = None, systemic_risk: bool | None = None,
          tokens_per_second: float | None = None, seconds_per_step: float | None = None, start=None,
-         lengths=None, approaching: float = 0.8) -> dict:
+         lengths=None, approaching: float | None = None) -> dict:
     """Plan a fine-tune. ``config``: a config.json path, a dict of its values, or a registry name
     whose architecture config ships with flopcount. Exactly one of ``steps``/``tokens``.
     ``lengths``: a length histogram (path or {length: count}) instead of ``seq_len``.

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 from fractions import Fraction
 
+from ..compliance.thresholds import DEFAULT_APPROACHING
 from .checks import check_traces, integrity_block, integrity_fields
 
 COP_SCHEMA = "flopcount.cop-form/1"
@@ -247,7 +248,7 @@ def cop_form(summary: dict, compliance: dict, notification: dict, *, generated_a
 
 
 def notification_of(traces, summary: dict, result: dict, *, planned_steps: int | None = None,
-                    planned_tokens: int | None = None, approaching: float = 0.8, now: float | None = None) -> dict:
+                    planned_tokens: int | None = None, approaching: float = DEFAULT_APPROACHING, now: float | None = None) -> dict:
     """The notification timing of opened traces: the actual crossing from the steps when the
     threshold was reached, else, given a plan (steps or tokens), the forecast one."""
     from ..compliance.forecast import forecast
@@ -271,7 +272,7 @@ def notification_of(traces, summary: dict, result: dict, *, planned_steps: int |
 
 def add_resources(traces, summary: dict, result: dict, *, planned_steps: int | None = None,
                   planned_tokens: int | None = None, dtype: str | None = None, utilisation: float | None = None,
-                  approaching: float = 0.8, now: float | None = None) -> None:
+                  approaching: float = DEFAULT_APPROACHING, now: float | None = None) -> None:
     """Complete a (summary, threshold check) pair for a report: ``result["notification"]``, and the
     hardware cross-check redone for ``dtype`` / ``utilisation`` when given."""
     from ..hardware import ASSUMED_UTILISATION, DEFAULT_DTYPE, recheck
@@ -284,7 +285,7 @@ def add_resources(traces, summary: dict, result: dict, *, planned_steps: int | N
 
 
 def build_cop_report(location, *, base_model=None, base_model_flops=None, systemic_risk=None,
-                     approaching: float = 0.8, planned_steps: int | None = None, planned_tokens: int | None = None,
+                     approaching: float = DEFAULT_APPROACHING, planned_steps: int | None = None, planned_tokens: int | None = None,
                      dtype: str | None = None, utilisation: float | None = None, now: float | None = None,
                      digest: str | None = None, public_key=None, ledger=None) -> dict:
     """``cop_form`` for the traces at ``location``, with the notification timing (actual, or
