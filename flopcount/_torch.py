@@ -1,6 +1,9 @@
 """The meter's one hard requirement, checked before anything imports torch."""
 from __future__ import annotations
 
+import importlib.util
+from importlib.metadata import PackageNotFoundError, version
+
 MIN_TORCH = (2, 5)
 INSTALL = "pip install 'flopcount[torch]' or a torch>=2.5 build of your choice (https://pytorch.org/get-started)"
 
@@ -18,8 +21,6 @@ def require_torch() -> None:
 
     The analysis side (verify, summarize, check, estimate, report, models) never calls this: it
     runs without torch."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec("torch")
     except ImportError:  # a finder that refuses torch outright
@@ -27,8 +28,6 @@ def require_torch() -> None:
     if spec is None:
         raise ImportError(f"flopcount: the meter needs PyTorch >= 2.5, which is not installed: {INSTALL} "
                           "(reading traces works without it)")
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         found = version("torch")
     except PackageNotFoundError:  # a source checkout on the path: trust it

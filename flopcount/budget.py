@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
+from .accounting import StepAccumulator
 from .compliance.thresholds import DEFAULT_APPROACHING, exact, flop_text, percent, resolve_base, threshold
 from .errors import BadInput, BudgetExceeded  # noqa: F401  (BudgetExceeded: also imported from here)
 
@@ -129,7 +130,6 @@ def job_training_flops(meter, pending: int = 0) -> int:
     local = int(meter.training_flops) + int(pending)
     if not (meter.world_size > 1 and dist.is_available() and dist.is_initialized()):
         return local
-    from .accounting import StepAccumulator
     from .distributed import all_reduce_totals, local_totals
 
     totals = {**local_totals(meter.rollup), "training_flops": local}

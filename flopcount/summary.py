@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from .accounting import Rollup
 from .compliance import add_method_and_compliance
 from .resources import RESOURCE_COLUMNS, ResourceTally, resources_summary
+from .trace.integrity import rank_integrity
 from .trace.reader import TraceSet, iter_batches, open_traces
 from .trace.storage import TraceError
 
@@ -216,8 +217,6 @@ def _meter_errors(traces: TraceSet) -> dict:
 
 def _rank_integrity(traces: TraceSet) -> dict:
     """Missing and unfinished ranks of every trace dir (flopcount.trace.integrity.rank_integrity)."""
-    from .trace.integrity import rank_integrity
-
     found = [rank_integrity(t.manifests, t.name if len(traces.traces) > 1 else "") for t in traces.traces]
     return {"missing_ranks": sorted({r for f in found for r in f["missing_ranks"]}),
             "unfinished_ranks": sorted({r for f in found for r in f["unfinished_ranks"]}),

@@ -32,15 +32,13 @@ import torch
 from torch.autograd.graph import register_multi_grad_hook
 
 from ..conventions import BACKWARD, EVAL, FORWARD, NO_MODULE, OPTIMIZER, RECOMPUTE, ROOT_MODULE
+from ..errors import BudgetExceeded, UncountedOpError
 
 _graph_task_id = torch._C._current_graph_task_id
 
 
 def _passes_through() -> tuple:
     """The only exceptions the meter lets reach the training loop: asked for by the user."""
-    from ..budget import BudgetExceeded
-    from .counter import UncountedOpError
-
     return BudgetExceeded, UncountedOpError
 
 

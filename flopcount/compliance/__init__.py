@@ -1,4 +1,5 @@
 """EU AI Act compliance: thresholds, the base-model registry, forecasts and the method statement."""
+from .method import hardware_description, method_statement
 from .registry import BaseModel, UnknownBaseModel, base_models, lookup
 from .thresholds import compliance_block, sig2, summary_compliance
 
@@ -9,7 +10,6 @@ __all__ = ["BaseModel", "UnknownBaseModel", "add_method_and_compliance", "base_m
 def add_method_and_compliance(summary: dict, *, base_model=None, base_model_flops=None, hardware=None) -> dict:
     """Add the ``method`` statement, and the ``compliance`` check when a base model is known, to a summary."""
     from .. import __version__
-    from .method import hardware_description, method_statement
 
     hardware = hardware if hardware is not None else hardware_description()
     summary["method"] = method_statement(summary, flopcount_version=__version__, hardware=hardware)

@@ -22,7 +22,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from . import ledger as ledger_log
 from . import manifest as mf
+from .keys import load_verifier
+from .lease import active_holders, describe_holder
 from .storage import TraceError
 
 
@@ -50,8 +53,6 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
     every entry must carry a valid signature by it. ``ledger``: a digest ledger (meter(ledger=)):
     the traces must hold the state of its last record for this location. ``hmac_key``: check every
     HMAC (default: FLOPCOUNT_HMAC_KEY)."""
-    from .keys import load_verifier
-
     verifier = load_verifier(public_key) if public_key is not None else None
     key = mf.hmac_key(hmac_key)
     several = len(traces.traces) > 1
@@ -103,8 +104,6 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
 
 def _still_running(traces) -> list[str]:
     """Writers whose lease is held now: their open segment is a run in progress, not a lost one."""
-    from .lease import active_holders, describe_holder
-
     notes = []
     for trace in traces.traces:
         try:
@@ -136,8 +135,6 @@ def _against_digest(traces, expected: str, what: str, notes: list[str]) -> list[
 
 
 def _against_ledger(traces, location, notes: list[str]) -> list[str]:
-    from . import ledger as ledger_log
-
     records = ledger_log.read(location)
     record = ledger_log.last_for(records, traces.location, traces.run_ids)
     if record is None:

@@ -30,7 +30,7 @@ import time
 import uuid
 import warnings
 
-from .schema import lease_path, writer_name
+from .schema import LEASE_DIR, lease_path, writer_name
 
 DEFAULT_TTL_S = 90.0  # object-store leases: expiry after the holder's last heartbeat
 MAX_PROCESSES = 1024  # metered processes of one rank under `flopcount run`
@@ -241,8 +241,6 @@ def _abandoned(holder: dict) -> bool:
 def active_holders(storage) -> list[dict]:
     """The live holders of the leases of a trace dir (``flopcount run --out`` refuses a dir that
     another run writes). Probing a lease file takes and drops its lock, and writes nothing."""
-    from .schema import LEASE_DIR
-
     found = []
     for name in storage.listdir(LEASE_DIR):
         if not name.endswith(".lease"):

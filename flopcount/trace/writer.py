@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 
 from ..compliance.method import hardware_description
 from ..conventions import BUILTIN_PHASES
-from ..resources import energy_row
 from ..distributed import rank_identity
 from ..errors import BadInput
+from ..resources import energy_row
 from . import keys, lease, ledger
 from . import manifest as mf
+from .reader import open_traces
 from .schema import (BREAKDOWN_SCHEMA, CATEGORY_COLUMNS, INT64_MAX, MANIFEST_DIR, PHASE_COLUMNS,
                      LEASE_DIR, STEPS_SCHEMA, TRACE_SCHEMA, manifest_path, part_path, writer_name)
 from .spool import PendingPart, Spool, max_unwritten_steps
@@ -128,8 +129,6 @@ class TraceWriter:
         """The trace digest of the whole trace dir as this writer last saw it (after its close: the
         digest to record; `flopcount verify --digest` checks it later)."""
         if self._digest is None or not self.closed:
-            from .reader import open_traces
-
             self._digest = open_traces(self.storage.location).digest
         return self._digest
 
