@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 
 from ..conventions import CATEGORIES
-from ..errors import DuplicateFormula
+from ..errors import BadInput, DuplicateFormula
 
 
 class Work(NamedTuple):
@@ -102,9 +102,10 @@ class Registry:
         the very same entry again (the same function, category and ``needs_values``) changes
         nothing and is allowed."""
         if isinstance(entry, Formula) and entry.category not in CATEGORIES:
-            raise ValueError(f"category {entry.category!r} is not one of {', '.join(CATEGORIES)}")
+            raise BadInput(f"flopcount: category {entry.category!r} is not one of {', '.join(CATEGORIES)}")
         if isinstance(op, str) and "::" not in op:
-            raise ValueError(f"op name {op!r} must be qualified: 'namespace::name' or 'namespace::name.overload'")
+            raise BadInput(f"flopcount: op name {op!r} must be qualified: 'namespace::name' or "
+                           "'namespace::name.overload'")
         key = registry_key(op)
         existing = next((self._table[k] for k in _covering_keys(key) if k in self._table), None)
         if existing is not None and existing != entry and not override:
