@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -194,3 +195,15 @@ def test_every_shipped_config_builds_and_plans_one_step(name):
     planned = flopcount.plan(small, seq_len=tokens, batch_size=1, steps=1, optimizer="sgd", attn=attn)
     assert planned["per_step"]["by_module"]["lm_head"] == 3 * 2 * tokens * small["hidden_size"] * small["vocab_size"]
     assert planned["per_step"]["uncounted_ops"] == {}
+
+
+def test_demo_planned_step_equals_metered(tmp_path):
+    """`make demo`'s script plans its fine-tune before training and prints the planned training FLOPs beside
+    the metered ones: the same number (its data pipeline samples with Python ints, so it adds no tensor op)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "demo", "finetune.py"), "--out", str(tmp_path / "demo"),
+                           "--steps", "2", "--batch", "2", "--seq", "32"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("Planned before training"))
+    planned, metered = (int(x) for x in re.findall(r"(\d+) FLOP", line))
+    assert planned == metered > 0 and line.endswith("identical")
