@@ -4,7 +4,7 @@
 
 Cases: Llama-3.1-70B LoRA (r=16, q/v) at 8k context, and Llama-3.2-1B full fine-tune at 2k,
 both from the shipped registry configs (offline). Each run is a fresh `python -m flopcount.cli
-plan ... --json` process (imports included); peak RSS and CPU time (user + system) from
+plan ... --json` process (imports included), the cases interleaved run by run; peak RSS and CPU time (user + system) from
 wait4's rusage of that process. CPU time is the load-independent figure on a shared machine.
 """
 from __future__ import annotations
@@ -43,8 +43,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    for name, case in CASES.items():
-        runs = [one_run(case) for _ in range(args.runs)]
+    results = {name: [] for name in CASES}
+    for _ in range(args.runs):  # interleaved: a load change on the shared machine hits every case alike
+        for name, case in CASES.items():
+            results[name].append(one_run(case))
+    for name, runs in results.items():
         walls, rss, cpu = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
         print(f"{name}: wall median {statistics.median(walls):.1f} s (runs {', '.join(f'{w:.1f}' for w in walls)}), "
               f"CPU median {statistics.median(cpu):.1f} s, peak RSS median {statistics.median(rss):.0f} MiB (max {max(rss):.0f}); "

@@ -36,7 +36,13 @@ def test_registry_carries_the_published_figures_with_sources():
     assert list(rows[0]) == ["hf_id", "aliases", "training_flop", "method", "systemic_risk", "source",
                             "base_model", "config"]  # lineage and the shipped architecture config
     assert all(row["source"].strip() for row in rows)
-    assert {row["method"] for row in rows} <= {"reported", "6ND", "hardware", "unknown"}
+    assert {row["method"] for row in rows} <= {"reported", "6ND", "hardware", "combined", "unknown"}
+    # The rule: the provider's figure, else Epoch AI's estimate, else unknown (never a 6ND computed here).
+    assert not [row["hf_id"] for row in rows if "computed here" in row["source"]]
+    assert all(bool(row["training_flop"]) == (row["method"] != "unknown") for row in rows)
+    for hf_id, flop in {"meta-llama/Llama-3.3-70B-Instruct": 6.9e24, "meta-llama/Llama-4-Scout-17B-16E": 4.1e24,
+                        "openai/gpt-oss-120b": 4.9e24, "Qwen/Qwen3-235B-A22B": 4.8e24}.items():  # Epoch AI's
+        assert by_id[hf_id].training_flop == flop and "Epoch AI" in by_id[hf_id].source, hf_id
 
 
 def test_6nd_entries_match_parameters_times_tokens():

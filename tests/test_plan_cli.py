@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -148,10 +149,61 @@ def test_every_shipped_config_names_a_registry_model():
     from flopcount.planning.configs import shipped_config_name
 
     folder = os.path.join(ROOT, "flopcount", "compliance", "configs")
-    names = sorted(os.listdir(folder))
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
     assert names
     for name in names:
         hf_id = name[:-len(".json")].replace("--", "/")
         assert shipped_config_name(lookup(hf_id).hf_id) == name
         with open(os.path.join(folder, name)) as f:
             assert json.load(f)["model_type"]
+
+
+SHIPPED = sorted(n for n in os.listdir(os.path.join(ROOT, "flopcount", "compliance", "configs")) if n.endswith(".json"))
+
+
+def test_every_shipped_config_has_a_source():
+    import csv
+
+    with open(os.path.join(ROOT, "flopcount", "compliance", "configs", "sources.csv"), newline="") as f:
+        sources = {row["config"]: row["source"] for row in csv.DictReader(f)}
+    assert sorted(sources) == SHIPPED
+    assert all(len(source) > 20 for source in sources.values())
+
+
+def one_layer(values: dict) -> dict:
+    """The config with one decoder layer (per-layer lists cut to match): the same modules, built fast."""
+    values = dict(values["text_config"]) if isinstance(values.get("text_config"), dict) else dict(values)
+    values["num_hidden_layers"] = 1
+    for key in ("layer_types", "no_rope_layers"):
+        if isinstance(values.get(key), list):
+            values[key] = values[key][:1]
+    return values
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_builds_and_plans_one_step(name):
+    """Each shipped config builds with the installed transformers on the meta device (cut to one layer) and
+    plans one full fine-tuning step; its lm_head GEMMs equal the closed form 3 x 2·T·hidden·vocab
+    (forward, input gradient, weight gradient)."""
+    import flopcount
+    from flopcount.planning.configs import shipped_config
+
+    values = shipped_config(name[:-len(".json")].replace("--", "/"))
+    small = one_layer(values)
+    attn = "eager" if small["model_type"] == "gpt_oss" else "sdpa"  # transformers has no SDPA path for gpt-oss
+    tokens = 8
+    planned = flopcount.plan(small, seq_len=tokens, batch_size=1, steps=1, optimizer="sgd", attn=attn)
+    assert planned["per_step"]["by_module"]["lm_head"] == 3 * 2 * tokens * small["hidden_size"] * small["vocab_size"]
+    assert planned["per_step"]["uncounted_ops"] == {}
+
+
+def test_demo_planned_step_equals_metered(tmp_path):
+    """`make demo`'s script plans its fine-tune before training and prints the planned training FLOPs beside
+    the metered ones: the same number (its data pipeline samples with Python ints, so it adds no tensor op)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "demo", "finetune.py"), "--out", str(tmp_path / "demo"),
+                           "--steps", "2", "--batch", "2", "--seq", "32"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("Planned before training"))
+    planned, metered = (int(x) for x in re.findall(r"(\d+) FLOP", line))
+    assert planned == metered > 0 and line.endswith("identical")

@@ -1,8 +1,11 @@
-"""EU AI Act compute thresholds for a modification (guidelines C(2025) 7719, para. 60-61; Art. 51(2)).
+"""EU AI Act compute thresholds for a modification (guidelines C(2025) 5045, para. 60-61; Art. 51(2)).
 
-The guidelines: Communication from the Commission, Guidelines on the scope of the obligations for
-general-purpose AI models, C(2025) 7719 final of 19 November 2025, the current version of the
-text first approved on 18 July 2025 as C(2025) 5045 (paragraph numbers as cited since July).
+The guidelines: Guidelines on the scope of the obligations for general-purpose AI models established
+by Regulation (EU) 2024/1689, whose content the Commission approved on 18 July 2025 by the
+Communication C(2025) 5045 final (the number the published text carries). The Commission adopted
+them formally in November 2025; the number of that adoption, cited elsewhere as C(2025) 7719, could
+not be checked against a Commission document, so flopcount cites C(2025) 5045 (paragraph numbers
+as in the July text).
 
 A modification makes its author the provider of a new general-purpose model when its training
 compute exceeds one third of the base model's training compute; when that compute is unknown,

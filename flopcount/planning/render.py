@@ -67,7 +67,7 @@ def render(plan: dict, fmt: str) -> str:
     if fmt == "md":
         out = ["# Training compute plan", "",
                "Counted by flopcount from one real training step of the model on the meta device "
-               "(same formulas as a metered run; EU AI Act, Commission guidelines C(2025) 7719).", "",
+               "(same formulas as a metered run; EU AI Act, Commission guidelines C(2025) 5045).", "",
                "| | |", "|---|---|"]
         out += [f"| {k} | {_cell(v)} |" for k, v in rows]
         return "\n".join(out) + "\n"
