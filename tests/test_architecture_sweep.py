@@ -6,7 +6,10 @@ closed forms for MoE expert GEMMs (``aten._grouped_mm``, which FlopCounterMode d
 grouped convolutions (whose weight gradients FlopCounterMode multiplies by the group count).
 
 An architecture is skipped only when it cannot be built or trained from a small default config
-at all (without the meter); the reason is given per architecture (``pytest -ra`` lists them).
+at all (without the meter), or the small config is not small; the reason is given per
+architecture (``pytest -ra`` lists them). Where FlopCounterMode itself breaks the step (its module
+tracker fails on reversible layers: reformer) the meter still runs, with zero uncounted ops, and
+the GEMM comparison is left out (printed).
 A few representative architectures run always; the rest are marked ``slow`` (``-m "not slow"``
 leaves them out for a quick local run; ``make test`` and CI run them).
 """
@@ -42,6 +45,8 @@ def test_architecture_meters_exactly(model_type):
         except sweep.Skip as skip:
             pytest.skip(f"{model_type}: {skip}")
     assert result["training_flops"] > 0
+    if "no_reference" in result:  # counted, zero uncounted, but no independent GEMM check
+        print(f"{model_type}: {result['no_reference']}")
 
 
 def sweep_native_missing() -> bool:
