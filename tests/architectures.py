@@ -1,4 +1,4 @@
-"""The architecture sweep's machinery (tests/test_architectures.py): every causal-LM architecture of
+"""The architecture sweep's machinery (tests/test_architecture_sweep.py): every causal-LM architecture of
 the installed transformers, built from a small config, one training step on CPU under the meter.
 
 ``python tests/architectures.py [TYPE ...]`` runs the sweep outside pytest and prints one line per
