@@ -16,14 +16,36 @@ configurations run the kernel and are counted as such.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
+import threading
 
 from ..formulas import KNOWN_ZERO, REGISTRY
 from ..formulas.registry import launched_kernel
 from .active import HOOKS
 
 _HOOKED = "__flopcount_hooked__"
+_API = threading.local()  # depth of library calls counted at their Python API on this thread
+
+
+@contextlib.contextmanager
+def counted_at_api():
+    """Kernels launched inside a library call that integrations/kernels.py counts at its Python
+    API (Liger, Unsloth, fla, mamba-ssm) are that call's work: not booked again, not uncounted."""
+    enter_api()
+    try:
+        yield
+    finally:
+        leave_api()
+
+
+def enter_api() -> None:
+    _API.depth = getattr(_API, "depth", 0) + 1
+
+
+def leave_api() -> None:
+    _API.depth = max(getattr(_API, "depth", 0) - 1, 0)
 
 
 def is_kernel(obj) -> bool:
@@ -72,7 +94,7 @@ def kernel_args(kernel, args, kwargs) -> tuple[tuple, dict]:
 
 def make_hook(kernel):
     def pre_run(*args, **kwargs):
-        if not HOOKS.meters or HOOKS.region_depth():
+        if not HOOKS.meters or HOOKS.region_depth() or getattr(_API, "depth", 0):
             return
         name, entry = REGISTRY.lookup(kernel)
         if entry is KNOWN_ZERO:

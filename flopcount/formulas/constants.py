@@ -69,6 +69,10 @@ PER_ELEMENT: dict[str, PerElement] = {
             "derivative of the tanh approximation: inner polynomial (4), tanh, 1-t^2 (2), products and sums (9), mul g"),
     **_rows("elu_backward softplus_backward", 4, "pointwise", "output", "compare/exp, add, div or scale, mul g"),
     **_rows("hardswish_backward hardsigmoid_backward", 3, "pointwise", "output", "two comparisons, mul g"),
+    **_rows("log_sigmoid log_sigmoid_forward", 5, "pointwise", "output",
+            "min(x, 0) - log1p(exp(-|x|)): abs, exp, log1p, min, subtract"),
+    **_rows("log_sigmoid_backward", 5, "pointwise", "output", "g*sigmoid(-x): sigmoid (4), mul g"),
+    **_rows("polar", 4, "pointwise", "output", "abs*cos(angle) + i*abs*sin(angle): cos, sin, two multiplies"),
     # Softmax family (per element of the softmax input).
     **_rows("_softmax _safe_softmax _log_softmax", 5, "pointwise", "output",
             "row max, subtract, exp, row sum, divide (log_softmax: subtract log-sum)"),

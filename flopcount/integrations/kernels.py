@@ -25,6 +25,8 @@ import threading
 import torch
 
 from ..capture import dark
+from ..capture.triton import counted_at_api, enter_api, leave_api
+from ..formulas import fla, mamba_ssm, unsloth
 from ..formulas import kernels_api as api
 
 _LOCK = threading.Lock()
@@ -151,6 +153,72 @@ def liger_fused_linear_cross_entropy(args, kwargs, output):
                                                 weight_grad=weight.requires_grad)
 
 
+def _bind(names, args, kwargs) -> dict:
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def mamba_chunk_scan_combined(args, kwargs, output):
+    b = _bind(("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "initial_states", "seq_idx",
+               "cu_seqlens", "dt_softplus"), args, kwargs)
+    x, bc = b["x"], b["B"]
+    return mamba_ssm.ssd_chunk_scan(x.shape[0], x.shape[1], x.shape[2], x.shape[3], bc.shape[-1], bc.shape[2],
+                                    int(b["chunk_size"]), has_d=b.get("D") is not None, has_z=b.get("z") is not None,
+                                    dt_bias=b.get("dt_bias") is not None, dt_softplus=bool(b.get("dt_softplus")))
+
+
+def _fla(names, *, delta: bool, gate):
+    def formula(args, kwargs, output):
+        b = _bind(names, args, kwargs)
+        q, v = b["q"], b["v"]
+        scalar_gate = gate if gate != "auto" else ("scalar" if b.get("g") is not None or
+                                                   b.get("g_gamma") is not None else None)
+        return fla.chunked_linear_attention(fla.sequence_lengths(q.shape, b.get("cu_seqlens")), v.shape[2],
+                                            q.shape[-1], v.shape[-1], delta=delta, gate=scalar_gate)
+    return formula
+
+
+def unsloth_rms_layernorm(args, kwargs, output):
+    b = _bind(("X", "W", "eps", "gemma"), args, kwargs)
+    x = b["X"]
+    return unsloth.rms_layernorm(api.tokens_of(x.shape, x.shape[-1]), x.shape[-1], gemma=bool(b.get("gemma")))
+
+
+def unsloth_layernorm(args, kwargs, output):
+    x = args[0]
+    return unsloth.layernorm(api.tokens_of(x.shape, x.shape[-1]), x.shape[-1])
+
+
+def unsloth_rope(args, kwargs, output):
+    return unsloth.rope(args[0].numel())
+
+
+def unsloth_rope_qk(args, kwargs, output):
+    return unsloth.rope(args[0].numel() + args[1].numel())
+
+
+def unsloth_cross_entropy(args, kwargs, output):
+    b = _bind(("logits", "labels", "logit_softcapping", "logit_scaling"), args, kwargs)
+    rows, vocab = b["logits"].shape
+    return unsloth.cross_entropy(rows, vocab, softcap=bool(b.get("logit_softcapping")),
+                                 scaling=bool(b.get("logit_scaling")))
+
+
+def _unsloth_glu(kind: str, backward: bool):
+    def formula(args, kwargs, output):
+        e = args[1] if backward else args[0]  # backward(DW, e, g), forward(e, g)
+        works = unsloth.glu_backward(e.numel(), kind) if backward else unsloth.glu_forward(e.numel(), kind)
+        return works, []  # booked where it runs: the backward kernel runs in autograd's backward
+    return formula
+
+
+def unsloth_grouped_gemm(args, kwargs, output):
+    b = _bind(("X", "W", "m_sizes", "topk", "gather_indices", "permute_x"), args, kwargs)
+    x, w = b["X"], b["W"]
+    rows = x.shape[0] * int(b["topk"]) if b.get("permute_x") else x.shape[0]
+    return unsloth.grouped_gemm(rows, w.shape[1], w.shape[2], input_grad=x.requires_grad,
+                                weight_grad=w.requires_grad)
+
+
 # (module path, attribute) -> formula(args, kwargs, output) -> (forward, backward works). Liger's
 # autograd Functions are wrapped at their ``apply``.
 FUNCTIONS = {
@@ -164,6 +232,25 @@ FUNCTIONS = {
     ("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction.apply"): liger_cross_entropy,
     ("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction.apply"):
         liger_fused_linear_cross_entropy,
+    ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"): mamba_chunk_scan_combined,
+    ("fla.ops.gla.chunk", "chunk_gla"): _fla(("q", "k", "v", "g"), delta=False, gate="vector"),
+    ("fla.ops.simple_gla.chunk", "chunk_simple_gla"): _fla(("q", "k", "v", "g", "g_gamma"), delta=False,
+                                                           gate="auto"),
+    ("fla.ops.delta_rule.chunk", "chunk_delta_rule"): _fla(("q", "k", "v", "beta"), delta=True, gate=None),
+    ("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule"): _fla(("q", "k", "v", "g", "beta"), delta=True,
+                                                                       gate="scalar"),
+    ("unsloth.kernels.rms_layernorm", "Fast_RMS_Layernorm.apply"): unsloth_rms_layernorm,
+    ("unsloth.kernels.layernorm", "Fast_Layernorm.apply"): unsloth_layernorm,
+    ("unsloth.kernels.rope_embedding", "Fast_RoPE_Embedding.apply"): unsloth_rope,
+    ("unsloth.kernels.rope_embedding", "Fast_RoPE_Embedding_QK.apply"): unsloth_rope_qk,
+    ("unsloth.kernels.cross_entropy_loss", "Fast_CrossEntropyLoss.apply"): unsloth_cross_entropy,
+    ("unsloth.kernels.swiglu", "swiglu_fg_kernel"): _unsloth_glu("swiglu", backward=False),
+    ("unsloth.kernels.swiglu", "swiglu_DWf_DW_dfg_kernel"): _unsloth_glu("swiglu", backward=True),
+    ("unsloth.kernels.geglu", "geglu_exact_forward_kernel"): _unsloth_glu("geglu_exact", backward=False),
+    ("unsloth.kernels.geglu", "geglu_exact_backward_kernel"): _unsloth_glu("geglu_exact", backward=True),
+    ("unsloth.kernels.geglu", "geglu_approx_forward_kernel"): _unsloth_glu("geglu_approx", backward=False),
+    ("unsloth.kernels.geglu", "geglu_approx_backward_kernel"): _unsloth_glu("geglu_approx", backward=True),
+    ("unsloth.kernels.moe.grouped_gemm.interface", "grouped_gemm"): unsloth_grouped_gemm,
 }
 
 for (_root, _name) in MODULES:
@@ -187,15 +274,19 @@ def _book(name: str, works, output) -> None:
     out = _first_tensor(output)
     if backward and out is not None and out.grad_fn is not None:
         def book_backward(grad_outputs, counters=counters):
+            enter_api()  # the library's backward kernels (Triton) are this work: not uncounted
             for counter in counters:
                 counter.book(name, backward)
+
         out.grad_fn.register_prehook(book_backward)
+        out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: leave_api())
 
 
 def _counting(name: str, fn, formula):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        output = fn(*args, **kwargs)
+        with counted_at_api():  # its Triton kernels are this call's work
+            output = fn(*args, **kwargs)
         if _Active.counters and not torch.compiler.is_compiling():
             try:
                 works = formula(args, kwargs, output)
