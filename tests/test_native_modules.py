@@ -135,3 +135,28 @@ def test_module_attribution_closed_form():
     assert rows[("backward", "matmul", "0")] == 2 * (2 * m_ * k * n)
     assert rows[("forward", "matmul", "1")] == 2 * m_ * n * 1
     assert rows[("backward", "matmul", "1")] == 2 * (2 * m_ * n * 1)
+
+
+@torch.library.custom_op("flopcount_native_module_tests::triple", mutates_args=())
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+def test_repeated_steps_reuse_totals_until_the_registry_changes():
+    """Steady steps book the same totals (reused whole); a formula registered mid-run drops the
+    kept plans (the extension learns of it when the step closes), and the steps after count the
+    newly covered op while the rest stays the same."""
+    x = torch.randn(4, 4)
+    steps = []
+    with flopcount.meter(backend="native", warn=False) as m:
+        for i in range(6):
+            if i == 3:
+                flopcount.register_formula(_triple, category="pointwise")(lambda x_shape, *, out_shape: 5 * x.numel())
+            x @ x
+            _triple(x)
+            m.step()
+            steps.append((sum(m.last_step.flops.values()), dict(m.last_step.uncounted)))
+    mm = 2 * 4 ** 3
+    assert steps[:3] == [(mm, {"flopcount_native_module_tests.triple": 1})] * 3
+    assert steps[4:] == [(mm + 5 * 16, {})] * 2
+    assert m.summary()["by_op"]["aten.mm"] == {"flops": 6 * mm, "calls": 6}

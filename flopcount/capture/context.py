@@ -249,7 +249,9 @@ class Context:
 
     def _module_pre(self, module, args) -> None:
         try:
-            name = self._name(module)
+            name = self.names.get(module)
+            if name is None:
+                name = self._name(module)
             grad = torch.is_grad_enabled()
             self.forward_stack.append(Frame(module, name, grad))
         except Exception as exc:

@@ -61,7 +61,7 @@ class DarkModuleWatch:
 
     def __init__(self, context) -> None:
         self.context = context
-        # module -> (0 skip, 1 watch or 2 bypassing; its class and class name when first seen)
+        # module -> [0 skip, 1 watch or 2 bypassing; its class and class name when first seen; its name]
         self.kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.ran: dict[str, str] = {}
         self.always_dark: dict[str, str] = {}
@@ -70,12 +70,13 @@ class DarkModuleWatch:
         entry = self.kind.get(module)
         if entry is None:
             cls = type(module)
-            entry = self.kind[module] = (_kind(module), cls, class_name(cls))
-        kind, cls, cls_name = entry
+            entry = self.kind[module] = [_kind(module), cls, class_name(cls), None]
+        kind, cls, cls_name, name = entry
         if kind:
-            name = self.context.names.get(module)
-            if name is None:
-                return
+            if name is None:  # the Context names a module once, for good
+                name = entry[3] = self.context.names.get(module)
+                if name is None:
+                    return
             if type(module) is not cls:  # its class was swapped since (a wrapper library)
                 cls_name = class_name(type(module))
             (self.always_dark if kind == 2 else self.ran)[name] = cls_name

@@ -561,17 +561,24 @@ def _args_kwargs(op, inputs):
     arguments up to the last one that is not at its default, keyword-only ones not at their default."""
     if op is None:
         return tuple(v for _, v in inputs), {}
-    arguments = op._schema.arguments
+    arguments = _schema_arguments(op)
     n = min(len(arguments), len(inputs))
     kwarg_start = n
-    while kwarg_start > 0 and arguments[kwarg_start - 1].kwarg_only:
+    while kwarg_start > 0 and arguments[kwarg_start - 1][1]:
         kwarg_start -= 1
     positional_end = kwarg_start
     while positional_end > 0 and inputs[positional_end - 1][0]:
         positional_end -= 1
     args = tuple(v for _, v in inputs[:positional_end])
-    kwargs = {arguments[i].name: inputs[i][1] for i in range(kwarg_start, n) if not inputs[i][0]}
+    kwargs = {arguments[i][0]: inputs[i][1] for i in range(kwarg_start, n) if not inputs[i][0]}
     return args, kwargs
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema_arguments(op) -> tuple:
+    """(name, keyword-only) of an op's arguments: reading ``_schema.arguments`` builds them anew
+    each time, which costs more than the rest of a booking."""
+    return tuple((a.name, a.kwarg_only) for a in op._schema.arguments)
 
 
 def _overload(name: str, overload: str):
