@@ -4,7 +4,7 @@ per module call is the step. Interleaved rounds of no meter, flopcount's native 
 defaults: modules, phases, energy, automatic steps) and torch's FlopCounterMode; JSON output.
 
     python benchmarks/gpu/launch_bound.py [--out FILE] [--rounds 12] [--steps 10]
-    python benchmarks/gpu/launch_bound.py --device cpu --tiny   # the CPU path, to test it anywhere
+    python benchmarks/gpu/launch_bound.py --device cpu --tiny --threads 1   # the CPU path, anywhere
 
 Each round runs every variant once, in a shuffled order, under a fresh meter: one untimed step
 (the meter's first: hooks and keys appear), one untimed step that books the first, then
@@ -81,8 +81,11 @@ def main() -> None:
                    help="default: bfloat16 on CUDA, float32 with --tiny on CPU")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", help="write the JSON here too (it is always printed)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device here; use --device cpu --tiny for the CPU path")
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" and args.tiny else "bfloat16"))
@@ -134,7 +137,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
         "model": {**shape, "parameters": parameters, "batch": args.batch, "dtype": str(dtype).split(".")[-1]},
-        "rounds": args.rounds, "timed_steps": args.steps, "load_average_before": load_before,
+        "rounds": args.rounds, "timed_steps": args.steps, "threads": torch.get_num_threads(), "load_average_before": load_before,
         "load_average_after": load_after, "variants": rows,
         "training_flops_per_two_steps": totals, "same_totals": totals["native"] == totals["dispatch"],
     }
