@@ -4,8 +4,9 @@ scalar parameter), forward and backward, interleaved rounds, CPU time of the ste
 
     python benchmarks/module_call_overhead.py [--modules 200] [--rounds 30] [--steps 20]
 
-Variants: ``baseline`` (no meter), ``hook_floor`` (a do-nothing global forward pre/post hook
-pair: what torch's hooked module call path costs by itself), ``native_untracked`` (native
+Variants: ``baseline`` (no meter; flopcount's process-wide module hooks are installed at import
+in every variant and return at once without a meter), ``hook_floor`` (a second, do-nothing
+global forward pre/post hook pair: what one more hook pair costs), ``native_untracked`` (native
 backend, ``track_modules=False``), ``native`` (defaults), ``flopcountermode``. Prints per
 variant the median step and the added µs per module call against the baseline and against
 ``native_untracked`` (module tracking alone), with the load average beside them.
