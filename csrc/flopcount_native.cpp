@@ -39,6 +39,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
 #include <array>
@@ -65,6 +66,11 @@ enum Tag : int64_t {
 enum Extra { kShapeOnly = 0, kWithValues = 1, kWithDtype = 2 };
 constexpr int64_t kOutputs = -1;       // separates inputs from outputs in a key
 constexpr int64_t kMaxValues = 65536;  // larger integer tensors are not read (shapes only)
+
+// What set_context / module_call return (bits; capture/native.py reads them from the module's
+// STATUS_* attributes): strict mode found an uncounted op, an automatic step boundary was crossed
+// since the last drain, Python must place the module's gradient hooks itself.
+constexpr int64_t kViolation = 1, kBoundary = 2, kPythonHooks = 4;
 
 // Registry classes pushed from Python.
 enum Klass : int8_t {
@@ -139,6 +145,9 @@ struct Slot {
   std::vector<std::pair<int64_t, std::vector<int64_t>>> new_keys;  // since the last drain
   int64_t next_key_id = 0;
   bool keys_reset = false;  // key_ids was cleared (too many distinct keys): Python forgets ids
+  // By key id: Python has booked the key with a plan it keeps (set_planned), so drain hands its
+  // calls over apart from the rest: a steady step's planned calls repeat and are reused whole.
+  std::vector<uint8_t> planned;
   std::vector<PendingValues> pending_values;
   // Backward modules, per autograd graph task: module ids, innermost last (see backward_enter).
   std::unordered_map<int64_t, std::vector<int64_t>> backward_stacks;
@@ -528,6 +537,7 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* observer_ctx) {
       if (s.key_ids.size() >= kMaxKeys) {  // shapes that never repeat: start afresh
         s.key_ids.clear();
         s.keys_reset = true;
+        s.planned.clear();
       }
       id = s.next_key_id++;
       s.key_ids.emplace(key, id);
@@ -566,6 +576,7 @@ int64_t enable(bool strict) {
     s.new_keys.clear();
     s.next_key_id = 0;
     s.keys_reset = false;
+    s.planned.clear();
     s.backward_stacks.clear();
     s.module_names.clear();
     s.root_module = -1;
@@ -607,6 +618,7 @@ void release(int64_t index) {
   s.pending_values.clear();
   s.key_ids.clear();
   s.new_keys.clear();
+  s.planned.clear();
   s.backward_stacks.clear();
   s.has_backward_modules = false;
   s.generation.fetch_add(1);
@@ -636,7 +648,7 @@ int64_t set_context(int64_t index, int64_t context, bool optimizer) {
   Slot& s = slot(index);
   s.context.store(context);
   s.optimizer.store(optimizer);
-  return (s.has_violation.load() ? 1 : 0) | (s.boundary_crossed.load() ? 2 : 0);
+  return (s.has_violation.load() ? kViolation : 0) | (s.boundary_crossed.load() ? kBoundary : 0);
 }
 
 // ---- backward modules ---------------------------------------------------------------------------
@@ -723,6 +735,70 @@ bool add_module_hook(int64_t index, const at::Tensor& tensor, int64_t module, bo
   return true;
 }
 
+// ---- one call per module call ---------------------------------------------------------------
+// The module hooks' hot path (Context._module_pre/_module_post with the native backend): set the
+// context as set_context does and hook the autograd node that made the tensors of ``value`` that
+// require grad, the rule of Context._when_grads, without more Python. Only what that rule decides
+// the same way in C++ is handled here: plain tensors directly in ``value``, a tuple, a list or a
+// plain dict of them, all made by one node. Anything else (several nodes, a leaf, a tensor
+// subclass, another container) sets kPythonHooks and Python applies the rule itself.
+struct Grads {
+  c10::intrusive_ptr<torch::autograd::Node> node;  // the one node, once seen
+  bool python = false;
+};
+
+void grads_of_tensor(PyObject* obj, Grads& g) {
+  if (!THPVariable_CheckExact(obj)) {  // a subclass may answer requires_grad / grad_fn in Python
+    g.python = true;
+    return;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !t.requires_grad()) return;
+  const auto& fn = t.grad_fn();
+  if (!fn) {  // a leaf: Python hooks it (its hooks outlive the graph)
+    g.python = true;
+  } else if (!g.node) {
+    g.node = fn;
+  } else if (g.node.get() != fn.get()) {
+    g.python = true;
+  }
+}
+
+void grads_of(PyObject* value, Grads& g) {
+  if (THPVariable_Check(value)) {
+    grads_of_tensor(value, g);
+  } else if (PyTuple_Check(value) || PyList_Check(value)) {
+    PyObject* seq = value;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n && !g.python; ++i) {
+      if (THPVariable_Check(items[i])) grads_of_tensor(items[i], g);
+    }
+  } else if (PyDict_CheckExact(value)) {
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (!g.python && PyDict_Next(value, &pos, &k, &v)) {
+      if (THPVariable_Check(v)) grads_of_tensor(v, g);
+    }
+  } else if (value != Py_None) {
+    g.python = true;  // a model output object, or anything Python knows how to open
+  }
+}
+
+int64_t module_call(int64_t index, int64_t context, bool optimizer, int64_t module, py::handle value,
+                    bool enter) {
+  int64_t status = set_context(index, context, optimizer);
+  if (value.is_none()) return status;
+  Grads g;
+  grads_of(value.ptr(), g);
+  if (g.python) return status | kPythonHooks;
+  if (g.node) {
+    Slot& s = slot(index);
+    g.node->add_pre_hook(std::make_unique<ModuleHook>(index, s.generation.load(), module, enter));
+  }
+  return status;
+}
+
 // The innermost backward module of graph task ``task``, or -1.
 int64_t backward_module(int64_t index, int64_t task) {
   Slot& s = slot(index);
@@ -759,8 +835,24 @@ std::string take_violation(int64_t index) {
   return out;
 }
 
+// Python keeps a plan for these key ids (or, with ``planned`` false, for none of its keys anymore).
+void set_planned(int64_t index, const std::vector<int64_t>& ids, bool planned) {
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!planned) {
+    s.planned.clear();
+    return;
+  }
+  for (int64_t id : ids) {
+    if (id < 0) continue;
+    if (s.planned.size() <= static_cast<size_t>(id)) s.planned.resize(static_cast<size_t>(id) + 1, 0);
+    s.planned[static_cast<size_t>(id)] = 1;
+  }
+}
+
 // Everything aggregated since the last drain: one entry per generation (auto-step boundaries),
-// ({key id: calls}, {op id: uncounted calls}); the keys first seen since the last drain
+// ({planned key id: calls}, {other key id: calls}, {op id: uncounted calls}), planned keys being
+// those of set_planned; the keys first seen since the last drain
 // ({key id: key}); the values of device tensors copied for value-dependent formulas
 // ({slot: [values]}); whether earlier key ids were forgotten. Waiting on a copy's event blocks only until that
 // copy is done (the copies are queued early in the step); it does not synchronise the device.
@@ -770,9 +862,18 @@ py::tuple drain(int64_t index) {
   std::vector<PendingValues> pending;
   std::vector<std::pair<int64_t, std::vector<int64_t>>> new_keys;
   bool reset = false;
+  std::vector<std::vector<uint8_t>> is_planned;  // per generation, in its calls' iteration order
   {
     std::lock_guard<std::mutex> lock(s.mu);
     generations.swap(s.generations);
+    for (const auto& gen : generations) {
+      auto& flags = is_planned.emplace_back();
+      flags.reserve(gen.calls.size());
+      for (const auto& entry : gen.calls) {
+        auto id = static_cast<size_t>(entry.first);
+        flags.push_back(id < s.planned.size() ? s.planned[id] : 0);
+      }
+    }
     s.generations.emplace_back();
     pending.swap(s.pending_values);
     new_keys.swap(s.new_keys);
@@ -793,7 +894,14 @@ py::tuple drain(int64_t index) {
     values[py::int_(slot)] = std::vector<int64_t>(data, data + host.numel());
   }
   py::list out;
-  for (auto& gen : generations) out.append(py::make_tuple(py::cast(gen.calls), py::cast(gen.uncounted)));
+  for (size_t g = 0; g < generations.size(); ++g) {
+    py::dict repeated, other;
+    size_t i = 0;
+    for (const auto& [id, calls] : generations[g].calls) {  // the order in which is_planned was filled
+      (is_planned[g][i++] ? repeated : other)[py::int_(id)] = py::int_(calls);
+    }
+    out.append(py::make_tuple(repeated, other, py::cast(generations[g].uncounted)));
+  }
   py::dict keys;
   for (auto& [id, key] : new_keys) keys[py::int_(id)] = py::tuple(py::cast(key));
   return py::make_tuple(out, keys, values, reset);
@@ -856,6 +964,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_context", &set_context);
   m.def("backward_event", &backward_event);
   m.def("add_module_hook", &add_module_hook);
+  m.def("module_call", &module_call);
   m.def("backward_module", &backward_module);
   m.def("set_module_name", &set_module_name);
   m.def("clear_backward_modules", &clear_backward_modules);
@@ -863,11 +972,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_paused", &set_paused);
   m.def("take_violation", &take_violation);
   m.def("drain", &drain);
+  m.def("set_planned", &set_planned);
   m.def("op_names", &op_names, py::arg("start") = 0);
   m.def("strings", &strings, py::arg("start") = 0);
   m.def("dtype_code", &dtype_code);
   m.def("floor_enable", &floor_enable);
   m.def("floor_disable", &floor_disable);
   m.attr("KEY_VERSION") = 1;
+  m.attr("STATUS_VIOLATION") = kViolation;
+  m.attr("STATUS_BOUNDARY") = kBoundary;
+  m.attr("STATUS_PYTHON_HOOKS") = kPythonHooks;
   m.attr("SLOTS") = kSlots;
 }

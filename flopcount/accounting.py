@@ -44,6 +44,17 @@ class StepAccumulator:
                     flops[flops_key] += per_call * count
                 calls[calls_key] += count
 
+    def add_totals(self, flops: dict, calls: dict) -> None:
+        """Totals of many calls summed elsewhere (the native backend's repeated keys): FLOPs by
+        (phase, category, module, op) and calls by (op, phase), added as they are."""
+        with self.lock:
+            if self.flops:
+                for key, f in flops.items():
+                    self.flops[key] += f
+            else:  # a fresh step: one copy at C speed
+                self.flops.update(flops)
+            self.calls.update(calls)
+
     def add_uncounted(self, op: str) -> None:
         with self.lock:
             self.uncounted[op] += 1

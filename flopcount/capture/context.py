@@ -17,7 +17,10 @@ Modules: global forward pre/post hooks keep a stack of fully qualified names (as
 attributed through gradient hooks on each module's outputs (entered) and inputs (left), one
 stack per autograd graph task, so reentrant backward inside checkpointing keeps its own
 (``BackwardModules``; the native backend swaps in the same stacks kept in C++, whose gradient
-hooks run no Python).
+hooks run no Python). With the native backend a module call costs one call into the extension
+per hook (``NativeCapture.module_changed``: the context push and the gradient hook on the one
+autograd node that made the module's tensors); only what it cannot decide alone (tensors from
+several nodes, leaves, subclasses, other containers) comes back to ``_when_grads``.
 """
 from __future__ import annotations
 
@@ -242,27 +245,52 @@ class Context:
         self.names[module] = name
         return name
 
-    @guarded("module hook")
     def _module_pre(self, module, args) -> None:
-        name = self._name(module)
-        grad = torch.is_grad_enabled()
-        self.forward_stack.append(Frame(module, name, grad))
-        self._changed()
-        if grad:
-            # Fires once gradients for all inputs exist: the module's backward is over.
-            self._when_grads(args, name, enter=False)
+        try:
+            name = self.names.get(module)
+            if name is None:
+                name = self._name(module)
+            grad = torch.is_grad_enabled()
+            self.forward_stack.append(Frame(module, name, grad))
+        except Exception as exc:
+            self.guard.failed("module hook", exc)
+            return
+        # Fires once gradients for all inputs exist: the module's backward is over.
+        self._entered(args if grad else None, name, enter=False)
 
-    @guarded("module hook")
     def _module_post(self, module, args, output) -> None:
-        stack = self.forward_stack
-        for i in range(len(stack) - 1, -1, -1):  # exceptions may skip frames (always_call)
-            if stack[i].module is module:
-                del stack[i:]
-                break
-        self._changed()
-        if torch.is_grad_enabled():
-            # Fires at the first gradient of an output: the module's backward begins.
-            self._when_grads(output, self._names_get(module), enter=True)
+        name = None
+        try:
+            stack = self.forward_stack
+            for i in range(len(stack) - 1, -1, -1):  # exceptions may skip frames (always_call)
+                if stack[i].module is module:
+                    name = stack[i].name
+                    del stack[i:]
+                    break
+            if name is None:
+                name = self._names_get(module)
+            grad = torch.is_grad_enabled()
+        except Exception as exc:
+            self.guard.failed("module hook", exc)
+            return
+        # Fires at the first gradient of an output: the module's backward begins.
+        self._entered(output if grad else None, name, enter=True)
+
+    def _entered(self, value, name: str, enter: bool) -> None:
+        """After a module call began or ended: tell the listener (the context changed) and hook
+        ``value``'s gradients (``_when_grads``; None: grad mode is off, nothing to hook). The native
+        backend does both in one call into the extension and hands back only what it leaves to Python."""
+        listener = self.listener
+        if listener is not None:
+            try:  # the listener may close a step here (flush): never into the hook
+                value = listener.module_changed(value, name, enter)
+            except Exception as exc:
+                self.guard.failed("context tracking", exc)
+        if value is not None:
+            try:
+                self._when_grads(value, name, enter)
+            except Exception as exc:
+                self.guard.failed("module hook", exc)
 
     def _when_grads(self, value, name: str, enter: bool) -> None:
         """In backward, enter module ``name`` at the first gradient of the tensors in ``value``

@@ -43,7 +43,7 @@ def dark_in_step(ran: dict[str, str], always_dark: dict[str, str], flops_keys) -
     own parameters whose forward ran; ``always_dark``: those of bypassing libraries;
     ``flops_keys``: the step's (phase, category, module, op) keys with FLOPs."""
     lit: set[str] = set()
-    for _, _, module, _ in flops_keys:
+    for module in {key[2] for key in flops_keys}:  # a step has many keys per module
         parts = module.split(".")
         for i in range(len(parts), 0, -1):
             prefix = ".".join(parts[:i])
@@ -61,20 +61,25 @@ class DarkModuleWatch:
 
     def __init__(self, context) -> None:
         self.context = context
-        self.kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> 0 skip, 1 watch, 2 bypassing
+        # module -> [0 skip, 1 watch or 2 bypassing; its class and class name when first seen; its name]
+        self.kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.ran: dict[str, str] = {}
         self.always_dark: dict[str, str] = {}
 
     def _module_pre(self, module, args) -> None:
-        kind = self.kind.get(module)
-        if kind is None:
-            kind = self.kind[module] = _kind(module)
+        entry = self.kind.get(module)
+        if entry is None:
+            cls = type(module)
+            entry = self.kind[module] = [_kind(module), cls, class_name(cls), None]
+        kind, cls, cls_name, name = entry
         if kind:
-            name = self.context.names.get(module)
-            if name is None:
-                return
-            cls = class_name(type(module))
-            (self.always_dark if kind == 2 else self.ran)[name] = cls
+            if name is None:  # the Context names a module once, for good
+                name = entry[3] = self.context.names.get(module)
+                if name is None:
+                    return
+            if type(module) is not cls:  # its class was swapped since (a wrapper library)
+                cls_name = class_name(type(module))
+            (self.always_dark if kind == 2 else self.ran)[name] = cls_name
 
     def _module_post(self, module, args, output) -> None:
         pass

@@ -6,7 +6,13 @@ backward module). When a step closes, this module evaluates the one Python formu
 once per distinct key (``Formula.works``) and books the result through the Counter, so both
 backends share every rule: the phase and module rules are ``context.resolve_phase`` and
 ``context.resolve_module``, fed with the Python-held state that ``Context`` pushes to C++ on
-each change (module entered or left, optimizer step, user phase, autograd.Function.apply).
+each change (module entered or left, optimizer step, user phase, autograd.Function.apply); a
+module call pushes it and places its gradient hook in one call (``module_changed``).
+
+Booking a step costs little once steps repeat: each key's booking is kept, the extension hands
+over the calls of already-booked keys apart (``set_planned``), and their summed totals are
+reused whole while they repeat (``_book``); only new keys (AdamW's changing scalars, new shapes)
+are evaluated and summed one by one.
 
 Build: the extension is compiled against the installed torch into a cache keyed by everything
 that changes the binary (native_build.py), in a private directory renamed into place; a process
@@ -39,6 +45,7 @@ MIN_TORCH = (2, 7)  # RecordFunction::overload_name; older torch uses the dispat
 (NONE, TENSOR, INT, DOUBLE, BOOL, STRING, INT_LIST, DOUBLE_LIST, BOOL_LIST, LIST, DTYPE, OPAQUE,
  VALUES, PENDING_VALUES, TENSOR_DTYPE) = range(15)
 OUTPUTS = -1
+REPEATED_KEPT = 4  # recent booked-key totals reused whole (NativeCapture._book)
 # Registry classes, as in the extension.
 ZERO, FORMULA, UNCOUNTED, FORMULA_VALUES, COLLECTIVE = range(5)
 
@@ -194,8 +201,15 @@ class NativeCapture:
         # (op id, arguments part of a key) -> works: keys that differ only in phase or module
         # (the same layer shapes in every block, forward and recompute) evaluate their formula once.
         self.works_by_arguments: dict[tuple, object] = {}
+        # Recent drains' calls of already-booked keys with their totals, newest first (_book); a
+        # drain holds a step's end and the next step's first ops: parts that alternate.
+        self.repeated: list[tuple[dict, tuple]] = []
         self.strings: list[str] = []
         self.dtypes = _dtype_codes(self.lib)
+        # The bits set_context / module_call return (csrc: kViolation, kBoundary, kPythonHooks).
+        self.violation, self.boundary = self.lib.STATUS_VIOLATION, self.lib.STATUS_BOUNDARY
+        self.python_hooks = self.lib.STATUS_PYTHON_HOOKS
+        self.act_on = self.violation | self.boundary
         self.registry_version = -1
         self.flushing = False
         self.slot = None  # the extension's per-meter state, while entered
@@ -224,6 +238,31 @@ class NativeCapture:
 
     # ---- Context listener: mirror the Python-held state in C++ --------------------------------
     def context_changed(self) -> None:
+        ident, optimizer = self._context_id()
+        self._act(self.lib.set_context(self.slot, ident, optimizer))
+
+    def module_changed(self, value, name: str, enter: bool):
+        """A module call began (``enter`` False: ``value`` is its inputs, whose gradients leave
+        it in backward) or ended (True: its outputs, whose first gradient enters it); ``value``
+        is None under no_grad. One call into the extension sets the context and hooks the one
+        autograd node that made ``value``'s tensors; returns ``value`` when Python must hook it
+        itself (Context._when_grads: several nodes, leaves, subclasses, other containers), else None."""
+        snapshot = self.context.snapshot()
+        ident = self.snapshot_ids.get(snapshot)
+        if ident is None or REGISTRY.version != self.registry_version:
+            ident, _ = self._context_id()
+        module = -1
+        if value is not None:
+            module = self.module_ids.get(name)
+            if module is None:
+                module = self._module_id(name)
+        status = self.lib.module_call(self.slot, ident, snapshot[0], module, value, enter)
+        if status & self.act_on:
+            self._act(status)
+        return value if status & self.python_hooks else None
+
+    def _context_id(self) -> tuple[int, bool]:
+        """The id of the Context's current snapshot (interned), and whether the optimizer runs."""
         snapshot = self.context.snapshot()
         ident = self.snapshot_ids.get(snapshot)
         if ident is None:
@@ -231,10 +270,13 @@ class NativeCapture:
             self.snapshots.append(snapshot)
         if REGISTRY.version != self.registry_version:  # a formula was registered meanwhile
             self._push_registry()
-        status = self.lib.set_context(self.slot, ident, snapshot[0])
-        if status & 1:  # strict mode: an uncounted op ran since the last change
+        return ident, snapshot[0]
+
+    def _act(self, status: int) -> None:
+        """What the extension asks for after a context change."""
+        if status & self.violation:  # strict mode: an uncounted op ran since the last change
             self.counter.uncounted(_python_name(self.lib.take_violation(self.slot)), "no formula")
-        if status & 2 and not self.flushing:  # the next step began: close the finished one now
+        if status & self.boundary and not self.flushing:  # the next step began: close the finished one
             self.flush()
 
     def mark_step_end(self) -> None:
@@ -272,6 +314,9 @@ class NativeCapture:
         self.registry_version = REGISTRY.version
         self.ops.clear()  # entries may have changed
         self.bookings.clear()
+        self.repeated = []
+        if self.slot is not None:
+            self.lib.set_planned(self.slot, [], False)
         self.works_by_arguments.clear()
 
     # ---- booking --------------------------------------------------------------------------------
@@ -285,18 +330,23 @@ class NativeCapture:
         try:
             generations, new_keys, values, reset = self.lib.drain(self.slot)
             if reset:  # the extension forgot its key ids (too many distinct keys): so do we
-                used = {key_id for calls, _ in generations for key_id in calls}
+                used = {key_id for repeated, calls, _ in generations for key_id in (*repeated, *calls)}
                 self.keys = {k: v for k, v in self.keys.items() if k in used}
                 self.bookings.clear()
+                self.repeated = []
                 self.works_by_arguments.clear()
             self.keys.update(new_keys)
+            stale = reset
             if self.registry_version != REGISTRY.version:
                 self._push_registry()
+                stale = True
+            if stale:  # the plans were dropped: every key is booked afresh
+                generations = [({}, {**repeated, **calls}, uncounted) for repeated, calls, uncounted in generations]
             self._refresh_ops()
-            for i, (calls, uncounted) in enumerate(generations):
+            for i, (repeated, calls, uncounted) in enumerate(generations):
                 if i:
                     self.close_pending()
-                self._book(calls, uncounted, values, raise_strict)
+                self._book(repeated, calls, uncounted, values, raise_strict)
         finally:
             self.lib.set_paused(self.slot, False)
             self.counter.on_work = on_work
@@ -310,13 +360,17 @@ class NativeCapture:
             self.ops.append((op_name(op) if op is not None else _python_name(name), op, entry))
         self.strings.extend(self.lib.strings(len(self.strings)))
 
-    def _book(self, calls, uncounted, values, raise_strict: bool) -> None:
+    def _book(self, repeated, calls, uncounted, values, raise_strict: bool) -> None:
+        """Book one generation: ``repeated`` holds the calls of keys booked before with a plan
+        (the extension tells them apart, see ``set_planned``), ``calls`` those of the other keys."""
         counter = self.counter
         for op_id, count in uncounted.items():
             self._uncounted(self.ops[op_id][0], "no formula", count, raise_strict)
+        bookings = self.bookings
         booked = []  # (accumulator entries, calls key, calls): see StepAccumulator.add_repeated
+        planned = []  # key ids booked with a plan for the first time
         for key_id, count in calls.items():
-            booking = self.bookings.get(key_id)
+            booking = bookings.get(key_id)
             if booking is None:
                 try:
                     booking = self._booking(key_id, values)
@@ -324,6 +378,8 @@ class NativeCapture:
                     counter.guard.failed("booking", exc)
                     self._lost(key_id, count)
                     continue
+                if booking[3] is not None and key_id in bookings:
+                    planned.append(key_id)
             name, entry, works, plan = booking
             if plan is not None:
                 booked.append((*plan, count))
@@ -332,7 +388,25 @@ class NativeCapture:
             else:  # communication: calls and payload bytes
                 for _ in range(count):
                     counter.acc.add_collective(name, works)
+        if repeated:
+            # Steps of a training loop repeat the same keys with the same calls (what changes, such as
+            # AdamW's scalars, makes new keys): their totals are summed once and then reused whole.
+            totals = next((t for calls_seen, t in self.repeated if calls_seen == repeated), None)
+            if totals is None:
+                totals = self._totals(repeated)
+                self.repeated = [(repeated, totals), *self.repeated[:REPEATED_KEPT - 1]]
+            counter.acc.add_totals(*totals)
         counter.acc.add_repeated(booked)
+        if planned:
+            self.lib.set_planned(self.slot, planned, True)
+
+    def _totals(self, repeated: dict) -> tuple[dict, dict]:
+        """(FLOPs by accumulator key, calls by (op, phase)) of keys with plans, ``repeated``: key id -> calls."""
+        from ..accounting import StepAccumulator
+
+        acc, bookings = StepAccumulator(), self.bookings
+        acc.add_repeated([(*bookings[key_id][3], count) for key_id, count in repeated.items()])
+        return dict(acc.flops), dict(acc.calls)
 
     def _booking(self, key_id: int, values) -> tuple:
         """(op name, registry entry, works, plan) for a key, evaluated once: formulas are pure and
@@ -487,17 +561,24 @@ def _args_kwargs(op, inputs):
     arguments up to the last one that is not at its default, keyword-only ones not at their default."""
     if op is None:
         return tuple(v for _, v in inputs), {}
-    arguments = op._schema.arguments
+    arguments = _schema_arguments(op)
     n = min(len(arguments), len(inputs))
     kwarg_start = n
-    while kwarg_start > 0 and arguments[kwarg_start - 1].kwarg_only:
+    while kwarg_start > 0 and arguments[kwarg_start - 1][1]:
         kwarg_start -= 1
     positional_end = kwarg_start
     while positional_end > 0 and inputs[positional_end - 1][0]:
         positional_end -= 1
     args = tuple(v for _, v in inputs[:positional_end])
-    kwargs = {arguments[i].name: inputs[i][1] for i in range(kwarg_start, n) if not inputs[i][0]}
+    kwargs = {arguments[i][0]: inputs[i][1] for i in range(kwarg_start, n) if not inputs[i][0]}
     return args, kwargs
+
+
+@functools.lru_cache(maxsize=4096)
+def _schema_arguments(op) -> tuple:
+    """(name, keyword-only) of an op's arguments: reading ``_schema.arguments`` builds them anew
+    each time, which costs more than the rest of a booking."""
+    return tuple((a.name, a.kwarg_only) for a in op._schema.arguments)
 
 
 def _overload(name: str, overload: str):
