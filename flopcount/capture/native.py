@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.torch_version import TorchVersion
 
+from ..accounting import StepAccumulator
 from ..conventions import ROOT_MODULE
 from ..distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
 from ..formulas import KNOWN_ZERO, REGISTRY
@@ -402,8 +403,6 @@ class NativeCapture:
 
     def _totals(self, repeated: dict) -> tuple[dict, dict]:
         """(FLOPs by accumulator key, calls by (op, phase)) of keys with plans, ``repeated``: key id -> calls."""
-        from ..accounting import StepAccumulator
-
         acc, bookings = StepAccumulator(), self.bookings
         acc.add_repeated([(*bookings[key_id][3], count) for key_id, count in repeated.items()])
         return dict(acc.flops), dict(acc.calls)
