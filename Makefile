@@ -6,8 +6,9 @@ TORCH_VERSION ?= 2.13.0
 TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
 DEMO_STAMP  := $(VENV)/.installed-demo
 DEV_STAMP   := $(VENV)/.installed-dev
-# The native capture extension (csrc/), compiled against the installed torch; optional: when it
-# does not build, flopcount uses the dispatch backend and the native tests are skipped.
+# The native capture extension (csrc/), built ahead of time against the installed torch into
+# FLOPCOUNT_NATIVE_CACHE (`flopcount build-native`); optional: when it does not build, flopcount
+# uses the dispatch backend and the native tests are skipped.
 NATIVE_STAMP := $(VENV)/.native-built
 
 .PHONY: demo test bench setup clean
@@ -31,8 +32,8 @@ $(DEV_STAMP): $(TORCH_STAMP) pyproject.toml setup.py
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@ $(DEMO_STAMP)
 
-$(NATIVE_STAMP): $(DEMO_STAMP) csrc/flopcount_native.cpp
-	$(PY) -c "from flopcount.capture import native; native.build()"
+$(NATIVE_STAMP): $(DEMO_STAMP) csrc/flopcount_native.cpp flopcount/capture/native_build.py
+	$(PY) -m flopcount.cli build-native || true
 	touch $@
 
 # A fresh trace directory each time: reopening one appends a segment (a resumed run).

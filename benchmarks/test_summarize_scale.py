@@ -91,7 +91,8 @@ def make_synthetic_trace(root: str, ranks: int, steps: int, seed: int = 0) -> in
             [pa.array(c, type=f.type) for c, f in zip(
                 [["synthetic"] * n, [rank] * n, [0] * n, [0] * n, [steps - 1] * n,
                  kind, phase, category, module, op, train, value], BREAKDOWN_SCHEMA)], schema=BREAKDOWN_SCHEMA)
-        entry = {"type": "part", "seq": 0, "segment": 0, "first_step": 0, "last_step": steps - 1, "rows": steps}
+        entry = {"type": "part", "seq": 0, "segment": 0, "first_step": 0, "last_step": steps - 1, "rows": steps,
+                 "written": 1.7e9 + steps * 2.0}
         for name, table in (("steps", steps_table), ("breakdown", breakdown)):
             data = _parquet(table)
             rel = part_path(name, rank, 0)

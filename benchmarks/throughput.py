@@ -3,7 +3,7 @@
 Two ways to estimate training compute, side by side:
   counted   -- flopcount's operator count (what ran), divided by the measured time: achieved FLOP/s;
   hardware  -- devices x time x peak FLOP/s x utilisation (the hardware-based method of the Commission
-               guidelines on GPAI models, C(2025) 5045, Annex A). Its weak point is the utilisation,
+               guidelines on GPAI models, C(2025) 7719, Annex A). Its weak point is the utilisation,
                which the provider must assume; flopcount's MFU is the measured value of it.
 
 Peak table: flopcount.hardware.PEAKS_TFLOPS (dense, no 2:4 sparsity, TFLOP/s per device and dtype, with

@@ -44,21 +44,29 @@ def byte_corpus() -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def demo_config():
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=256, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+        attn_implementation="sdpa", tie_word_embeddings=False)
+
+
 def build_model(checkpointing: bool):
     import peft
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-        attn_implementation="sdpa", tie_word_embeddings=False)
+    config = demo_config()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
     return peft.get_peft_model(model, lora)
 
 
@@ -72,6 +80,7 @@ def main(argv=None) -> int:
     corpus = byte_corpus()
     split = int(len(corpus) * 0.9)
     train, held_out = corpus[:split], corpus[split:]
+    planned = plan_first(args)
     model = build_model(checkpointing=not args.no_checkpointing)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -97,17 +106,40 @@ def main(argv=None) -> int:
         with torch.no_grad():  # diagnostics: booked as eval, excluded from training_flops
             ids = held_out[: (len(held_out) // args.seq) * args.seq].view(-1, args.seq)[:4]
             print(f"  held-out loss {model(input_ids=ids, labels=ids).loss.item():.3f}")
-        m.step()  # the evaluation is a step of its own, with no training tokens
+        # The evaluation runs after the last optimizer step: trailing work, counted in `eval`, not a step.
     elapsed = time.time() - started
     print_report(m.summary(), n_params, n_trainable, elapsed)
+    print_planned_vs_metered(planned, m.summary())
     print_compliance(args.out)
     return 0
+
+
+def plan_first(args) -> dict:
+    """flopcount plan for this fine-tune before it trains: one real step of the same model on the
+    meta device (nothing allocated), counted by the same formulas."""
+    values = demo_config().to_dict()
+    planned = flopcount.plan(values, seq_len=args.seq, batch_size=args.batch, steps=args.steps, lora_rank=16,
+                             lora_targets=LORA_TARGETS, gradient_checkpointing=not args.no_checkpointing,
+                             dtype="float32", base_model=args.base_model)
+    print("Plan before training (flopcount.plan; `flopcount plan` on the command line):")
+    print(f"  {planned['steps']} steps x {planned['tokens_per_step']:.0f} tokens: "
+          f"{fmt(planned['training_flops'])} FLOP training compute ({fmt(planned['flops_per_step'])} per step)")
+    print(f"  threshold {planned['text']['threshold_flops']} ({planned['threshold_basis_text']}): "
+          f"{planned['status']}; at most {planned['max_steps_below_threshold']:.3g} steps stay below it\n")
+    return planned
+
+
+def print_planned_vs_metered(planned: dict, s: dict) -> None:
+    metered = s["training_flops"]
+    gap = metered - planned["training_flops"]
+    verdict = "identical" if gap == 0 else f"differ by {gap:+d} FLOP"
+    print(f"\nPlanned before training {planned['training_flops']} FLOP, metered {metered} FLOP: {verdict}")
 
 
 def print_report(s: dict, n_params: int, n_trainable: int, elapsed: float) -> None:
     tokens = s["tokens"]
     phases = [p for p in ("forward", "backward", "optimizer", "recompute", "eval") if p in s["by_phase"]]
-    print(f"\nCounted FLOPs by phase and category ({s['steps'] - 1} training steps + 1 evaluation step, "
+    print(f"\nCounted FLOPs by phase and category ({s['steps']} training steps + a final evaluation, "
           f"{tokens} training tokens, {elapsed:.0f} s):")
     print(f"  {'category':<10}" + "".join(f"{p:>12}" for p in phases))
     for category in CATEGORIES:

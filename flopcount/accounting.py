@@ -75,6 +75,7 @@ class StepRecord:
     # Work after the last optimizer step (a final evaluation, a trailing zero_grad, a save):
     # counted in its phases, but not a training step (``steps`` leaves it out).
     trailing: bool = False
+    dark_modules: dict[str, str] = field(default_factory=dict)  # module -> class (capture/dark.py)
 
     def phase_totals(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -116,6 +117,7 @@ class Rollup:
     uncounted: Counter = field(default_factory=Counter)
     collectives: Counter = field(default_factory=Counter)
     collective_bytes: Counter = field(default_factory=Counter)
+    dark_modules: dict = field(default_factory=dict)  # module name -> class name (capture/dark.py)
     steps: int = 0  # optimizer steps: trailing records are not steps
     trailing_flops: int = 0  # FLOPs of the work after the last optimizer step (in the totals too)
     tokens: int | None = None
@@ -138,6 +140,7 @@ class Rollup:
         self.uncounted.update(record.uncounted)
         self.collectives.update(record.collectives)
         self.collective_bytes.update(record.collective_bytes)
+        self.dark_modules.update(getattr(record, "dark_modules", {}))
         if record.trailing:
             self.trailing_flops += record.hardware_flops
         else:
@@ -194,6 +197,7 @@ class Rollup:
             "world_size": self.world_size,
             "ranks": sorted(self.ranks),
             "uncounted_ops": dict(self.uncounted.most_common()),
+            "dark_modules": dict(sorted(self.dark_modules.items())),
             "missing_ranks": [], "unfinished_ranks": [], "rank_problems": [],  # traces: summary.py
             "collective_calls": sum(self.collectives.values()),
             "collective_bytes": sum(self.collective_bytes.values()),

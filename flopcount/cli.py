@@ -4,13 +4,15 @@ Each subcommand is one ``add_<name>(parser)`` function for its arguments and one
 ``cmd_<name>(args) -> exit code`` function, registered in ``COMMANDS``; adding a subcommand is
 two functions and one table entry.
 
-Exit codes: 0 success (``check``/``estimate``: below the threshold; ``verify``: every part
-matches); 1 a finding (at or over the threshold; a part missing, altered or unlisted; a rank of
-the job missing or unfinished, from ``summarize``, ``check``, ``estimate`` and ``verify``, which
-name it on stderr or in their output; ``report`` lists it under integrity); 2 bad input
-(missing or empty dir, corrupt or wrong-version trace, unknown base model, bad flags), reported
-as one line on stderr without a traceback. ``run`` exits with its COMMAND's exit status
-(128 + N when COMMAND died of signal N).
+Exit codes (the same for every command; README "Exit codes"): 0 success (``check``/``estimate``:
+below the threshold; the traces verify); 1 a finding: at or over the threshold, or traces that do
+not verify -- every command that reads traces runs ``verify``'s one integrity check
+(trace/integrity.py) and exits 1 whenever ``verify`` would, naming each problem on stderr
+(``report`` still writes its report); 2 bad input (missing or empty dir, malformed manifest or
+Parquet part, unknown schema version or base model, bad flag values, unwritable output), one
+line on stderr without a traceback (errors.py: exit codes by exception type). ``run`` exits
+with its COMMAND's exit status (128 + N when COMMAND died of signal N; 1 when COMMAND succeeded
+but its trace does not verify).
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ import json
 import math
 import sys
 
+from .errors import BadInput
+
 EXIT_OK, EXIT_FINDING, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class InputError(Exception):
+class InputError(BadInput):
     """Bad input found by the CLI itself (exit 2)."""
 
 
@@ -35,34 +39,65 @@ class Parser(argparse.ArgumentParser):
 
 # ---- argument types ---------------------------------------------------------------------------
 
-def flop_count(text: str) -> float:
-    """A positive FLOP figure: '8.4e22', '84000000000000000000000'."""
+MAX_COUNT = 2**63 - 1  # steps, tokens: the trace's int64 range
+
+
+def _shown(text: str) -> str:
+    """A flag value for a one-line message (a 400-digit number is cut)."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def finite_number(text: str) -> float:
+    """A finite float written as a number; ArgumentTypeError naming the value otherwise."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (write FLOP like 8.4e22)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of FLOP")
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a finite number")
+    return value
+
+
+def flop_count(text: str) -> float:
+    """A FLOP figure from 1 to 1e40: '8.4e22', '84000000000000000000000'."""
+    from .compliance.thresholds import MAX_FLOP, MIN_FLOP
+
+    try:
+        value = finite_number(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (write FLOP like 8.4e22)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} must be a positive, finite number of FLOP")
+    if value < MIN_FLOP:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is less than one FLOP (write FLOP like 8.4e22)")
+    if value > MAX_FLOP:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is more than 1e40 FLOP (write FLOP like 8.4e22)")
     return value
 
 
 def positive_int(text: str) -> int:
+    """A whole number from 1 to 2**63 - 1, also written as 1e6 (but not 1.5)."""
+    from decimal import Decimal, InvalidOperation
+
     try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        value = Decimal(text.strip().replace("_", ""))
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a whole number") from None
+    if not value.is_finite() or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a whole number")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+        raise argparse.ArgumentTypeError(f"{_shown(text)} must be at least 1")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is larger than 2**63 - 1")
+    return int(value)
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = finite_number(text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+        raise argparse.ArgumentTypeError(f"{_shown(text)} must be in (0, 1]")
+    if value < sys.float_info.min:  # subnormal: no share of anything is meant by it
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is too small (a share in (0, 1] like 0.8)")
     return value
 
 
@@ -95,59 +130,118 @@ def print_json(data) -> None:
 def add_summarize(parser) -> None:
     add_dir(parser)
     add_json(parser)
+    add_integrity_options(parser)
     parser.add_argument("--module-depth", type=positive_int, metavar="N",
                         help="group modules by their first N name components")
     parser.add_argument("--top", type=positive_int, default=10, metavar="N", help="modules to list (text)")
 
 
 def cmd_summarize(args) -> int:
-    from .report.text import summary_text
-    from .summary import summarize
+    from .errors import findings_first
+    from .report.text import integrity_state, summary_text
+    from .summary import summarize_traces
+    from .trace.reader import open_traces
 
-    summary = summarize(args.dir, module_depth=args.module_depth)
+    traces = open_traces(args.dir)
+    integrity = integrity_of(traces, args)
+    with findings_first(integrity, traces.location):
+        summary = summarize_traces(traces, module_depth=args.module_depth)
     if args.json:
-        print_json(summary)
+        print_json({**summary, "integrity": integrity.as_dict()})
     else:
         print(summary_text(summary, top=args.top))
-    return EXIT_FINDING if report_rank_problems(summary) else EXIT_OK
+        print(f"integrity         {integrity_state(integrity_facts(integrity))}")
+    return EXIT_FINDING if report_integrity(integrity) else EXIT_OK
 
 
-def report_rank_problems(summary: dict) -> bool:
-    """Name each missing or unfinished rank on stderr (the total then undercounts the job);
-    True when there is one, which makes the command's exit code a finding."""
-    for problem in summary["rank_problems"]:
-        print(f"flopcount: integrity: {problem}", file=sys.stderr)
-    return bool(summary["rank_problems"])
+# ---- integrity: every consumer runs the one check that verify runs (trace/integrity.py) ---------
+
+def digest_value(text: str) -> str:
+    """A trace digest as printed by verify, check, summarize, report and `flopcount run`."""
+    if not 16 <= len(text) <= 128 or not all(c.isalnum() or c in ":-_" for c in text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a trace digest (copy the one `flopcount verify` "
+                                         "printed)")
+    return text
 
 
-def checked_traces(args) -> tuple[dict, dict]:
-    """(summary, threshold check) of the trace dir with the base-model options of check/estimate."""
+def readable_file(text: str) -> str:
+    import os
+
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a readable file")
+    return text
+
+
+def add_integrity_options(parser) -> None:
+    """--digest, --public-key, --ledger: the options of the integrity check (docs/traces.md)."""
+    group = parser.add_argument_group("integrity (the same check as `flopcount verify`; docs/traces.md)")
+    group.add_argument("--digest", metavar="D", type=digest_value,
+                       help="the trace digest recorded earlier (end of the run, a report, a ledger): a finding "
+                            "unless the traces still have it (nothing removed or rolled back)")
+    group.add_argument("--public-key", metavar="FILE", type=readable_file,
+                       help="Ed25519 public key (flopcount-verify.pem): check every entry's signature")
+    group.add_argument("--ledger", metavar="PATH",
+                       help="append-only digest log kept outside the trace dir: check against its last entry")
+
+
+def integrity_of(traces, args):
+    """check_integrity of opened traces with the command's integrity options."""
+    from .trace.integrity import check_integrity
+
+    return check_integrity(traces, digest=args.digest, public_key=args.public_key, ledger=args.ledger)
+
+
+def integrity_facts(integrity) -> dict:
+    """The integrity result for text output: the JSON block and the notes."""
+    return {**integrity.as_dict(), "notes": list(integrity.notes)}
+
+
+def report_integrity(integrity) -> bool:
+    """Name each integrity problem on stderr; True when the traces do not verify (exit code 1)."""
+    from .errors import printable
+
+    for problem in integrity.problems:
+        print(f"flopcount: integrity: {printable(problem)}", file=sys.stderr)
+    return not integrity.verified
+
+
+def checked_traces(args):
+    """(summary, threshold check, integrity) of the trace dir with the options of check/estimate."""
+    from .errors import findings_first
     from .report.build import check_traces
     from .trace.reader import open_traces
 
-    return check_traces(open_traces(args.dir), base_model=args.base_model, base_model_flops=args.base_model_flops,
-                        systemic_risk=args.systemic_risk, approaching=args.approaching)
+    traces = open_traces(args.dir)
+    integrity = integrity_of(traces, args)
+    with findings_first(integrity, traces.location):
+        summary, result = check_traces(traces, base_model=args.base_model, base_model_flops=args.base_model_flops,
+                                       systemic_risk=args.systemic_risk, approaching=args.approaching)
+    return summary, result, integrity
 
 
 def add_check(parser) -> None:
     add_dir(parser)
     add_base_model(parser)
     add_json(parser)
+    add_integrity_options(parser)
 
 
 def cmd_check(args) -> int:
     from .compliance.thresholds import verdict_line
+    from .errors import printable
+    from .report.text import integrity_line
 
-    summary, result = checked_traces(args)
+    summary, result, integrity = checked_traces(args)
     if args.json:
-        print_json({**result, "rank_problems": summary["rank_problems"]})
+        print_json({**result, "rank_problems": summary["rank_problems"], "integrity": integrity.as_dict()})
     else:
-        print(verdict_line(result))
+        print(printable(verdict_line(result)))
         if result["combined_flops"] is not None:
             print(f"base + modification: {result['text']['combined_flops']} against 1e25 FLOP: "
                   f"{result['combined_status']} (informational)")
-    short = report_rank_problems(summary)  # the verdict is then a lower bound
-    return EXIT_FINDING if result["status"] == "exceeds" or short else EXIT_OK
+        print(integrity_line(integrity_facts(integrity)))
+    unverified = report_integrity(integrity)  # the verdict then rests on evidence that does not verify
+    return EXIT_FINDING if result["status"] == "exceeds" or unverified else EXIT_OK
 
 
 def add_estimate(parser) -> None:
@@ -157,13 +251,15 @@ def add_estimate(parser) -> None:
     plan.add_argument("--tokens", type=positive_int, metavar="T", help="planned total training tokens")
     add_base_model(parser)
     add_json(parser)
+    add_integrity_options(parser)
 
 
 def cmd_estimate(args) -> int:
     from .compliance.forecast import forecast
     from .compliance.thresholds import threshold
+    from .report.text import integrity_line
 
-    summary, result = checked_traces(args)
+    summary, result, integrity = checked_traces(args)
     limit, _ = threshold(result["base_model_flops"], result["systemic_risk"])
     span = (summary["end_time"] - summary["start_time"]) if summary["start_time"] is not None else None
     projection = forecast(summary["training_flops"], summary["steps"], threshold_flops=limit,
@@ -173,15 +269,17 @@ def cmd_estimate(args) -> int:
     projection.update(threshold_basis=result["threshold_basis"], threshold_basis_text=result["threshold_basis_text"],
                       base_model=result["base_model"])
     if args.json:
-        print_json({**projection, "rank_problems": summary["rank_problems"]})
+        print_json({**projection, "rank_problems": summary["rank_problems"], "integrity": integrity.as_dict()})
     else:
         print(_estimate_text(projection))
-    short = report_rank_problems(summary)  # the projection is then a lower bound
-    return EXIT_FINDING if projection["projected_status"] == "exceeds" or short else EXIT_OK
+        print(integrity_line(integrity_facts(integrity)))
+    unverified = report_integrity(integrity)  # the projection then rests on evidence that does not verify
+    return EXIT_FINDING if projection["projected_status"] == "exceeds" or unverified else EXIT_OK
 
 
 def _estimate_text(p: dict) -> str:
     from .compliance.thresholds import percent
+    from .errors import printable
 
     plan = f"{p['planned_steps']} steps" if p["planned_steps"] is not None else f"{p['planned_tokens']} tokens"
     lines = [f"measured: {p['measured_steps']} steps, {p['text']['flops_per_step']} per step",
@@ -197,7 +295,7 @@ def _estimate_text(p: dict) -> str:
     else:
         lines.append(f"the threshold would be crossed only after step {p['crossing_step']} "
                      f"({p['crossing_fraction_of_plan']:.2g}x the plan)")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def add_report(parser) -> None:
@@ -219,15 +317,19 @@ def add_report(parser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help="peak FLOP/s of the hardware cross-check (default bf16)")
     parser.add_argument("--utilisation", type=fraction, metavar="U",
                         help="utilisation assumed by the hardware cross-check (default 0.4)")
+    add_integrity_options(parser)
 
 
 def cmd_report(args) -> int:
     from .report import RENDERERS, build_report
     from .report.cop import COP_RENDERERS, build_cop_report
+    from .errors import printable
+    from .report.text import integrity_line
 
     options = dict(base_model=args.base_model, base_model_flops=args.base_model_flops,
                    systemic_risk=args.systemic_risk, approaching=args.approaching, planned_steps=args.steps,
-                   planned_tokens=args.tokens, dtype=args.dtype, utilisation=args.utilisation)
+                   planned_tokens=args.tokens, dtype=args.dtype, utilisation=args.utilisation,
+                   digest=args.digest, public_key=args.public_key, ledger=args.ledger)
     if args.form == "cop":
         if args.format not in COP_RENDERERS:
             raise InputError(f"flopcount: --form cop writes {' or '.join(COP_RENDERERS)}, not {args.format}")
@@ -236,55 +338,61 @@ def cmd_report(args) -> int:
     else:
         report = build_report(args.dir, **options)
         text, status = RENDERERS[args.format](report), report["compliance"]["status"]
+    integrity = report["integrity"]
     if args.output is None:
         sys.stdout.write(text)
-        return EXIT_OK
-    try:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise InputError(f"flopcount: cannot write {args.output}: {e.strerror}") from None
-    print(f"wrote {args.output} ({args.format}; status {status})")
-    return EXIT_OK
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise InputError(f"flopcount: cannot write {args.output}: {e.strerror}") from None
+        print(f"wrote {args.output} ({args.format}; status {status})")
+        print(integrity_line(integrity))
+    for problem in integrity["problems"]:
+        print(f"flopcount: integrity: {printable(problem)}", file=sys.stderr)
+    return EXIT_OK if integrity["verified"] else EXIT_FINDING
 
 
 def add_verify(parser) -> None:
     add_dir(parser)
     add_json(parser)
+    add_integrity_options(parser)
 
 
 def cmd_verify(args) -> int:
-    from .distributed import rank_integrity
-    from .trace.manifest import verify
+    from .errors import printable
     from .trace.reader import open_traces
 
-    traces = open_traces(args.dir).traces
-    checks = [verify(trace.storage) for trace in traces]
-    for trace, check in zip(traces, checks):  # a rank that never wrote or never closed its trace
-        check.problems += rank_integrity(trace.manifests)["rank_problems"]
-    ok = all(c.ok for c in checks)
+    traces = open_traces(args.dir)
+    integrity = integrity_of(traces, args)
     if args.json:
-        print_json([{"location": c.location, "ok": c.ok, "parts_checked": c.parts_checked, "signed": c.signed,
-                     "digest": c.digest, "problems": c.problems} for c in checks])
+        print_json({"location": traces.location, **integrity.as_dict(), "parts_checked": integrity.parts_checked,
+                    "notes": list(integrity.notes)})
     else:
-        for c in checks:
-            state = "ok" if c.ok else f"FAILED ({len(c.problems)} problem(s))"
-            print(f"{c.location}: {c.parts_checked} parts, {state}" + (", HMAC-signed" if c.signed else "")
-                  + (f", digest {c.digest}" if c.digest else ""))
-            for problem in c.problems:
-                print(f"  {problem}")
-    return EXIT_OK if ok else EXIT_FINDING
+        state = "verified" if integrity.verified else f"NOT verified: {len(integrity.problems)} problem(s)"
+        print(f"{printable(traces.location)}: {integrity.parts_checked} parts checked, {state}"
+              + (f", signed by {integrity.signed_by}" if integrity.signed_by else ""))
+        print(f"digest {integrity.digest or '-'}")
+        for note in integrity.notes:  # facts that are not findings: "signatures present, not checked"
+            print(f"  note: {printable(note)}")
+        for problem in integrity.problems:
+            print(f"  {printable(problem)}")
+    return EXIT_OK if integrity.verified else EXIT_FINDING
 
 
 def add_models(parser) -> None:
     add_json(parser)
+    parser.add_argument("--file", metavar="PATH", action="append",
+                        help="an organisation's model CSV (same columns, optional base_model/config) merged over "
+                             "the shipped registry, like FLOPCOUNT_MODELS=PATH; repeatable")
 
 
 def cmd_models(args) -> int:
-    from .compliance.registry import base_models
+    from .compliance.registry import base_models, extra_files
     from .compliance.thresholds import sig2
 
-    models = base_models()
+    models = base_models(extra_files() + tuple(args.file or ()))
     if args.json:
         print_json([m.as_dict() for m in models])
         return EXIT_OK
@@ -298,8 +406,15 @@ def cmd_models(args) -> int:
 
 def budget_value(text: str) -> float:
     """A budget: a fraction of the threshold in (0, 1] or a number of FLOP above 1."""
+    value = finite_number(text)
+    if value <= 1:
+        try:
+            return fraction(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{_shown(text)} must be a fraction of the threshold in (0, 1] "
+                                             "or a number of FLOP above 1") from None
     value = flop_count(text)
-    return int(value) if value > 1 and value == int(value) else value
+    return int(value) if value == int(value) else value
 
 
 def add_run(parser) -> None:
@@ -352,6 +467,47 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def add_keys(parser) -> None:
+    parser.add_argument("action", choices=("new",), help="new: create an Ed25519 key pair")
+    parser.add_argument("keydir", metavar="KEYDIR", help="directory for flopcount-signing.pem (private, mode 600) "
+                        "and flopcount-verify.pem (public)")
+
+
+def cmd_keys(args) -> int:
+    from .trace.keys import SIGNING_KEY_ENV, new_keys
+
+    private, public, key_id = new_keys(args.keydir)
+    print(f"private key  {private} (mode 600: keep it with whoever operates the meter, not with the traces)")
+    print(f"public key   {public} (give it to auditors: flopcount verify DIR --public-key {public})")
+    print(f"key id       {key_id}")
+    print(f"sign runs with {SIGNING_KEY_ENV}={private} or flopcount.meter(..., signing_key=...)")
+    return EXIT_OK
+
+
+def add_build_native(parser) -> None:
+    parser.epilog = ("Builds into FLOPCOUNT_NATIVE_CACHE (default ~/.cache/flopcount/native), keyed by the torch "
+                     "installation, compiler, flags, source and Python ABI; waits for a build another process runs. "
+                     "Exit 0 when the extension loads, 1 otherwise (the dispatch backend is then used).")
+
+
+def cmd_build_native(args) -> int:
+    from .capture.native import build
+
+    return build()
+
+
+def add_plan(parser) -> None:
+    from .planning.cli import add_arguments
+
+    add_arguments(parser, add_base_model, positive_int, flop_count)
+
+
+def cmd_plan(args) -> int:
+    from .planning.cli import run
+
+    return run(args, print_json)
+
+
 # name -> (one-line help, add arguments, run). A new subcommand is one entry here.
 COMMANDS = {
     "summarize": ("roll up a trace or project dir across steps, ranks and runs", add_summarize, cmd_summarize),
@@ -362,15 +518,20 @@ COMMANDS = {
     "verify": ("check every trace part against the hash-chained manifest", add_verify, cmd_verify),
     "models": ("list the base-model registry (published training compute)", add_models, cmd_models),
     "run": ("meter an unmodified training command: flopcount run [--out DIR] -- python train.py", add_run, cmd_run),
+    "keys": ("create the Ed25519 key pair that signs manifests: flopcount keys new KEYDIR", add_keys, cmd_keys),
+    "plan": ("plan a fine-tune before it runs: one real training step of the model on the meta device, counted",
+             add_plan, cmd_plan),
     "info": ("versions, the capture backend that backend='auto' picks, the native extension's build status",
              add_info, cmd_info),
+    "build-native": ("build the native capture extension now (for images and shared caches)", add_build_native,
+                     cmd_build_native),
 }
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="flopcount", description="Operator-level FLOP traces and EU AI Act compute checks.",
-                    epilog="exit codes: 0 ok / below threshold, 1 at or over threshold or integrity failure, "
-                           "2 bad input")
+                    epilog="exit codes: 0 ok / below threshold, 1 at or over threshold or the traces do not "
+                           "verify, 2 bad input")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -379,22 +540,52 @@ def build_parser() -> Parser:
     return parser
 
 
+class _NoPandas:
+    """A meta-path finder that says "no pandas" (for _pyarrow_without_pandas)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+def _pyarrow_without_pandas() -> None:
+    """pyarrow imports pandas (a third of `flopcount check`'s start-up) the first time it converts a
+    Python value, only to ask whether the value is a pandas object; the CLI's never are. Its first
+    probe finds no pandas here; pyarrow keeps that answer for its probes and still imports pandas
+    when a DataFrame is asked for (read_trace)."""
+    if "pandas" in sys.modules:
+        return
+    hide = _NoPandas()
+    sys.meta_path.insert(0, hide)
+    try:
+        import pyarrow
+
+        pyarrow.scalar(0)  # the probe
+    finally:
+        sys.meta_path.remove(hide)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .compliance.registry import UnknownBaseModel
-    from .trace.storage import TraceError
+    from .errors import BadInput, IntegrityError, one_line, printable
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "dir", None) is not None:  # a command that reads traces
+        _pyarrow_without_pandas()
     try:
         return args.run(args)
-    except (TraceError, UnknownBaseModel, InputError) as e:
-        message = str(e)
-        sys.stderr.write(message if message.startswith("flopcount") else f"flopcount: {message}")
-        sys.stderr.write("\n")
+    except BadInput as e:  # TraceError, UnknownBaseModel, InputError, ...: one line, no traceback
+        sys.stderr.write(one_line(e) + "\n")
         return EXIT_BAD_INPUT
-    except ValueError as e:  # flopcount's own input checks raise ValueError with a one-line message
-        if not str(e).startswith("flopcount"):
-            raise
-        sys.stderr.write(f"{e}\n")
+    except IntegrityError as e:  # traces that do not verify and could not be read either
+        for problem in e.problems:
+            sys.stderr.write(f"flopcount: integrity: {printable(problem)}\n")
+        sys.stderr.write(one_line(e) + "\n")
+        return EXIT_FINDING
+    except ValueError as e:  # not yet a BadInput: flopcount's own one-line "flopcount: ..." checks
+        if not str(e).startswith("flopcount: "):
+            raise  # a bug: keep its traceback
+        sys.stderr.write(one_line(e) + "\n")
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         return EXIT_OK

@@ -1,4 +1,4 @@
-"""Device peak FLOP/s and the guidelines' hardware-based estimate (C(2025) 5045, Annex A.2.1).
+"""Device peak FLOP/s and the guidelines' hardware-based estimate (C(2025) 7719, Annex A.2.1).
 
 The hardware-based method estimates training compute as
 ``devices x training time x peak FLOP/s x utilisation``. Its weak point is the utilisation,
@@ -21,7 +21,7 @@ DEFAULT_DTYPE = "bf16"
 # The hardware method needs a utilisation; 0.4 is a common planning value. It is flopcount's
 # assumption, not a number from the guidelines; the measured MFU is shown beside it.
 ASSUMED_UTILISATION = 0.4
-HARDWARE_METHOD = ("hardware-based estimate (guidelines C(2025) 5045, Annex A.2.1): devices x training time x "
+HARDWARE_METHOD = ("hardware-based estimate (guidelines C(2025) 7719, Annex A.2.1): devices x training time x "
                    "peak FLOP/s x utilisation")
 
 

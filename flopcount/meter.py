@@ -6,14 +6,17 @@ import re
 import time
 import warnings
 
-import torch
+from ._torch import require_torch
+
+require_torch()  # one line saying how to install PyTorch >= 2.5, not a ModuleNotFoundError from below
+import torch  # noqa: E402
 
 from .accounting import Rollup, StepAccumulator, StepRecord
 from .budget import STOP, BudgetGuard
 from .capture import compile as compiled_regions
-from .capture.context import Context, HookGuard
-from .capture.counter import Counter
-from .capture.context import settle_phase
+from .capture.context import MODULE_HOOKS, Context, HookGuard, settle_phase
+from .capture.counter import Counter, UncountedOpError
+from .capture.dark import DarkModuleWatch
 from .conventions import BACKWARD, BUILTIN_PHASES, EVAL, NO_GRAD_TRAINING_PHASES, PROVISIONAL_NO_GRAD, TRAINING_PHASES
 from .distributed import rank_and_world_size
 from .energy import ResourceTally, open_energy_meter, resources_summary
@@ -38,6 +41,9 @@ class Meter:
     ``energy``: read the GPUs' NVML energy counters and the host's RAPL counters at every step
     boundary (docs/energy.md); ``devices``: the CUDA devices this process trains on (default:
     the rank's device under a launcher, else those holding its memory).
+    ``signing_key``: an Ed25519 private key file that signs every manifest entry (default:
+    FLOPCOUNT_SIGNING_KEY); ``ledger``: a file or URI outside ``out`` that gets each closing trace
+    digest (docs/traces.md, "Integrity").
     """
 
     def __init__(self, out=None, *, backend: str = "auto", base_model: str | None = None,
@@ -45,7 +51,8 @@ class Meter:
                  module_depth: int | None = None, run_id: str | None = None, flush_every: int = 50,
                  track_modules: bool = True, warn: bool = True, sync_every: int | None = None,
                  auto_steps: bool = True, budget=None, budget_warn_at: float = 0.8,
-                 energy: bool = True, devices: list[int] | None = None) -> None:
+                 energy: bool = True, devices: list[int] | None = None, signing_key=None,
+                 ledger=None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if module_depth is not None and (not isinstance(module_depth, int) or module_depth < 1):
@@ -70,6 +77,7 @@ class Meter:
             budget, budget_warn_at, base_model=base_model, base_model_flops=base_model_flops)
         self.rollup = Rollup()
         self.energy_enabled, self.devices = bool(energy), devices  # docs/energy.md
+        self.signing_key, self.ledger = signing_key, ledger  # the trace writer uses them (trace/writer.py)
         self.energy = None  # the EnergyMeter while active: devices, NVML / RAPL readers
         self.resources = ResourceTally()  # time, device time and energy of the closed steps
         self.training_phases = set(TRAINING_PHASES)
@@ -102,9 +110,15 @@ class Meter:
 
         self.writer = open_writer(self)
         self.context.install()
+        self.dark = DarkModuleWatch(self.context)  # capture/dark.py: after the Context, which names modules
+        if self.track_modules:
+            self.context.handles.append(MODULE_HOOKS.subscribe(self.dark))
         from .integrations.deepspeed import watch_opaque_kernels
 
         self.context.handles += watch_opaque_kernels(self.counter)  # removed with the context's hooks
+        from .integrations.kernels import watch_api_kernels
+
+        self.context.handles += watch_api_kernels(self.counter)  # libraries counted at their Python API
         self.capture.__enter__()
         compiled_regions.attach(self)  # torch.compile regions, Triton launches, CUDA graph replays
         self._active = True
@@ -119,12 +133,18 @@ class Meter:
         finally:
             self.context.remove()
             self._active = False
-            if not self.counter.acc.empty():
+            dark = None
+            if not self.counter.acc.empty() or self.dark.ran or self.dark.always_dark:
                 # Work after the last optimizer step (auto steps) or after the last step() is
                 # counted in its phases, in a record marked trailing: it is not a training step.
-                self._close(end=self._pending_end, trailing=self._pending_end is None)
+                try:
+                    self._close(end=self._pending_end, trailing=self._pending_end is None)
+                except UncountedOpError as error:  # strict dark modules: raised once traces are closed
+                    dark = error
             if self.writer is not None:
                 self.writer.close(self.summary())
+        if dark is not None and exc_type is None:
+            raise dark
         return False
 
     def _make_capture(self):
@@ -208,6 +228,7 @@ class Meter:
                 training_phases=frozenset(self.training_phases),
                 collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes),
                 trailing=trailing)
+        record.dark_modules = self.dark.take(record.flops)  # capture/dark.py
         record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
         self.resources.add_step(self.run_id or "run", self.rank, record, record.energy, self.energy)
         self.rollup.add(record)
@@ -220,6 +241,11 @@ class Meter:
         self.context.reset_backward()
         if self.sync_every is not None and self.step_index % self.sync_every == 0:
             self.global_totals()
+        if self.strict and record.dark_modules:
+            names = ", ".join(f"{name} ({cls})" for name, cls in record.dark_modules.items())
+            raise UncountedOpError(f"flopcount: module(s) whose forward booked no FLOPs: {names}; their work "
+                                   "ran outside every capture path (docs/custom_kernels.md); give it a formula "
+                                   "or run without strict=True")
         return record
 
     # ---- phases -----------------------------------------------------------------------------

@@ -131,6 +131,8 @@ class _BreakdownTotals:
             rollup.op_calls[op] += value
         elif kind == "uncounted":
             rollup.uncounted[op] += value
+        elif kind == "dark_module":
+            rollup.dark_modules[module] = op
         elif kind == "collective_calls" and hasattr(rollup, "collectives"):
             rollup.collectives[op] += value
         elif kind == "collective_bytes" and hasattr(rollup, "collective_bytes"):
@@ -174,7 +176,8 @@ def summarize_traces(traces: TraceSet, *, module_depth: int | None = None, base_
     breakdown.drain()
     if (breakdown.training, breakdown.hardware) != (steps.training, steps.hardware):
         raise TraceError(f"flopcount: the steps and breakdown tables under {traces.location} disagree "
-                         f"({steps.hardware} vs {breakdown.hardware} FLOPs): run `flopcount verify`")
+                         f"(training {steps.training} vs {breakdown.training}, hardware {steps.hardware} vs "
+                         f"{breakdown.hardware} FLOPs): run `flopcount verify`")
     rollup.steps = sum(len(s) for s in steps.steps_by_run.values())
     rollup.trailing_flops = steps.trailing
     rollup.tokens, rollup.samples = steps.tokens, steps.samples
@@ -212,8 +215,8 @@ def _meter_errors(traces: TraceSet) -> dict:
 
 
 def _rank_integrity(traces: TraceSet) -> dict:
-    """Missing and unfinished ranks of every trace dir (flopcount.distributed.rank_integrity)."""
-    from .distributed import rank_integrity
+    """Missing and unfinished ranks of every trace dir (flopcount.trace.integrity.rank_integrity)."""
+    from .trace.integrity import rank_integrity
 
     found = [rank_integrity(t.manifests, t.name if len(traces.traces) > 1 else "") for t in traces.traces]
     return {"missing_ranks": sorted({r for f in found for r in f["missing_ranks"]}),

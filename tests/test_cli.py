@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flopcount.cli import COMMANDS, main
-from tracegen import BATCH, MATMUL_PER_STEP, TOKENS_PER_SAMPLE, cli, train, tree_digest
+from tracegen import BATCH, MATMUL_PER_STEP, TOKENS_PER_SAMPLE, cli, reseal, train, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_summarize_json_has_the_meter_summary_keys(project):
     result = cli("summarize", root, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == set(live["a"])
+    assert set(summary) == set(live["a"]) | {"integrity"}  # the Meter.summary() keys and the integrity check
     assert summary["training_flops"] == live["a"]["training_flops"] + live["b"]["training_flops"]
     assert summary["training_by_category"]["matmul"] == 10 * MATMUL_PER_STEP
     assert summary["steps"] == 10 and summary["tokens"] == 10 * BATCH * TOKENS_PER_SAMPLE
@@ -83,15 +83,23 @@ def test_bad_input_in_process(project, tmp_path, capsys, args, message):
     assert message in one_line(capsys.readouterr().err)
 
 
-def test_corrupt_and_wrong_version_parts_are_exit_2(tmp_path, capsys):
+def test_corrupt_and_wrong_version_parts(tmp_path, capsys):
+    """A part that cannot be read: exit 2 naming it when the manifest vouches for it (a writer's
+    bug, a newer flopcount); exit 1 when it is not the part the manifest lists (verify's finding)."""
     train(tmp_path / "torn", steps=2, flush_every=1)
     part = tmp_path / "torn" / "steps" / "r00000-000001.parquet"
     part.write_bytes(part.read_bytes()[:-40])
+    assert main(["summarize", str(tmp_path / "torn")]) == 1
+    err = capsys.readouterr().err
+    assert "r00000-000001.parquet: SHA-256 does not match" in err and "Traceback" not in err
+    assert "r00000-000001.parquet is not a readable Parquet file" in err.splitlines()[-1]
+    reseal(tmp_path / "torn")
     assert main(["summarize", str(tmp_path / "torn")]) == 2
     assert "r00000-000001.parquet is not a readable Parquet file" in one_line(capsys.readouterr().err)
     train(tmp_path / "future", steps=1)
     part = tmp_path / "future" / "steps" / "r00000-000000.parquet"
     pq.write_table(pq.read_table(part).replace_schema_metadata({b"flopcount.schema": b"flopcount.trace/2"}), part)
+    reseal(tmp_path / "future")
     assert main(["check", str(tmp_path / "future")]) == 2
     assert "trace schema flopcount.trace/2" in one_line(capsys.readouterr().err)
 
@@ -100,12 +108,12 @@ def test_verify_exit_codes(tmp_path):
     train(tmp_path / "run", steps=4, flush_every=2)
     ok = cli("verify", tmp_path / "run")
     assert ok.returncode == 0, ok.stderr
-    assert "4 parts, ok" in ok.stdout
+    assert "4 parts checked, verified" in ok.stdout
     (tmp_path / "run" / "steps" / "r00000-000001.parquet").unlink()
     broken = cli("verify", tmp_path / "run", "--json")
     assert broken.returncode == 1
-    [check] = json.loads(broken.stdout)
-    assert check["problems"] == ["steps/r00000-000001.parquet: missing (listed in manifest/r00000.jsonl)"]
+    check = json.loads(broken.stdout)
+    assert check["verified"] is False and check["problems"] == ["steps/r00000-000001.parquet: missing (listed in manifest/r00000.jsonl)"]
     assert main(["verify", str(tmp_path / "nothing-here")]) == 2
 
 

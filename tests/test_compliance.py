@@ -33,7 +33,8 @@ def test_registry_carries_the_published_figures_with_sources():
     assert [m.hf_id for m in base_models() if m.systemic_risk] == ["meta-llama/Llama-3.1-405B"]
     text = resources.files("flopcount.compliance").joinpath("base_models.csv").read_text()
     rows = list(csv.DictReader(text.splitlines()))
-    assert list(rows[0]) == ["hf_id", "aliases", "training_flop", "method", "systemic_risk", "source"]
+    assert list(rows[0]) == ["hf_id", "aliases", "training_flop", "method", "systemic_risk", "source",
+                            "base_model", "config"]  # lineage and the shipped architecture config
     assert all(row["source"].strip() for row in rows)
     assert {row["method"] for row in rows} <= {"reported", "6ND", "hardware", "unknown"}
 

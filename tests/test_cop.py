@@ -107,7 +107,8 @@ def test_markdown_rendering():
     form = cop.cop_form(summary(), COMPLIANCE, cop.notification_timing(crossed_at=ts("2026-11-20T00:00:00")))
     text = cop.render_cop_markdown(form)
     assert "| 1.6 Model dependencies | meta-llama/Llama-3.1-8B (modified by fine-tuning) | pre-filled |" in text
-    assert "| Amount of computation used for training | 2.3*10^20 FLOP | measured |" in text
+    # "*" escaped: Markdown shows 2.3*10^20 literally instead of starting emphasis
+    assert "| Amount of computation used for training | 2.3\\*10^20 FLOP | measured |" in text
     assert "| 1.1 Legal name for the model provider | _to supply_ | **to supply** | - |" in text
     assert "notify by 2026-12-04" in text
     assert json.loads(cop.render_cop_json(form))["schema"] == cop.COP_SCHEMA

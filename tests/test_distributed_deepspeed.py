@@ -55,12 +55,12 @@ def test_zero_stage_counts_each_rank_once(zero_runs, stage):
                 assert step["c10d.allreduce_"][1] >= param_bytes()
 
 
-def test_deepspeed_fused_optimizers_show_up_as_uncounted():
-    """DeepSpeed's fused optimizers update parameters inside C++/CUDA extensions that no capture
-    path sees: every step is reported as uncounted by name (an error in strict mode)."""
+def test_deepspeed_opaque_names():
+    """Fused optimizers and DeepSpeed's fused transformer modules are recognised by class; the
+    optimizers are counted at step() (tests/test_deepspeed_optimizers.py), the modules reported
+    uncounted per forward."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
-    import flopcount
     from flopcount.integrations.deepspeed import OPAQUE_OPTIMIZER_PACKAGES, opaque_name
 
     from deepspeed.ops.transformer import DeepSpeedTransformerLayer
@@ -77,30 +77,3 @@ def test_deepspeed_fused_optimizers_show_up_as_uncounted():
 
     assert opaque_name(torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]), OPAQUE_OPTIMIZER_PACKAGES,
                        "step") is None
-    if not _cpu_adam_is_built():
-        pytest.skip("DeepSpeedCPUAdam's extension is not built here (minutes to JIT-compile)")
-    p = torch.nn.Parameter(torch.ones(8))
-    optimizer = DeepSpeedCPUAdam([p], lr=0.1)
-    name = f"{DeepSpeedCPUAdam.__module__}.DeepSpeedCPUAdam.step"
-    with flopcount.meter(backend="dispatch", warn=False) as m:
-        for _ in range(2):
-            (p * p).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    assert m.summary()["uncounted_ops"] == {name: 2}
-    assert "optimizer" not in m.summary()["by_phase"]  # nothing of the update was seen
-    with pytest.raises(flopcount.UncountedOpError, match="DeepSpeedCPUAdam"):
-        with flopcount.meter(backend="dispatch", strict=True):
-            (p * p).sum().backward()
-            optimizer.step()
-
-
-def _cpu_adam_is_built() -> bool:
-    import os
-
-    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
-
-    builder = CPUAdamBuilder()
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
-    return any(f.startswith(builder.NAME) and f.endswith(".so")
-               for _, _, files in os.walk(root) for f in files)

@@ -85,23 +85,30 @@ def test_sync_every_keeps_job_totals(one_rank_group):
         flopcount.meter(sync_every=0)
 
 
-def _segment(rank, segment=0, world=4):
-    return {"type": "segment", "rank": rank, "world_size": world, "segment": segment}
+def _segment(rank, segment=0, world=4, first_step=0):
+    return {"type": "segment", "rank": rank, "world_size": world, "segment": segment, "first_step": first_step}
+
+
+def _part(segment, first, last):
+    return {"type": "part", "segment": segment, "first_step": first, "last_step": last}
 
 
 def test_rank_integrity_names_missing_and_unclosed_ranks():
     manifests = {
         "manifest/r00000.jsonl": [_segment(0), {"type": "close", "segment": 0}],
-        # resumed: the first segment was killed, the second closed
-        "manifest/r00001.jsonl": [_segment(1), _segment(1, 1), {"type": "close", "segment": 1}],
-        "manifest/r00003.jsonl": [_segment(3), {"type": "part"}],  # killed after a flush
+        # resumed: the first segment was killed after flushing steps 0-7, the second closed
+        "manifest/r00001.jsonl": [_segment(1), _part(0, 0, 7), _segment(1, 1, first_step=8),
+                                  {"type": "close", "segment": 1}],
+        "manifest/r00003.jsonl": [_segment(3), _part(0, 0, 4)],  # killed after a flush
     }
     found = rank_integrity(manifests, "ft-1")
-    assert found["missing_ranks"] == [2] and found["unfinished_ranks"] == [3]
+    assert found["missing_ranks"] == [2] and found["unfinished_ranks"] == [1, 3]
     assert found["rank_problems"] == [
         "ft-1: rank 2 of 4 is missing (no trace written)",
+        "ft-1: rank 1 of 4: segment 0 has no close (killed, then resumed): the steps after its last flush "
+        "(step 7) were lost (segment 0 of manifest/r00001.jsonl)",
         "ft-1: rank 3 of 4 did not close its trace (killed or still running): steps after its last "
-        "flush are not counted"]
+        "flush are not counted (segment 0 of manifest/r00003.jsonl; after its last flush (step 4))"]
     complete = {f"m{r}": [_segment(r, world=2), {"type": "close", "segment": 0}] for r in range(2)}
     assert rank_integrity(complete)["rank_problems"] == []
 

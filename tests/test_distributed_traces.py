@@ -91,7 +91,7 @@ def test_check_estimate_verify_and_report_name_a_rank_short(trace_runs, run, pro
     verify = cli("verify", path)
     assert verify.returncode == 1 and problem in verify.stdout
     report = cli("report", path, "--base-model-flops", "1e30", "--format", "json", "-o", tmp_path / "r.json")
-    assert report.returncode == 0
+    assert report.returncode == 1 and problem in report.stderr  # the report is written, and it is a finding
     integrity = json.loads((tmp_path / "r.json").read_text())["integrity"]
     assert not integrity["verified"] and any(problem in p for p in integrity["problems"])
     # The complete run has no such finding.

@@ -206,6 +206,7 @@ def main() -> int:
     from flopcount.capture import native
 
     start = time.time()
+    native.build()  # in the foreground: a benchmark waits for the build
     facts = native.describe()
     print(f"build: {facts['native_extension']} in {time.time() - start:.0f} s ({facts['native_error']})", flush=True)
     if native.load() is None:

@@ -8,14 +8,14 @@ backends share every rule: the phase and module rules are ``context.resolve_phas
 ``context.resolve_module``, fed with the Python-held state that ``Context`` pushes to C++ on
 each change (module entered or left, optimizer step, user phase, autograd.Function.apply).
 
-Build: the extension is compiled on first use with torch.utils.cpp_extension.load against the
-installed torch, into a cache directory (FLOPCOUNT_NATIVE_CACHE, default
-~/.cache/flopcount/native/...). Set FLOPCOUNT_NATIVE=0 to never build or load it.
+Build: the extension is compiled against the installed torch into a cache keyed by everything
+that changes the binary (native_build.py), in a private directory renamed into place; a process
+waits for a build at most FLOPCOUNT_NATIVE_WAIT seconds (default 10), then goes on without it.
+``flopcount build-native`` builds it ahead of time. Set FLOPCOUNT_NATIVE=0 to never build or load it.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 import warnings
@@ -28,11 +28,11 @@ from ..conventions import ROOT_MODULE
 from ..distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
 from ..formulas import KNOWN_ZERO, REGISTRY
 from ..formulas.registry import op_name
+from . import native_build
 from .context import resolve_module, resolve_phase
+from .native_build import BUILD_FLAGS, EXTENSION  # noqa: F401 (the names callers use)
 
-EXTENSION = "flopcount_native"
 SOURCE_NAME = "flopcount_native.cpp"
-BUILD_FLAGS = ["-O2", "-DNDEBUG"]  # NDEBUG: RecordFunction's layout must match libtorch's
 MIN_TORCH = (2, 7)  # RecordFunction::overload_name; older torch uses the dispatch backend
 
 # Key tags, as in csrc/flopcount_native.cpp.
@@ -43,7 +43,7 @@ OUTPUTS = -1
 ZERO, FORMULA, UNCOUNTED, FORMULA_VALUES, COLLECTIVE = range(5)
 
 
-# ---- build and load -------------------------------------------------------------------------------
+# ---- build and load (native_build.py does the building) ------------------------------------------
 
 def source_path() -> Path | None:
     """The C++ source: csrc/ of a source checkout, or the copy installed inside the package."""
@@ -55,42 +55,38 @@ def source_path() -> Path | None:
 
 
 def cache_dir(source: Path) -> Path:
-    """Build directory: one per torch version, Python version and source text."""
-    root = os.environ.get("FLOPCOUNT_NATIVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flopcount", "native")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(BUILD_FLAGS).encode()).hexdigest()[:12]
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
-    return Path(root) / tag
+    """This environment's build directory (native_build.BuildPaths: keyed by torch installation,
+    compiler, flags, source and Python ABI)."""
+    return native_build.paths_for(source).final
+
+
+def _unsupported() -> str | None:
+    """Why the extension is never built here (disabled, torch too old, no source), else None."""
+    if os.environ.get("FLOPCOUNT_NATIVE", "").strip() == "0":
+        return "disabled by FLOPCOUNT_NATIVE=0"
+    if TorchVersion(torch.__version__) < MIN_TORCH:
+        return (f"it needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+                f"(RecordFunction::overload_name); this is torch {torch.__version__}")
+    if source_path() is None:
+        return f"the C++ source {SOURCE_NAME} is not installed"
+    return None
 
 
 @functools.lru_cache(maxsize=1)
 def _load():
-    """(extension module, None) or (None, why it is not available). Built once per process."""
-    if os.environ.get("FLOPCOUNT_NATIVE", "").strip() == "0":
-        return None, "disabled by FLOPCOUNT_NATIVE=0"
-    if TorchVersion(torch.__version__) < MIN_TORCH:
-        return None, (f"it needs torch >= {'.'.join(map(str, MIN_TORCH))} "
-                      f"(RecordFunction::overload_name); this is torch {torch.__version__}")
-    source = source_path()
-    if source is None:
-        return None, f"the C++ source {SOURCE_NAME} is not installed"
+    """(extension module, None) or (None, why it is not available). Once per process; waits for a
+    build at most FLOPCOUNT_NATIVE_WAIT seconds (a background build goes on for later processes)."""
+    why = _unsupported()
+    if why is not None:
+        return None, why
     try:
-        from torch.utils.cpp_extension import load
-
-        build_dir = cache_dir(source)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = load(name=EXTENSION, sources=[str(source)], extra_cflags=BUILD_FLAGS,
-                          build_directory=str(build_dir), verbose=False)
-        return module, None
-    except Exception as exc:  # no compiler, no ninja, incompatible headers, ...
-        lines = str(exc).strip().splitlines()
-        return None, f"the native extension did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"
+        return native_build.load(source_path(), native_build.wait_bound())
+    except Exception as exc:  # an unreadable cache dir, a bad FLOPCOUNT_NATIVE_WAIT, ...
+        return None, f"the native extension is not available: {native_build._one_line(exc)}"
 
 
 def load():
-    """The extension module, or None when it cannot be built or loaded here."""
+    """The extension module, or None when it is not available (yet) here."""
     return _load()[0]
 
 
@@ -99,15 +95,32 @@ def load_error() -> str | None:
     return _load()[1]
 
 
+def build_state() -> dict:
+    """{"state", "detail", "build_dir"} without building (native_build.state); state is one of
+    built, building, failed, not built, disabled (or unsupported: detail says why)."""
+    why = _unsupported()
+    if why is not None:
+        state = "disabled" if why.startswith("disabled") else "unsupported"
+        return {"state": state, "detail": why if state == "unsupported" else "disabled (FLOPCOUNT_NATIVE=0)",
+                "build_dir": None}
+    try:
+        return native_build.state(source_path())
+    except Exception as exc:
+        return {"state": "unsupported", "detail": native_build._one_line(exc), "build_dir": None}
+
+
 def describe() -> dict:
-    """Versions, the backend that backend='auto' picks, and the extension's build status
-    (``flopcount info``). Builds the extension if it is not built yet."""
+    """Versions, the backend that backend='auto' picks, and the extension's build state
+    (``flopcount info``). Loads a built extension; never starts or waits for a build."""
     import platform
 
     from .. import __version__
 
     source = source_path()
-    module, error = _load()
+    state = build_state()
+    module, error = _load() if state["state"] in ("built", "disabled", "unsupported") else (None, state["detail"])
+    if state["state"] == "built" and module is None:
+        state = {**state, "state": "failed", "detail": f"failed: {error}"}
     return {
         "flopcount": __version__,
         "python": platform.python_version(),
@@ -115,22 +128,41 @@ def describe() -> dict:
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "active_backend": "native" if module is not None else "dispatch",
-        "native_extension": "built" if module is not None else "unavailable",
-        "native_error": error,
+        "native_extension": "built" if module is not None else state["detail"],
+        "native_state": state["state"],
+        "native_error": error if state["state"] in ("failed", "unsupported") else None,
         "native_source": str(source) if source else None,
-        "native_build_dir": str(cache_dir(source)) if source else None,
-        "native_module": getattr(module, "__file__", None),
+        "native_build_dir": state["build_dir"],
+        "native_module": str(native_build.paths_for(source).library) if module is not None and source else None,
     }
 
 
 def build() -> int:
-    """Build the extension now (``make setup`` runs this); 0 when it loads, 1 otherwise."""
-    error = load_error()
-    if error:
-        print(f"flopcount: native backend unavailable ({error}); the dispatch backend will be used",
+    """Build the extension now, waiting for a build another process runs (``flopcount build-native``,
+    ``make setup``); 0 when it loads, 1 otherwise."""
+    why = _unsupported()
+    if why is None:
+        source = source_path()
+        try:
+            paths = native_build.paths_for(source)
+            if not paths.library.is_file():
+                if native_build.holder(paths) is not None:
+                    print(f"flopcount: waiting for the build {native_build.building_line(paths)}", file=sys.stderr)
+                else:
+                    print(f"flopcount: building the native extension into {paths.final} (about a minute)",
+                          file=sys.stderr)
+            why = native_build.build(source, paths)
+        except Exception as exc:  # an unwritable cache dir, ...
+            why = native_build._one_line(exc)
+        _load.cache_clear()
+        why = why or load_error()
+    if why:
+        print(f"flopcount: native backend unavailable ({why}); the dispatch backend will be used",
               file=sys.stderr)
         return 1
-    print(f"flopcount: native extension ready: {load().__file__}")
+    # The library is loaded from its private build dir before that is renamed into place: name
+    # where it lives now, not the module's (stale) __file__.
+    print(f"flopcount: native extension ready: {native_build.paths_for(source_path()).library}")
     return 0
 
 
@@ -225,6 +257,9 @@ class NativeCapture:
                 entries.append((op._schema.name, op._overloadname, klass))
             elif isinstance(op, torch._ops.OpOverloadPacket):
                 entries.append((op._qualified_op_name, "*", klass))
+            elif isinstance(op, str):  # registered by name: 'ns::op' or 'ns::op.overload'
+                name, _, overload = op.partition(".")
+                entries.append((name, overload or "*", klass))
         # Non-aten ops with a formula in torch's own flop registry (Registry.lookup reuses those).
         from torch.utils.flop_counter import flop_registry
 

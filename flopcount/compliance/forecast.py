@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from ..errors import BadInput
 from .thresholds import DEFAULT_APPROACHING, flop_text, status_of
 
 
@@ -19,13 +20,13 @@ def forecast(measured_flops: int, measured_steps: int, *, threshold_flops: Fract
              approaching: float = DEFAULT_APPROACHING) -> dict:
     """Projected total and crossing point. Exactly one of ``planned_steps``/``planned_tokens``."""
     if (planned_steps is None) == (planned_tokens is None):
-        raise ValueError("flopcount: give exactly one of the planned steps or the planned tokens")
+        raise BadInput("flopcount: give exactly one of the planned steps or the planned tokens")
     if measured_steps < 1 or measured_flops <= 0:
-        raise ValueError("flopcount: the trace has no measured training FLOPs to project from")
+        raise BadInput("flopcount: the trace has no measured training FLOPs to project from")
     per_step = Fraction(int(measured_flops), int(measured_steps))
     if planned_tokens is not None:
         if not measured_tokens:
-            raise ValueError("flopcount: the trace has no token counts (pass tokens= to Meter.step()); "
+            raise BadInput("flopcount: the trace has no token counts (pass tokens= to Meter.step()); "
                              "plan in steps instead")
         per_token = Fraction(int(measured_flops), int(measured_tokens))
         projected = per_token * planned_tokens

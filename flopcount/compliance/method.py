@@ -65,6 +65,10 @@ def method_statement(summary: dict, *, flopcount_version: str, hardware=None) ->
         uncertainty += ("; the meter recovered from failures inside its hooks (" +
                         ", ".join(f"{kind}: {e.get('count')}" for kind, e in errors.items()) +
                         "); FLOPs they lost are among the uncounted ops")
+    dark = summary.get("dark_modules") or {}
+    if dark:  # capture/dark.py: forwards whose work no capture path saw
+        uncertainty += (f"; {len(dark)} module(s) with parameters booked no FLOPs in their forward (their work ran "
+                        f"outside every capture path and is not in the totals: {', '.join(list(dark)[:10])})")
     return {
         "estimation_method": ESTIMATION_METHOD,
         "training_split": training_split(summary),
@@ -77,6 +81,7 @@ def method_statement(summary: dict, *, flopcount_version: str, hardware=None) ->
         "excluded_flops": sum(by_phase.get(p, 0) for p in excluded),
         "uncounted_ops": uncounted,
         "uncounted_calls": uncounted_calls,
+        "dark_modules": dark,
         "uncertainty": uncertainty,
         "flopcount_version": flopcount_version,
         "torch_version": summary.get("torch_version"),

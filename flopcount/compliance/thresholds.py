@@ -1,4 +1,8 @@
-"""EU AI Act compute thresholds for a modification (guidelines C(2025) 5045, para. 60-61; Art. 51(2)).
+"""EU AI Act compute thresholds for a modification (guidelines C(2025) 7719, para. 60-61; Art. 51(2)).
+
+The guidelines: Communication from the Commission, Guidelines on the scope of the obligations for
+general-purpose AI models, C(2025) 7719 final of 19 November 2025, the current version of the
+text first approved on 18 July 2025 as C(2025) 5045 (paragraph numbers as cited since July).
 
 A modification makes its author the provider of a new general-purpose model when its training
 compute exceeds one third of the base model's training compute; when that compute is unknown,
@@ -10,7 +14,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from .registry import lookup
+from ..errors import BadInput
+from .registry import lineage, lookup
 
 UNKNOWN_BASE_FLOP = 1e23            # para. 61: base compute unknown
 SYSTEMIC_FLOP = 1e25                # Art. 51(2): systemic-risk presumption
@@ -57,9 +62,9 @@ def check_approaching(fraction) -> float:
     try:
         value = float(fraction)
     except (TypeError, ValueError):
-        raise ValueError(f"flopcount: approaching fraction {fraction!r} is not a number") from None
+        raise BadInput(f"flopcount: approaching fraction {fraction!r} is not a number") from None
     if not 0 < value <= 1:
-        raise ValueError(f"flopcount: approaching fraction {fraction!r} must be in (0, 1]")
+        raise BadInput(f"flopcount: approaching fraction {fraction!r} must be in (0, 1]")
     return value
 
 
@@ -72,21 +77,39 @@ def threshold(base_flops: float | None, systemic_risk: bool = False) -> tuple[Fr
     return exact(UNKNOWN_BASE_FLOP) * MODIFICATION_SHARE, "unknown_base_compute"
 
 
+MIN_FLOP = 1.0  # a FLOP figure below one FLOP (5e-324) is a typo, and dividing by it overflows
+MAX_FLOP = 1e40  # 10^13 x the largest published training run: beyond it, a typo (and float overflow)
+
+
+def valid_flop(value) -> bool:
+    """A base-model or budget FLOP figure: a finite number from MIN_FLOP to MAX_FLOP."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_FLOP <= value <= MAX_FLOP
+
+
 def resolve_base(base_model: str | None = None, base_model_flops: float | None = None,
                  systemic_risk: bool | None = None) -> dict:
     """What is known about the base model. Raises UnknownBaseModel for a name not in the registry."""
-    entry = lookup(base_model) if base_model else None
+    named = lookup(base_model) if base_model else None
+    chain = lineage(named) if named else []
+    # A fine-tune of a fine-tune: the threshold is one third of the original model's compute.
+    entry = chain[-1] if chain else None
     flops = base_model_flops if base_model_flops is not None else (entry.training_flop if entry else None)
-    if flops is not None and (not isinstance(flops, (int, float)) or flops <= 0 or flops != flops):
-        raise ValueError(f"flopcount: base model training compute {flops!r} must be a positive number of FLOP")
-    return {
-        "base_model": entry.hf_id if entry else base_model,
+    if flops is not None and not valid_flop(flops):
+        raise BadInput(f"flopcount: base model training compute {flops!r} must be a number of FLOP from "
+                       "1 to 1e40")
+    result = {
+        "base_model": named.hf_id if named else base_model,
         "base_model_flops": float(flops) if flops is not None else None,
         "base_model_flops_source": ("given" if base_model_flops is not None else
                                     (entry.source if entry and entry.training_flop is not None else None)),
         "base_model_method": "given" if base_model_flops is not None else (entry.method if entry else None),
         "systemic_risk": bool(systemic_risk) if systemic_risk is not None else bool(entry and entry.systemic_risk),
     }
+    if len(chain) > 1:  # only for fine-tunes, so that existing outputs keep their keys
+        result["lineage"] = [m.hf_id for m in chain]
+        result["original_model"] = entry.hf_id
+        result["prior_modification_flops"] = sum(m.training_flop or 0 for m in chain[:-1])
+    return result
 
 
 def assess(training_flops: int, base: dict, approaching: float = DEFAULT_APPROACHING) -> dict:

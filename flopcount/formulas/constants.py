@@ -110,6 +110,8 @@ PER_ELEMENT: dict[str, PerElement] = {
     # Fused attention softmax, per (query, key) pair and query head.
     **_rows("attention_softmax_forward", 5, "pointwise", "formula", "as _softmax, computed online"),
     **_rows("attention_softmax_backward", 4, "pointwise", "formula", "as _softmax_backward_data"),
+    **_rows("attention_softcap", 3, "pointwise", "formula", "cap * tanh(score / cap): divide, tanh, multiply"),
+    **_rows("attention_softcap_backward", 3, "pointwise", "formula", "g * (1 - t^2): square, subtract, multiply"),
     # Optimizers (per parameter element).
     **_rows("adam_step", 16, "pointwise", "formula",
             "decay (2), m update (3), v update (4), two bias corrections, sqrt, add eps, divide, lr scale, subtract"),
@@ -117,6 +119,34 @@ PER_ELEMENT: dict[str, PerElement] = {
     **_rows("sgd_step", 2, "pointwise", "formula", "lr scale, subtract"),
     **_rows("sgd_weight_decay sgd_momentum sgd_nesterov", 2, "pointwise", "formula", "one multiply-add each"),
     **_rows("adagrad_step", 6, "pointwise", "formula", "decay, g^2 accumulate (2), sqrt, add eps, divide-and-step"),
+    **_rows("rmsprop_step", 9, "pointwise", "formula",
+            "g^2, v decay, (1-a) g^2, add, sqrt, add eps, divide, lr scale, subtract"),
+    **_rows("lion_step", 11, "pointwise", "formula",
+            "decay (2), interpolate m and g (3), sign, lr scale, subtract, m update (3)"),
+    **_rows("ademamix_extra", 5, "pointwise", "formula",
+            "AdEMAMix on top of adam_step: slow momentum update (3), scale by alpha, add"),
+    **_rows("trust_ratio", 3, "pointwise", "formula",
+            "LAMB/LARS update-norm clipping: square, sum, rescale"),
+    **_rows("grad_scale", 1, "pointwise", "formula", "gradient multiplied by a norm scale != 1"),
+    # State-space scans (mamba-ssm's selective scan, counted at its API; docs/custom_kernels.md).
+    **_rows("selective_scan_step", 9, "other", "formula",
+            "per (batch, channel, position, state): delta*A, exp, delta*B*u (2), h = dA*h + dBu (2), C*h and sum (2)"),
+    **_rows("selective_scan_backward", 18, "other", "formula",
+            "twice the forward step: gradients of the recurrence flow to h, delta, A, B, C and u"),
+    # Quantization (bitsandbytes; docs/custom_kernels.md). Code lookups are indexing (zero).
+    **_rows("dequantize_blockwise dequantize_4bit", 1, "pointwise", "formula",
+            "code lookup (indexing) and one multiply by the block's absmax, per dequantized element"),
+    **_rows("quantize_4bit", 6, "pointwise", "formula",
+            "block absmax (1), divide (1), nearest of 16 code values (4 comparisons)"),
+    **_rows("quantize_blockwise", 10, "pointwise", "formula",
+            "block absmax (1), divide (1), nearest of 256 code values (8 comparisons)"),
+    **_rows("optimizer_8bit_state", 11, "pointwise", "formula",
+            "per 8-bit optimizer state element: dequantize (1) and requantize (10, as quantize_blockwise)"),
+    **_rows("int8_vectorwise_quant", 3, "pointwise", "formula", "row absmax, scale, round (+1 outlier comparison with a threshold)"),
+    **_rows("int8_double_quant", 6, "pointwise", "formula", "row and column absmax (2), two scale-and-round (4)"),
+    **_rows("int8_vectorwise_dequant", 2, "pointwise", "formula", "multiply by the row statistic, divide by 127"),
+    **_rows("int8_mm_dequant", 3, "pointwise", "formula",
+            "int32 product times row statistic, column statistic and 1/127^2 (+1 for a bias)"),
 }
 
 

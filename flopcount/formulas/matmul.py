@@ -57,7 +57,11 @@ def scaled_mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 def _offsets_total(offs) -> int | None:
-    return None if offs is None else int(offs[-1]) if offs.numel() else 0
+    # Meta offsets (flopcount plan) have no values: the groups cover every row, as the MoE layers
+    # that route all top-k token slots through one grouped GEMM do.
+    if offs is None or offs.is_meta:
+        return None
+    return int(offs[-1]) if offs.numel() else 0
 
 
 @formula([aten._grouped_mm, aten._scaled_grouped_mm], "matmul", needs_values=True)

@@ -8,6 +8,13 @@ backward: backward GEMMs plus the recomputed score product).
 
 Ops whose FLOPs depend on tensor *values* (varlen attention offsets, grouped GEMM offsets) are
 registered with ``needs_values=True`` and receive the raw tensors instead of shapes.
+
+Third-party libraries (bitsandbytes, flash-attn, xformers, ...) are registered by qualified op
+*name*, ``"bitsandbytes::gemm_4bit"`` (every overload) or ``"bitsandbytes::gemm_4bit.out"`` (one
+overload), never by op object: the formula files import nothing from the library, so they cost
+nothing when it is absent, and an entry starts matching when the library defines its ops,
+whenever that happens (before or after the meter starts). ``lookup`` tries the op object, its
+packet, then the overload's and the op's name; the native backend receives the names as they are.
 """
 from __future__ import annotations
 
@@ -91,6 +98,8 @@ class Registry:
     def add(self, op, entry: Formula | KnownZero) -> None:
         if isinstance(entry, Formula) and entry.category not in CATEGORIES:
             raise ValueError(f"category {entry.category!r} is not one of {', '.join(CATEGORIES)}")
+        if isinstance(op, str) and "::" not in op:
+            raise ValueError(f"op name {op!r} must be qualified: 'namespace::name' or 'namespace::name.overload'")
         self._table[registry_key(op)] = entry
         self._cache.clear()
         self.version += 1
@@ -109,6 +118,8 @@ class Registry:
         entry = self._table.get(op)
         if entry is None and isinstance(op, torch._ops.OpOverload):
             entry = self._table.get(op.overloadpacket)
+            if entry is None and op.namespace != "aten":  # registered by name (third-party libraries)
+                entry = self._table.get(f"{op._schema.name}.{op._overloadname}") or self._table.get(op._schema.name)
             if entry is None and op.namespace in self._zero_namespaces:
                 entry = KNOWN_ZERO
             if entry is None and op.namespace != "aten":
@@ -131,7 +142,10 @@ REGISTRY = Registry()
 
 def registry_key(op):
     """The object formulas are keyed by: a custom op's OpOverload for its ``CustomOpDef``, the
-    launched ``JITFunction`` for a Triton ``Autotuner``/``Heuristics`` wrapper."""
+    launched ``JITFunction`` for a Triton ``Autotuner``/``Heuristics`` wrapper; a qualified name
+    string as it is."""
+    if isinstance(op, str):
+        return op
     if isinstance(getattr(op, "_opoverload", None), torch._ops.OpOverload):  # torch.library.custom_op
         return op._opoverload
     while type(op).__name__ in ("Autotuner", "Heuristics") and hasattr(op, "fn"):

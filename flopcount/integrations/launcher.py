@@ -26,6 +26,8 @@ import subprocess
 import sys
 import threading
 
+from ..errors import BadInput, IntegrityError, one_line
+
 ENV_VAR = "FLOPCOUNT_RUN"            # JSON: the meter's options; its presence switches metering on
 PARENT_VAR = "FLOPCOUNT_RUN_PARENT"  # pid of `flopcount run`, to recognise COMMAND's own process
 SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sitecustomize")
@@ -57,16 +59,31 @@ def exit_status(returncode: int) -> int:
 def run(command: list[str], out: str, options: dict) -> int:
     """Run ``command`` metered; write the report and print the compliance summary; its exit status."""
     if not command:
-        raise ValueError("flopcount: no command to run: write it after `--`, e.g. flopcount run -- python train.py")
+        raise BadInput("flopcount: no command to run: write it after `--`, e.g. flopcount run -- python train.py")
+    check_out(out)  # exit 2 before COMMAND starts, not a traceback at its first step
     env = child_env(out, options)
     sys.stderr.write(f"flopcount: metering `{' '.join(command)}` -> {os.path.abspath(out)}\n")
     try:
         child = subprocess.Popen(command, env=env)
     except OSError as e:
-        raise ValueError(f"flopcount: cannot start {command[0]!r}: {e.strerror}") from None
+        raise BadInput(f"flopcount: cannot start {command[0]!r}: {e.strerror}") from None
     status = exit_status(_wait_forwarding_signals(child))
-    finish_report(out, options, status)
-    return status
+    verified = finish_report(out, options, status)
+    return 1 if status == 0 and verified is False else status  # a trace that does not verify is a finding
+
+
+def check_out(out: str) -> None:
+    """Refuse, before COMMAND starts, an ``--out`` that cannot be written (trace/storage.py
+    ``check_writable``) or that another live writer holds (another `flopcount run` or meter on the
+    same directory): one line, exit 2."""
+    from ..trace.lease import active_holders, describe_holder
+    from ..trace.storage import check_writable, open_storage
+
+    check_writable(out)
+    holders = active_holders(open_storage(out))
+    if holders:
+        raise BadInput(f"flopcount: --out {out} is being written by another meter ({describe_holder(holders[0])}; "
+                       f"lease {holders[0]['lease']}): wait for it to finish, or pass another --out")
 
 
 def _wait_forwarding_signals(child: subprocess.Popen) -> int:
@@ -92,10 +109,12 @@ def _wait_forwarding_signals(child: subprocess.Popen) -> int:
             signal.signal(signum, handler)
 
 
-def finish_report(out: str, options: dict, status: int) -> None:
-    """Write report.md and report.json into ``out`` and print the compliance summary."""
+def finish_report(out: str, options: dict, status: int) -> bool | None:
+    """Write report.md and report.json into ``out`` and print the compliance summary, with the
+    integrity check's result and the trace digest to keep. Whether the trace verifies (None: no
+    report)."""
     from ..report import RENDERERS, build_report
-    from ..report.text import compliance_summary
+    from ..report.text import report_summary
     from ..trace.schema import MANIFEST_DIR
     from ..trace.storage import TraceError
 
@@ -103,7 +122,7 @@ def finish_report(out: str, options: dict, status: int) -> None:
     if not os.path.isdir(os.path.join(out, MANIFEST_DIR)):
         sys.stderr.write(f"flopcount: no trace in {out}: the command (exit status {status}) ended before any "
                          f"Python process under it ran a step with torch\n")
-        return
+        return None
     try:
         report = build_report(out, **base)
         written = []
@@ -112,11 +131,17 @@ def finish_report(out: str, options: dict, status: int) -> None:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(RENDERERS[fmt](report))
             written.append(path)
-        sys.stdout.write(compliance_summary(out, **base) + "\n")
+        sys.stdout.write(report_summary(report) + "\n")
+    except IntegrityError as e:  # the trace does not verify and cannot be read: no report, a finding
+        for problem in e.problems:
+            sys.stderr.write(f"flopcount: integrity: {problem}\n")
+        sys.stderr.write(f"flopcount: no report for {out}: {one_line(e)}\n")
+        return False
     except (TraceError, OSError) as e:  # the command's exit status still goes through
         sys.stderr.write(f"flopcount: no report for {out}: {e}\n")
-        return
+        return None
     sys.stdout.write(f"  report               {', '.join(written)}\n")
     if status:
         sys.stdout.write(f"  command              exited with status {status}\n")
     sys.stdout.flush()
+    return report["integrity"]["verified"]

@@ -41,7 +41,10 @@ class LazyWriterMeter(Meter):
             self.rank, self.world_size = rank_and_world_size()
             self.rollup.world_size, self.rollup.ranks = self.world_size, {self.rank}
             self.out, self.lazy_out = self.lazy_out, None
-            self.writer = open_writer(self)
+            try:  # inside the training loop now: a storage fault must not end the program
+                self.writer = open_writer(self, first_free=True)  # its own writer slot: r00000, r00000-p1, ...
+            except Exception as e:
+                sys.stderr.write(f"flopcount: NOT writing a trace for pid {os.getpid()} to {self.out}: {e}\n")
         return super()._close(*args, **kwargs)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import datetime as dt
 
 from ..compliance.thresholds import DEFAULT_APPROACHING, compliance_block, flop_text
+from ..errors import findings_first
 from ..summary import recorded_base_model, step_series, summarize_traces
-from ..trace import manifest as mf
+from ..trace.integrity import check_integrity
 from ..trace.reader import open_traces
 from .cop import add_resources
 
@@ -55,31 +56,31 @@ def _runs(traces) -> list[dict]:
     return runs
 
 
-def _integrity(traces, rank_problems: list[str]) -> dict:
-    """Parts against manifests, and ranks of the job missing or unfinished (the total undercounts)."""
-    checks = [mf.verify(trace.storage) for trace in traces.traces]
-    problems = [p for c in checks for p in c.problems] + list(rank_problems)
-    return {"verified": not problems, "parts_checked": sum(c.parts_checked for c in checks),
-            "problems": problems, "signed": any(c.signed for c in checks),
-            "manifest_digests": {c.location: c.digest for c in checks}}
+def integrity_block(integrity) -> dict:
+    """The report's ``integrity``: a check_integrity result (the check `flopcount verify` makes) as a dict."""
+    return {**integrity.as_dict(), "parts_checked": integrity.parts_checked, "notes": list(integrity.notes)}
 
 
 def build_report(location, *, base_model=None, base_model_flops=None, systemic_risk=None,
                  approaching: float = DEFAULT_APPROACHING, use_recorded: bool = True,
                  planned_steps: int | None = None, planned_tokens: int | None = None, dtype: str | None = None,
-                 utilisation: float | None = None) -> dict:
+                 utilisation: float | None = None, digest: str | None = None, public_key=None,
+                 ledger=None) -> dict:
     """Everything the audit report says about the traces at ``location``. A plan (``planned_steps``
     or ``planned_tokens``) gives the forecast notification timing; ``dtype`` / ``utilisation`` set
-    the hardware cross-check (report/cop.py)."""
+    the hardware cross-check (report/cop.py); ``digest`` / ``public_key`` / ``ledger`` are the
+    options of the integrity check (trace/integrity.py)."""
     from .. import __version__
 
     traces = open_traces(location)
-    summary, result = check_traces(traces, base_model=base_model, base_model_flops=base_model_flops,
-                                   systemic_risk=systemic_risk, approaching=approaching,
-                                   use_recorded=use_recorded)
-    add_resources(traces, summary, result, planned_steps=planned_steps, planned_tokens=planned_tokens, dtype=dtype,
-                  utilisation=utilisation, approaching=approaching)  # notification timing, cross-check
-    series = step_series(traces)
+    integrity = check_integrity(traces, digest=digest, public_key=public_key, ledger=ledger)
+    with findings_first(integrity, traces.location):
+        summary, result = check_traces(traces, base_model=base_model, base_model_flops=base_model_flops,
+                                       systemic_risk=systemic_risk, approaching=approaching,
+                                       use_recorded=use_recorded)
+        add_resources(traces, summary, result, planned_steps=planned_steps, planned_tokens=planned_tokens,
+                      dtype=dtype, utilisation=utilisation, approaching=approaching)  # notification, cross-check
+        series = step_series(traces)
     modules = summary["by_module"]
     return {
         "schema": REPORT_SCHEMA,
@@ -105,7 +106,7 @@ def build_report(location, *, base_model=None, base_model_flops=None, systemic_r
                             for name, flops in list(modules.items())[:TOP_MODULES]],
         },
         "method": summary["method"],
-        "integrity": _integrity(traces, summary["rank_problems"]),
+        "integrity": integrity_block(integrity),
         "series": {"cumulative_training_flops": _cumulative(series)},
     }
 

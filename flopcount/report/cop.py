@@ -289,18 +289,24 @@ def add_resources(traces, summary: dict, result: dict, *, planned_steps: int | N
 
 def build_cop_report(location, *, base_model=None, base_model_flops=None, systemic_risk=None,
                      approaching: float = 0.8, planned_steps: int | None = None, planned_tokens: int | None = None,
-                     dtype: str | None = None, utilisation: float | None = None, now: float | None = None) -> dict:
+                     dtype: str | None = None, utilisation: float | None = None, now: float | None = None,
+                     digest: str | None = None, public_key=None, ledger=None) -> dict:
     """``cop_form`` for the traces at ``location``, with the notification timing (actual, or
-    forecast from a plan) and the hardware cross-check for ``dtype`` / ``utilisation``."""
+    forecast from a plan), the hardware cross-check for ``dtype`` / ``utilisation`` and the
+    integrity check (``digest`` / ``public_key`` / ``ledger``: trace/integrity.py)."""
+    from ..errors import findings_first
+    from ..trace.integrity import check_integrity
     from ..trace.reader import open_traces
-    from .build import check_traces
+    from .build import check_traces, integrity_block
 
     traces = open_traces(location)
-    summary, result = check_traces(traces, base_model=base_model, base_model_flops=base_model_flops,
-                                   systemic_risk=systemic_risk, approaching=approaching)
-    add_resources(traces, summary, result, planned_steps=planned_steps, planned_tokens=planned_tokens, dtype=dtype,
-                  utilisation=utilisation, approaching=approaching, now=now)
-    return cop_form(summary, result, result["notification"])
+    integrity = check_integrity(traces, digest=digest, public_key=public_key, ledger=ledger)
+    with findings_first(integrity, traces.location):
+        summary, result = check_traces(traces, base_model=base_model, base_model_flops=base_model_flops,
+                                       systemic_risk=systemic_risk, approaching=approaching)
+        add_resources(traces, summary, result, planned_steps=planned_steps, planned_tokens=planned_tokens,
+                      dtype=dtype, utilisation=utilisation, approaching=approaching, now=now)
+    return {**cop_form(summary, result, result["notification"]), "integrity": integrity_block(integrity)}
 
 
 def resource_sections(report: dict) -> list[tuple[str, str, object]]:
@@ -374,7 +380,9 @@ def render_cop_json(form: dict) -> str:
 
 
 def _cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    from .escape import markdown_text
+
+    return markdown_text(value)
 
 
 def render_cop_markdown(form: dict) -> str:
@@ -386,23 +394,28 @@ def render_cop_markdown(form: dict) -> str:
         lines += [f"## {section}", "", "| field | value | status | source |", "|---|---|---|---|"]
         for f in (f for f in form["fields"] if f["section"] == section):
             label = f"{f['number']} {f['field']}" if f["number"] else f["field"]
-            value = f["text"] if f["text"] is not None else "_to supply_"
+            value = _cell(f["text"]) if f["text"] is not None else "_to supply_"
             status = f"**{f['status']}**" if f["status"] in (TO_SUPPLY, PARTIAL) else f["status"]
-            lines.append(f"| {_cell(label)} | {_cell(value)} | {status} | {_cell(f['source'] or '-')} |")
+            lines.append(f"| {_cell(label)} | {value} | {status} | {_cell(f['source'] or '-')} |")
         lines.append("")
-    notes = [f"- **{f['field']}**: {f['note']}" for f in form["fields"] if f["note"]]
+    notes = [f"- **{f['field']}**: {_cell(f['note'])}" for f in form["fields"] if f["note"]]
     if notes:
         lines += ["## Notes", ""] + notes + [""]
     threshold, notification = form["threshold"], form["notification"]
     lines += ["## Threshold and notification", "",
               f"- **status**: {threshold['status']} ({threshold['ratio'] * 100:.2g}% of {sci2(threshold['threshold_flops'])} "
-              f"FLOP: {threshold['basis']})",
-              f"- **notification**: {notification['text']}"]
+              f"FLOP: {_cell(threshold['basis'])})",
+              f"- **notification**: {_cell(notification['text'])}"]
     if notification["notify_by"]:
         lines.append(f"- **window**: {notification['window_starts']} to {notification['notify_by']} "
-                     f"({notification['basis']})")
-    lines += [f"- **rule**: {notification['rule']}", "",
-              "To supply: " + (", ".join(form["to_supply"]) or "nothing") + ".", ""]
+                     f"({_cell(notification['basis'])})")
+    lines += [f"- **rule**: {_cell(notification['rule'])}", ""]
+    if "integrity" in form:
+        from .sections import integrity_fields
+
+        lines += ["## Integrity of the evidence", ""]
+        lines += [f"- **{label}**: {_cell(value)}" for label, value in integrity_fields(form["integrity"])] + [""]
+    lines += ["To supply: " + (", ".join(form["to_supply"]) or "nothing") + ".", ""]
     return "\n".join(lines)
 
 

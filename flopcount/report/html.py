@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import base64
-from html import escape
+from html import escape as _escape
 
+from .escape import printable
 from .plot import cumulative_plot_png
 from .sections import sections
 
@@ -11,6 +12,11 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f2f2f2}dt{font-weight:600;margin-top:.4em}dd{margin-left:1.5em}
 .status-below{color:#1b7f3a}.status-approaching{color:#b36b00}.status-exceeds{color:#b22222}"""
+
+
+def escape(value) -> str:
+    """Text for HTML: entities for markup, control characters written out (report/escape.py)."""
+    return _escape(printable(value))
 
 
 def render_html(report: dict) -> str:

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import base64
 
+from .escape import markdown_text as _cell
 from .plot import cumulative_plot_png
 from .sections import sections
 
 
-def _cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(report: dict) -> str:
-    lines = [f"# flopcount audit report: {report['project']['location']}", "",
+    lines = [f"# flopcount audit report: {_cell(report['project']['location'])}", "",
              f"Generated {report['generated_at']} by flopcount {report['tool']['flopcount_version']} "
              f"(report schema {report['schema']}).", ""]
     for title, kind, content in sections(report):

@@ -55,6 +55,8 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
             ("phases included", ", ".join(method["phases_included"])),
             ("phases excluded", "; ".join(f"{p}: {why}" for p, why in method["phases_excluded"].items()) or "none"),
             ("uncounted ops", ", ".join(f"{op} ({n})" for op, n in method["uncounted_ops"].items()) or "none"),
+            *([("dark module", f"{name} ({cls})") for name, cls in method.get("dark_modules", {}).items()]
+              or [("dark modules", "none")]),
             ("uncertainty", method["uncertainty"]),
             ("tool", f"flopcount {method['flopcount_version']}, torch {method['torch_version']}, "
                      f"backend {method['backend']}"),
@@ -62,13 +64,7 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
             ("world size", str(method["world_size"])),
         ]),
         ("Counting conventions", "list", method["conventions"] + [f"full conventions: {method['conventions_doc']}"]),
-        ("Integrity", "fields", [
-            ("verified", "yes" if integrity["verified"] else "NO"),
-            ("parts checked", str(integrity["parts_checked"])),
-            ("signed (HMAC)", "yes" if integrity["signed"] else "no"),
-            *[(f"manifest digest ({where})", digest or "-") for where, digest in integrity["manifest_digests"].items()],
-            *[("problem", p) for p in integrity["problems"]],
-        ]),
+        ("Integrity", "fields", integrity_fields(integrity)),
     ]
     out[2:2] = resource_sections(report)  # time, energy, hardware cross-check, notification (report/cop.py)
     return out
@@ -87,6 +83,18 @@ def _training_split(method: dict) -> list[tuple[str, str]]:
         rows.append(("of which derived (not captured)", f"{flop_text(split['derived_flops'])}: rollouts outside "
                                                          "PyTorch, from the engine's token counts"))
     return rows
+
+
+def integrity_fields(integrity: dict) -> list[tuple[str, str]]:
+    """The integrity check's result (trace/integrity.py): "verified" only when it is."""
+    return [
+        ("verified", "yes" if integrity["verified"] else "NO"),
+        ("parts checked", str(integrity["parts_checked"])),
+        ("signed by", integrity["signed_by"] or "no signature checked against a key"),
+        ("trace digest", integrity["digest"] or "-"),
+        *[("note", n) for n in integrity.get("notes", [])],
+        *[("problem", p) for p in integrity["problems"]],
+    ]
 
 
 def _hardware(hardware) -> str:

@@ -2,34 +2,57 @@
 from __future__ import annotations
 
 from ..compliance.thresholds import DEFAULT_APPROACHING, flop_text, sig2, verdict_line
-from ..trace import manifest as mf
-from ..trace.reader import open_traces
-from .build import check_traces
 from .cop import resource_lines
+from .escape import printable
+
+
+def integrity_state(integrity: dict) -> str:
+    """An integrity result (trace/integrity.py ``as_dict()``, or the report's block) in words:
+    "verified" only when it is, the key only when one was checked, the notes (facts that are not
+    findings), and the digest to keep (``flopcount verify --digest``)."""
+    if integrity["verified"]:
+        state = "verified" + (f", signed by {integrity['signed_by']}" if integrity["signed_by"] else "")
+    else:
+        state = f"NOT verified ({len(integrity['problems'])} problem(s): run `flopcount verify`)"
+    state += "".join(f"; {note}" for note in integrity.get("notes", []))
+    return printable(f"{state}; digest {integrity['digest'] or '-'}")
+
+
+def integrity_line(integrity: dict) -> str:
+    return f"integrity: {integrity_state(integrity)}"
 
 
 def compliance_summary(location, *, base_model=None, base_model_flops=None, systemic_risk=None,
-                       approaching: float = DEFAULT_APPROACHING, use_recorded: bool = True) -> str:
-    """A short, printable compliance summary of the traces at ``location`` (a trace or project dir)."""
-    traces = open_traces(location)
-    summary, result = check_traces(traces, base_model=base_model, base_model_flops=base_model_flops,
-                                   systemic_risk=systemic_risk, approaching=approaching,
-                                   use_recorded=use_recorded)
-    checks = [mf.verify(t.storage) for t in traces.traces]
-    excluded = summary["method"]["phases_excluded"]
+                       approaching: float = DEFAULT_APPROACHING, use_recorded: bool = True, **integrity_options) -> str:
+    """A short, printable compliance summary of the traces at ``location`` (a trace or project dir).
+    ``integrity_options``: ``digest``, ``public_key``, ``ledger`` of the integrity check."""
+    from .build import build_report
+
+    return report_summary(build_report(location, base_model=base_model, base_model_flops=base_model_flops,
+                                       systemic_risk=systemic_risk, approaching=approaching,
+                                       use_recorded=use_recorded, **integrity_options))
+
+
+def report_summary(report: dict) -> str:
+    """The compliance summary of a built audit report (report/build.py): what `flopcount run` prints."""
+    result, totals, method = report["compliance"], report["totals"], report["method"]
+    runs = report["project"]["runs"]
+    excluded = method["phases_excluded"]
+    by_phase = report["breakdowns"]["by_phase"]
     base = result["base_model"] or "not given"
     base += (f": {flop_text(result['base_model_flops'])} ({result['base_model_method']}; "
              f"{result['base_model_flops_source']})" if result["base_model_flops"] is not None
              else ": training compute unknown")
+    integrity = report["integrity"]
     lines = [
-        f"flopcount compliance summary: {traces.location}",
-        f"  runs                 {', '.join(traces.run_ids)} ({len(summary['ranks'])} rank(s), "
-        f"{summary['steps']} steps, {summary['tokens'] if summary['tokens'] is not None else '?'} tokens)",
-        f"  training compute     {flop_text(summary['training_flops'])} "
-        f"({' + '.join(summary['training_phases'])})",
-        "  excluded             " + (", ".join(f"{p} {sig2(summary['by_phase'].get(p, 0))}" for p in excluded)
-                                      or "nothing"),
-        "  uncounted ops        " + (", ".join(f"{op} x{n}" for op, n in summary["uncounted_ops"].items())
+        f"flopcount compliance summary: {report['project']['location']}",
+        f"  runs                 {', '.join(sorted({r['run_id'] for r in runs}))} "
+        f"({len({rank for r in runs for rank in r['ranks']})} rank(s), "
+        f"{totals['steps']} steps, {totals['tokens'] if totals['tokens'] is not None else '?'} tokens)",
+        f"  training compute     {flop_text(totals['training_flops'])} "
+        f"({' + '.join(method['phases_included'])})",
+        "  excluded             " + (", ".join(f"{p} {sig2(by_phase.get(p, 0))}" for p in excluded) or "nothing"),
+        "  uncounted ops        " + (", ".join(f"{op} x{n}" for op, n in method["uncounted_ops"].items())
                                       or "none"),
         f"  base model           {base}",
         f"  threshold            {result['text']['threshold_flops']} = {result['threshold_basis_text']}",
@@ -38,11 +61,9 @@ def compliance_summary(location, *, base_model=None, base_model_flops=None, syst
     if result["combined_flops"] is not None:
         lines.append(f"  base + modification  {result['text']['combined_flops']} against 1e25 FLOP: "
                      f"{result['combined_status']} (informational)")
-    verified = all(c.ok for c in checks)
-    lines.append(f"  integrity            {sum(c.parts_checked for c in checks)} parts "
-                 f"{'verified' if verified else 'FAILED verification: run `flopcount verify`'}"
-                 + (f", manifest digest {checks[0].digest[:16]}" if len(checks) == 1 and checks[0].digest else ""))
-    return "\n".join(lines)
+    lines.append(f"  integrity            {integrity['parts_checked']} parts checked: {integrity_state(integrity)}")
+    lines += [f"    problem: {p}" for p in integrity["problems"]]
+    return "\n".join(map(printable, lines))  # run ids, module names, paths: no control characters
 
 
 def summary_text(summary: dict, top: int = 10) -> str:
@@ -58,13 +79,14 @@ def summary_text(summary: dict, top: int = 10) -> str:
         "by category       " + ", ".join(f"{c} {sig2(f)}" for c, f in summary["by_category"].items() if f),
         "excluded phases   " + ", ".join(summary["excluded_phases"]),
         "uncounted ops     " + (", ".join(f"{op} x{n}" for op, n in summary["uncounted_ops"].items()) or "none"),
+        "dark modules      " + (", ".join(f"{m} ({c})" for m, c in summary.get("dark_modules", {}).items()) or "none"),
         *resource_lines(summary),
         f"top modules (of {len(summary['by_module'])}):",
     ]
     lines += [f"  {f / total:6.1%}  {sig2(f):>8}  {name}" for name, f in list(summary["by_module"].items())[:top]]
     if "compliance" in summary:
         lines.append("compliance        " + verdict_line(summary["compliance"]))
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # run ids, module names, paths: no control characters
 
 
 compliance_text = compliance_summary  # the name demo/finetune.py imports from flopcount.report

@@ -1,22 +1,29 @@
 """The one integrity check behind every consumer: ``verify``, ``check``, ``summarize``,
 ``estimate``, ``report`` and ``flopcount run`` all call ``check_integrity`` and say "verified"
-only when its ``verified`` is True (docs/traces.md, "Integrity").
+only when its ``verified`` is True (docs/traces.md, "Integrity" and "Threat model").
 
 Interface (stable; consumers rely on it):
 
-    result = check_integrity(traces, digest=None, public_key=None, ledger=None)
+    result = check_integrity(traces, digest=None, public_key=None, ledger=None, hmac_key=None)
     result.verified   True only when `flopcount verify` with the same options would exit 0
     result.problems   one line per finding (an altered part, a segment without a close, ...)
-    result.digest     the trace digest now (the heads of every writer's chain, combined)
-    result.signed_by  the key id whose signatures were checked, else None ("not checked")
+    result.digest     the trace digest now (a time cut of every writer's chain: manifest.py)
+    result.signed_by  the key id whose Ed25519 signatures were all checked, else None ("not checked")
+    result.notes      facts that are not findings ("signatures present, not checked", "extends
+                      digest D by N entries"): print them, never read them as "verified"
     result.as_dict()  {"verified", "problems", "digest", "signed_by"} for JSON outputs
 
 ``traces`` is an opened ``TraceSet`` (trace/reader.py). Unusable input (a malformed manifest,
-an unknown schema version, an empty directory) raises TraceError (exit 2), as reading does.
+an unknown schema version, an empty directory, a malformed digest, key or ledger) raises
+TraceError (exit 2), as reading does. Nothing here imports torch.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+from . import manifest as mf
+from .storage import TraceError
 
 
 @dataclass
@@ -27,27 +34,182 @@ class Integrity:
     signed_by: str | None = None
     parts_checked: int = 0
     notes: list[str] = field(default_factory=list)  # facts that are not findings ("signatures present, not checked")
+    hmac_checked: bool = False  # every entry's HMAC checked with a key the user supplied
 
     def as_dict(self) -> dict:
         return {"verified": self.verified, "problems": list(self.problems), "digest": self.digest,
                 "signed_by": self.signed_by}
 
 
-def check_integrity(traces, *, digest: str | None = None, public_key=None, ledger=None) -> Integrity:
-    """Every check `flopcount verify` makes, over every trace dir of ``traces``."""
-    from ..distributed import rank_integrity  # first version: moves into trace/ with the new manifest
-    from . import manifest as mf
+def check_integrity(traces, *, digest: str | None = None, public_key=None, ledger=None,
+                    hmac_key: str | bytes | None = None) -> Integrity:
+    """Every check `flopcount verify` makes, over every trace dir of ``traces``.
 
+    ``digest``: a digest recorded earlier (the run's end, a report): the traces must still hold
+    that state (resumed since is fine). ``public_key``: an Ed25519 public key (PEM path or bytes):
+    every entry must carry a valid signature by it. ``ledger``: a digest ledger (meter(ledger=)):
+    the traces must hold the state of its last record for this location. ``hmac_key``: check every
+    HMAC (default: FLOPCOUNT_HMAC_KEY)."""
+    from .keys import load_verifier
+
+    verifier = load_verifier(public_key) if public_key is not None else None
+    key = mf.hmac_key(hmac_key)
+    several = len(traces.traces) > 1
     problems: list[str] = []
+    notes: list[str] = []
     parts = 0
+    hmacs, signatures, bad_signatures = False, set(), 0
     for trace in traces.traces:
-        check = mf.verify(trace.storage)
-        problems += check.problems
-        parts += check.parts_checked
-        problems += rank_integrity(trace.manifests, trace.name if len(traces.traces) > 1 else "")["rank_problems"]
-    heads = [t.digest for t in traces.traces if t.digest]
-    combined = heads[0] if len(heads) == 1 else (mf.combine_digests(heads) if heads else None)
-    if digest is not None and digest != combined:
-        problems.append(f"the traces no longer have digest {digest} (now {combined})")
-    return Integrity(verified=not problems, problems=problems, digest=combined, signed_by=None,
-                     parts_checked=parts)
+        label = f"{trace.name}: " if several and trace.name else ""
+        if not any(trace.all_manifests.values()):
+            problems.append(f"{label or trace.storage.describe() + ': '}no manifest entries (the trace files were "
+                            "removed?)")
+            continue
+        for rel, entries in sorted(trace.all_manifests.items()):
+            problems += [label + p for p in mf.chain_problems(entries, rel, key)]
+            if verifier is not None:
+                found = mf.signature_problems(entries, rel, verifier)
+                bad_signatures += len(found)
+                problems += [label + p for p in found]
+            hmacs = hmacs or any("hmac" in e for e in entries)
+            signatures.update(e.get("key_id") for e in entries if "sig" in e)
+        found, checked = mf.part_problems(trace.storage, trace.all_manifests)
+        problems += [label + p for p in found]
+        parts += checked
+        problems += [label + p for p in segment_problems(trace.manifests)]
+        problems += rank_integrity(trace.manifests, trace.name if several else "")["rank_problems"]
+    problems += [d.describe() for d in traces.duplicates]
+    notes += _still_running(traces)
+    now = traces.digest
+    if digest is not None:
+        problems += _against_digest(traces, digest, "digest", notes)
+    if ledger is not None:
+        problems += _against_ledger(traces, ledger, notes)
+    signed_by = None
+    if verifier is not None:
+        if not bad_signatures:
+            signed_by = verifier.key_id
+            notes.append(f"Ed25519-signed by key {verifier.key_id}: every entry checked")
+    elif signatures:
+        ids = ", ".join(sorted(str(k)[:32] for k in signatures))
+        notes.append(f"Ed25519 signatures present (key {ids}), not checked: pass --public-key to check them")
+    if key is not None and hmacs:
+        notes.append("HMAC-signed: every entry's HMAC checked with the given key")
+    elif hmacs:
+        notes.append("HMAC present, not checked: set FLOPCOUNT_HMAC_KEY to check it")
+    return Integrity(verified=not problems, problems=problems, digest=now, signed_by=signed_by,
+                     parts_checked=parts, notes=notes, hmac_checked=key is not None and hmacs)
+
+
+def _still_running(traces) -> list[str]:
+    """Writers whose lease is held now: their open segment is a run in progress, not a lost one."""
+    from .lease import active_holders, describe_holder
+
+    notes = []
+    for trace in traces.traces:
+        try:
+            holders = active_holders(trace.storage)
+        except (OSError, TraceError):  # unreadable leases say nothing about the trace
+            continue
+        notes += [f"{trace.storage.describe()}: {h['lease']} is held by a live writer ({describe_holder(h)}): "
+                  "its segment is still being written" for h in holders]
+    return notes
+
+
+def _against_digest(traces, expected: str, what: str, notes: list[str]) -> list[str]:
+    """Problems when the traces no longer hold the state ``expected`` (whole location, else one of
+    its trace dirs when the digest is of a single run of a project dir)."""
+    cut = mf.parse_digest(expected)  # TraceError (exit 2) for a malformed digest
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cut / 1e6))
+    candidates = [(traces.location, traces.chains)]
+    if len(traces.traces) > 1:
+        candidates += [(t.name, [c for c in t.manifests.values() if c]) for t in traces.traces]
+    for where, chains in candidates:
+        later = mf.digest_extension(chains, expected)
+        if later is not None:
+            scope = "" if where == traces.location else f" (trace dir {where})"
+            notes.append(f"holds the state of {what} {expected}{scope} from {when}"
+                         + (f", extended by {later} entries since" if later else ", unchanged since"))
+            return []
+    return [f"the traces no longer hold the state of {what} {expected} (recorded {when}): entries written up to "
+            "then were removed, altered or rolled back (an older copy restored, or a later segment deleted)"]
+
+
+def _against_ledger(traces, location, notes: list[str]) -> list[str]:
+    from . import ledger as ledger_log
+
+    records = ledger_log.read(location)
+    record = ledger_log.last_for(records, traces.location, traces.run_ids)
+    if record is None:
+        return [f"the ledger {location} has no record of {traces.location} (run {', '.join(traces.run_ids)}): "
+                "the run's closing digests were not recorded there"]
+    return _against_digest(traces, record["digest"], f"the ledger's last record ({location})", notes)
+
+
+def segment_problems(manifests: dict[str, list[dict]]) -> list[str]:
+    """Each writer's segments agree with their parts: step ranges in order and not overlapping,
+    part sequence numbers counting up, a close's step count equal to its parts' rows. (An
+    honest writer never breaks these; an edited manifest that was re-hashed can.)"""
+    problems = []
+    for rel, entries in sorted(manifests.items()):
+        last_step, seq = -1, 0
+        for segment, parts, close in mf.segments_of(entries):
+            name = f"{rel} segment {segment['segment']}"
+            for part in parts:
+                if part["seq"] != seq:
+                    problems.append(f"{name}: part {part['seq']} is out of sequence (expected part {seq})")
+                if part["first_step"] <= last_step:
+                    problems.append(f"{name}: part {part['seq']} repeats steps up to {last_step} "
+                                    f"(steps {part['first_step']}-{part['last_step']})")
+                if part["steps"]["rows"] != part["rows"]:
+                    problems.append(f"{name}: part {part['seq']} lists {part['rows']} rows but its steps file "
+                                    f"{part['steps']['rows']}")
+                seq, last_step = part["seq"] + 1, max(last_step, part["last_step"])
+            if close is not None and close["steps"] != sum(p["rows"] for p in parts):
+                problems.append(f"{name}: its close counts {close['steps']} steps, its parts "
+                                f"{sum(p['rows'] for p in parts)}")
+    return problems
+
+
+def rank_integrity(manifests: dict[str, list[dict]], label: str = "") -> dict:
+    """Which writers of a trace dir's world are missing or did not close a segment.
+
+    ``manifests`` maps each writer's manifest file to its entries. A rank of the recorded world
+    with no manifest is missing (it never wrote: killed early, or its files are lost). A segment
+    with no "close" entry, at any position, was killed (or, the last one, is still running): its
+    committed steps are intact and counted, the steps after its last flush are not. A close that
+    lists ``unwritten`` steps (storage faults) undercounts too. Each is an integrity problem."""
+    world_size = 0
+    ranks: set[int] = set()
+    unfinished: set[int] = set()
+    where = f"{label}: " if label else ""
+    unclosed: list[str] = []
+    for rel, entries in sorted(manifests.items()):  # one file per writer
+        segments = mf.segments_of(entries)
+        if not segments:
+            continue
+        rank = int(segments[-1][0]["rank"])
+        world_size = max([world_size] + [int(s.get("world_size", 1)) for s, _, _ in segments])
+        ranks.add(rank)
+        for number, (segment, parts, close) in enumerate(segments):
+            who = f"rank {rank}" + (f" (process {segment['process']})" if segment.get("process") else "")
+            flushed = (f"its last flush (step {parts[-1]['last_step']})" if parts
+                       else f"step {segment['first_step']} (nothing was flushed)")
+            ident = f"segment {segment['segment']} of {rel}" + (
+                f", id {segment['segment_id'][:12]}" if segment.get("segment_id") else "")
+            if close is None:
+                unfinished.add(rank)
+                if number == len(segments) - 1:
+                    unclosed.append(f"{where}{who} of {{world}} did not close its trace (killed or still running): "
+                                    f"steps after its last flush are not counted ({ident}; after {flushed})")
+                else:
+                    unclosed.append(f"{where}{who} of {{world}}: segment {segment['segment']} has no close (killed, "
+                                    f"then resumed): the steps after {flushed} were lost ({ident})")
+            for first, last in (close or {}).get("unwritten", []):
+                unfinished.add(rank)
+                unclosed.append(f"{where}{who} of {{world}}: steps {first}-{last} of segment {segment['segment']} "
+                                f"could not be written (storage faults) and are not counted ({rel})")
+    missing = sorted(set(range(world_size)) - ranks)
+    problems = [f"{where}rank {r} of {world_size} is missing (no trace written)" for r in missing]
+    problems += [p.replace("{world}", str(world_size)) for p in unclosed]
+    return {"missing_ranks": missing, "unfinished_ranks": sorted(unfinished), "rank_problems": problems}

@@ -3,7 +3,8 @@
 A trace directory (``meter(out=DIR)``) holds one run, written by every rank of the job::
 
     DIR/
-      manifest/r00000.jsonl        one chained, hashed log per rank (see manifest.py)
+      manifest/r00000.jsonl        one chained, hashed log per writer (see manifest.py)
+      lease/r00000.lease           the lease of the writer that is writing now (see lease.py)
       steps/r00000-000000.parquet  table ``steps``: one row per step per rank
       breakdown/r00000-000000.parquet  table ``breakdown``: long-format FLOPs and calls per flush window
 
@@ -79,7 +80,9 @@ STEPS_FIELDS = [
 #   kind="calls":     phase, op                             -> value = calls
 #   kind="uncounted": op                                    -> value = calls of an op without a formula
 #   kind="collective_calls" / "collective_bytes": op         -> value = calls / bytes of a communication op
-BREAKDOWN_KINDS = ("flops", "calls", "uncounted", "collective_calls", "collective_bytes")
+#   kind="dark_module": module, op = the module's class      -> value = steps in which it was dark: its
+#                      forward ran but booked no FLOPs (capture/dark.py; added within version 1)
+BREAKDOWN_KINDS = ("flops", "calls", "uncounted", "collective_calls", "collective_bytes", "dark_module")
 BREAKDOWN_FIELDS = [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("rank", pa.int32(), nullable=False),
@@ -108,13 +111,26 @@ TABLES = {"steps": STEPS_SCHEMA, "breakdown": BREAKDOWN_SCHEMA}
 MANIFEST_DIR = "manifest"
 
 
-def part_path(table: str, rank: int, seq: int) -> str:
+def writer_name(rank: int, process: int = 0) -> str:
+    """The name of one writer of a trace dir: ``r00003`` for rank 3, ``r00003-p1`` for a second
+    metered process of rank 3 (a child process under ``flopcount run``)."""
+    return f"r{rank:05d}" if process == 0 else f"r{rank:05d}-p{process}"
+
+
+def part_path(table: str, rank: int, seq: int, process: int = 0) -> str:
     """Relative path of a part file."""
-    return f"{table}/r{rank:05d}-{seq:06d}.parquet"
+    return f"{table}/{writer_name(rank, process)}-{seq:06d}.parquet"
 
 
-def manifest_path(rank: int) -> str:
-    return f"{MANIFEST_DIR}/r{rank:05d}.jsonl"
+def manifest_path(rank: int, process: int = 0) -> str:
+    return f"{MANIFEST_DIR}/{writer_name(rank, process)}.jsonl"
+
+
+LEASE_DIR = "lease"  # one lease file per writer while it writes (trace/lease.py); not trace content
+
+
+def lease_path(rank: int, process: int = 0) -> str:
+    return f"{LEASE_DIR}/{writer_name(rank, process)}.lease"
 
 
 def schema_major(version: str | None) -> int | None:

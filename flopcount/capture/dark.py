@@ -1,0 +1,98 @@
+"""Dark modules: modules whose forward did work that no capture path saw (no silent zeros).
+
+A module is *dark* in a step when
+  1. it has parameters of its own (``parameters(recurse=False)``),
+  2. its forward ran in the step (the process-wide module hooks saw it),
+  3. no FLOPs were booked in the step for it or any of its submodules (by module name), and
+  4. it is not a lookup module (an ``nn.Embedding`` / ``nn.EmbeddingBag`` subclass: indexing,
+     zero FLOPs by convention);
+or when its class comes from a library known to bypass the dispatcher (Transformer Engine,
+mamba-ssm, causal-conv1d, apex: ``BYPASSING_PACKAGES``) and flopcount counts no API of it
+(``COUNTED_CLASSES``), whatever else was booked for it: its own kernels are invisible.
+
+Typical causes: a C++/CUDA extension called through pybind, numpy, a CUDA library call. Dark
+modules are listed by name with their class in ``dark_modules`` (summary, traces, report, method
+statement); strict mode raises ``UncountedOpError`` when the step closes.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+# Libraries whose kernels never reach the dispatcher (DESIGN.md, measured facts).
+BYPASSING_PACKAGES = ("transformer_engine", "mamba_ssm", "causal_conv1d", "apex")
+# Classes of those libraries that flopcount counts at their Python API, as (root package, class
+# name): integrations/kernels.py adds the modules it wraps.
+COUNTED_CLASSES: set[tuple[str, str]] = set()
+LOOKUP_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def class_name(cls) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def bypassing(cls) -> bool:
+    """A class of a dispatcher-bypassing library that flopcount does not count at its API."""
+    root = cls.__module__.split(".", 1)[0]
+    return root in BYPASSING_PACKAGES and (root, cls.__name__) not in COUNTED_CLASSES
+
+
+def dark_in_step(ran: dict[str, str], always_dark: dict[str, str], flops_keys) -> dict[str, str]:
+    """The rule above as a pure function. ``ran``: module name -> class name of the modules with
+    own parameters whose forward ran; ``always_dark``: those of bypassing libraries;
+    ``flops_keys``: the step's (phase, category, module, op) keys with FLOPs."""
+    lit: set[str] = set()
+    for _, _, module, _ in flops_keys:
+        parts = module.split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in lit:
+                break
+            lit.add(prefix)
+    dark = {name: cls for name, cls in ran.items() if name not in lit}
+    dark.update(always_dark)
+    return dict(sorted(dark.items()))
+
+
+class DarkModuleWatch:
+    """A module-hook subscriber (as capture.context.Context is): records the modules with own
+    parameters whose forward ran, named by the meter's Context. One dict lookup per module call."""
+
+    def __init__(self, context) -> None:
+        self.context = context
+        self.kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> 0 skip, 1 watch, 2 bypassing
+        self.ran: dict[str, str] = {}
+        self.always_dark: dict[str, str] = {}
+
+    def _module_pre(self, module, args) -> None:
+        kind = self.kind.get(module)
+        if kind is None:
+            kind = self.kind[module] = _kind(module)
+        if kind:
+            name = self.context.names.get(module)
+            if name is None:
+                return
+            cls = class_name(type(module))
+            (self.always_dark if kind == 2 else self.ran)[name] = cls
+
+    def _module_post(self, module, args, output) -> None:
+        pass
+
+    def take(self, flops) -> dict[str, str]:
+        """Dark modules of the step whose FLOPs are ``flops``; starts the next step's record."""
+        if not self.ran and not self.always_dark:
+            return {}
+        keys = [k for k, f in flops.items() if f]
+        dark = dark_in_step(self.ran, self.always_dark, keys)
+        self.ran, self.always_dark = {}, {}
+        return dark
+
+
+def _kind(module) -> int:
+    cls = type(module)
+    if bypassing(cls):
+        return 2
+    if isinstance(module, LOOKUP_MODULES):
+        return 0
+    return 1 if next(module.parameters(recurse=False), None) is not None else 0

@@ -1,0 +1,523 @@
+"""Evidence integrity (issue 14): the manifest commits to the whole run; truncation, rollback,
+duplicates, killed segments, stale signatures and malformed manifests are caught.
+
+Every case runs on real traces written by a real meter (tracegen.train: Linear(8, 6, bias=False)
+on [4, 8] inputs, 2·m·k·n FLOP per product), calls ``check_integrity`` directly, and calls the real
+CLI in a subprocess (``python -m flopcount.cli verify ...``).
+
+AFTER MERGE: the lines guarded by ``if CLI_INTEGRITY:`` need h14c's `verify` (which calls
+check_integrity and has --digest/--public-key/--ledger). Until it is merged, the CLI's verify is the
+first version and only the unguarded CLI assertions hold; once merged, the guard is True and
+every assertion runs (the lead may then remove the guard).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import flopcount
+from flopcount.trace import keys
+from flopcount.trace import manifest as mf
+from flopcount.trace.integrity import check_integrity
+from flopcount.trace.reader import open_traces
+from flopcount.trace.storage import TraceError
+from tracegen import MATMUL_PER_STEP, train
+
+
+def cli(*args, env=None, timeout=120):
+    environ = {**os.environ, **(env or {})}
+    environ.pop("FLOPCOUNT_RUN", None)
+    return subprocess.run([sys.executable, "-m", "flopcount.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=environ)
+
+
+CLI_INTEGRITY = "--digest" in cli("verify", "--help").stdout  # h14c's verify is merged
+
+
+def integrity(location, **options):
+    return check_integrity(open_traces(location), **options)
+
+
+def manifest_file(run, name="r00000.jsonl"):
+    return run / "manifest" / name
+
+
+def read_entries(path):
+    return mf.parse(path.read_bytes(), str(path))
+
+
+def write_entries(path, entries):
+    path.write_bytes(mf.dumps(entries))
+
+
+def rechain(entries):
+    """Recompute prev and hash of every entry, leaving any HMAC / Ed25519 signature as it was
+    (stale): what someone without the keys can do."""
+    prev = mf.GENESIS
+    out = []
+    for entry in entries:
+        entry = dict(entry, prev=prev)
+        entry["hash"] = mf.entry_hash(entry)
+        prev = entry["hash"]
+        out.append(entry)
+    return out
+
+
+def matmul(location):
+    return flopcount.summarize(str(location))["by_category"]["matmul"]
+
+
+# ---- signing setups -------------------------------------------------------------------------------
+
+@pytest.fixture
+def keypair(tmp_path):
+    result = cli("keys", "new", tmp_path / "keys")
+    assert result.returncode == 0, result.stderr
+    private, public = tmp_path / "keys" / keys.PRIVATE_NAME, tmp_path / "keys" / keys.PUBLIC_NAME
+    return private, public
+
+
+SIGNING = ("unsigned", "hmac", "ed25519")
+
+
+def signing_options(kind, keypair, monkeypatch):
+    """(train options, check_integrity options, CLI args, CLI env) for one signing kind."""
+    if kind == "hmac":
+        monkeypatch.setenv(mf.HMAC_ENV, "operator-secret")
+        return {}, {}, [], {mf.HMAC_ENV: "operator-secret"}
+    if kind == "ed25519":
+        private, public = keypair
+        return {"signing_key": str(private)}, {"public_key": str(public)}, ["--public-key", public], {}
+    return {}, {}, [], {}
+
+
+# ---- truncation, rollback, resume ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", SIGNING)
+def test_truncation_and_rollback_are_caught_with_the_digest(tmp_path, kind, keypair, monkeypatch):
+    options, check, args, env = signing_options(kind, keypair, monkeypatch)
+    run = tmp_path / "run"
+    first = train(run, steps=3, flush_every=2, **options)
+    digest_0 = first.writer.digest
+    assert digest_0 == open_traces(run).digest and digest_0.startswith("fc1-")
+    shutil.copytree(run, tmp_path / "older-copy")
+    train(run, steps=2, flush_every=2, **options)
+    digest_1 = open_traces(run).digest
+    assert digest_1 != digest_0
+    assert matmul(run) == 5 * MATMUL_PER_STEP
+    now = integrity(run, digest=digest_1, **check)
+    assert now.verified and now.problems == [] and now.digest == digest_1
+    if kind == "ed25519":
+        assert now.signed_by == keys.load_verifier(keypair[1]).key_id
+    # The resumed run still holds the state of the first segment's digest: the chains extend it.
+    resumed = integrity(run, digest=digest_0, **check)
+    assert resumed.verified and any("extended by 3 entries" in n for n in resumed.notes)  # segment, part, close
+
+    # Truncation: the last segment's entries and parts deleted. A valid prefix: only --digest sees it.
+    entries = read_entries(manifest_file(run))
+    cut = [i for i, e in enumerate(entries) if e["type"] == "segment"][1]
+    for entry in entries[cut:]:
+        for table in ("steps", "breakdown"):
+            if entry["type"] == "part":
+                (run / entry[table]["file"]).unlink()
+    write_entries(manifest_file(run), entries[:cut])
+    assert integrity(run, **check).verified  # nothing says what is missing without an anchor
+    truncated = integrity(run, digest=digest_1, **check)
+    assert not truncated.verified and "no longer hold the state of digest" in truncated.problems[0]
+    assert integrity(run, digest=digest_0, **check).verified
+    # Rollback: an older copy of the whole directory restored.
+    shutil.rmtree(run)
+    shutil.copytree(tmp_path / "older-copy", run)
+    rolled_back = integrity(run, digest=digest_1, **check)
+    assert not rolled_back.verified and len(rolled_back.problems) == 1
+    result = cli("verify", run, *(args if CLI_INTEGRITY else []), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr  # without the anchor it is a valid trace
+    if CLI_INTEGRITY:
+        result = cli("verify", run, "--digest", digest_1, *args, env=env)
+        assert result.returncode == 1 and "no longer hold the state" in result.stdout + result.stderr
+        assert cli("verify", run, "--digest", digest_0, *args, env=env).returncode == 0
+
+
+def test_a_malformed_digest_is_bad_input(tmp_path):
+    train(tmp_path / "run", steps=1)
+    with pytest.raises(TraceError, match="is not a flopcount trace digest"):
+        integrity(tmp_path / "run", digest="deadbeef")
+
+
+def test_the_ledger_records_each_closing_digest_and_catches_a_rollback(tmp_path):
+    run, ledger = tmp_path / "run", tmp_path / "audit" / "ledger.jsonl"
+    ledger.parent.mkdir()
+    train(run, steps=2, ledger=str(ledger))
+    shutil.copytree(run, tmp_path / "older-copy")
+    last = train(run, steps=2, ledger=str(ledger))
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [r["digest"] for r in records][-1] == last.writer.digest == open_traces(run).digest
+    assert len(records) == 2 and {r["dir"] for r in records} == {str(run)} and records[0]["run_id"] == "run"
+    checked = integrity(run, ledger=str(ledger))
+    assert checked.verified and any("ledger" in n for n in checked.notes)
+    shutil.rmtree(run)
+    shutil.copytree(tmp_path / "older-copy", run)
+    rolled_back = integrity(run, ledger=str(ledger))
+    assert not rolled_back.verified and "the ledger's last record" in rolled_back.problems[0]
+    if CLI_INTEGRITY:
+        assert cli("verify", run, "--ledger", ledger).returncode == 1
+    with pytest.raises(ValueError, match="ledger=.* is not a writable directory"):
+        flopcount.meter(out=tmp_path / "x", ledger=str(tmp_path / "no" / "such" / "dir" / "l.jsonl"),
+                        backend="dispatch").__enter__()
+
+
+# ---- duplicates -------------------------------------------------------------------------------------
+
+def test_a_copied_manifest_file_is_reported_with_both_paths_and_summed_once(tmp_path):
+    run = tmp_path / "run"
+    train(run, steps=3, flush_every=2)
+    shutil.copy(manifest_file(run), manifest_file(run, "r00000 (copy).jsonl"))
+    assert matmul(run) == 3 * MATMUL_PER_STEP  # not 6
+    found = integrity(run)
+    assert not found.verified and len(found.problems) == 1
+    assert "manifest/r00000 (copy).jsonl" in found.problems[0] and "manifest/r00000.jsonl" in found.problems[0]
+    # A copy edited and re-hashed is still the same segment (its random id): counted once.
+    edited = read_entries(manifest_file(run))
+    edited[-1]["ended"] += 1
+    write_entries(manifest_file(run, "r00000 (copy).jsonl"), rechain(edited))
+    assert matmul(run) == 3 * MATMUL_PER_STEP and len(integrity(run).problems) == 1
+    summary = cli("summarize", run, "--json")
+    assert json.loads(summary.stdout)["by_category"]["matmul"] == 3 * MATMUL_PER_STEP
+    if CLI_INTEGRITY:
+        result = cli("verify", run)
+        assert result.returncode == 1 and "r00000 (copy).jsonl" in result.stdout + result.stderr
+
+
+def test_a_backup_copy_inside_a_project_dir_is_reported_and_summed_once(tmp_path):
+    project = tmp_path / "proj"
+    train(project / "ft-1", steps=2)
+    train(project / "ft-2", steps=1)
+    shutil.copytree(project / "ft-1", project / "ft-1-backup")
+    assert matmul(project) == 3 * MATMUL_PER_STEP  # ft-1 once, ft-2 once
+    found = integrity(project)
+    assert not found.verified and len(found.problems) == 1
+    assert f"{project}/ft-1/manifest/r00000.jsonl" in found.problems[0]
+    assert f"{project}/ft-1-backup/manifest/r00000.jsonl" in found.problems[0]
+    assert "run 'ft-1' rank 0 segment 0" in found.problems[0]
+    if CLI_INTEGRITY:
+        result = cli("verify", project)
+        assert result.returncode == 1 and "ft-1-backup" in result.stdout + result.stderr
+
+
+# ---- empty, killed, unwritten -------------------------------------------------------------------------
+
+def test_an_emptied_trace_dir_is_bad_input(tmp_path):
+    run = tmp_path / "run"
+    train(run, steps=2)
+    for directory in ("steps", "breakdown", "manifest"):
+        for name in os.listdir(run / directory):
+            (run / directory / name).unlink()
+    with pytest.raises(TraceError, match="holds no manifest entries"):
+        open_traces(run)
+    for command in (["verify", run], ["summarize", run], ["check", run]):
+        result = cli(*command)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "holds no manifest entries" in result.stderr and "Traceback" not in result.stderr
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, torch, flopcount
+    layer = torch.nn.Linear(8, 6, bias=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with flopcount.meter(out=sys.argv[1], backend="dispatch", flush_every=2) as m:
+        for step in range(1000):
+            layer(torch.randn(4, 8)).sum().backward(); opt.step(); opt.zero_grad()
+            m.step()
+            print(step, flush=True)
+""")
+
+
+def test_a_killed_earlier_segment_is_reported_after_a_clean_resume(tmp_path):
+    script, run = tmp_path / "writer.py", tmp_path / "run"
+    script.write_text(KILLED_WRITER)
+    child = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:
+            if int(line) >= 4:  # steps 0-3 flushed in two parts, step 4 in the buffer
+                break
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    entries = read_entries(manifest_file(run))
+    last_flushed = max(e["last_step"] for e in entries if e["type"] == "part")
+    assert last_flushed >= 3 and last_flushed % 2 == 1
+    train(run, steps=2, flush_every=2)  # a clean resume: its own segment closes
+    found = integrity(run)
+    assert not found.verified and len(found.problems) == 1, found.problems
+    assert (f"rank 0 of 1: segment 0 has no close (killed, then resumed): the steps after its last flush "
+            f"(step {last_flushed}) were lost" in found.problems[0])
+    assert matmul(run) == (last_flushed + 1 + 2) * MATMUL_PER_STEP  # the committed steps still count
+    result = cli("verify", run)
+    assert result.returncode == 1 and "segment 0 has no close" in result.stdout + result.stderr
+
+
+def test_unwritten_steps_recorded_at_close_are_reported(tmp_path):
+    run = tmp_path / "run"
+    train(run, steps=2)
+    entries = read_entries(manifest_file(run))
+    entries[-1]["unwritten"] = [[5, 7]]  # what the writer records when storage faults kept steps out
+    write_entries(manifest_file(run), rechain(entries))
+    found = integrity(run)
+    assert not found.verified and "steps 5-7 of segment 0 could not be written" in found.problems[0]
+
+
+def test_re_hashed_step_ranges_that_disagree_with_the_parts_are_reported(tmp_path):
+    run = tmp_path / "run"
+    train(run, steps=4, flush_every=2)
+    entries = read_entries(manifest_file(run))
+    entries[2]["first_step"] = 1  # the second part now claims step 1 again
+    entries[-1]["steps"] = 5  # the close claims a fifth step
+    write_entries(manifest_file(run), rechain(entries))
+    assert integrity(run).problems == [
+        "manifest/r00000.jsonl segment 0: part 1 repeats steps up to 1 (steps 1-3)",
+        "manifest/r00000.jsonl segment 0: its close counts 5 steps, its parts 4"]
+
+
+# ---- signatures without and with keys ------------------------------------------------------------------
+
+def test_stale_hmac_without_the_key_is_never_called_signed(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv(mf.HMAC_ENV, "operator-secret")
+    train(run, steps=2)
+    monkeypatch.delenv(mf.HMAC_ENV)
+    entries = read_entries(manifest_file(run))
+    entries[-1]["training_flops"] = 1  # edited, hashes recomputed, HMACs now stale
+    write_entries(manifest_file(run), rechain(entries))
+    without = integrity(run)
+    assert without.notes == ["HMAC present, not checked: set FLOPCOUNT_HMAC_KEY to check it"]
+    assert without.signed_by is None and not without.hmac_checked
+    with_key = integrity(run, hmac_key="operator-secret")
+    assert not with_key.verified and any("HMAC signature does not match" in p for p in with_key.problems)
+    keyed = cli("verify", run, env={mf.HMAC_ENV: "operator-secret"})
+    assert keyed.returncode == 1 and "HMAC signature does not match" in keyed.stdout
+    if CLI_INTEGRITY:
+        plain = cli("verify", run)
+        assert "HMAC-signed, ok" not in plain.stdout and "signed, ok" not in plain.stdout
+        assert "not checked" in plain.stdout + plain.stderr
+
+
+def test_stale_ed25519_signatures_fail_with_the_key_and_are_not_checked_without(tmp_path, keypair):
+    private, public = keypair
+    run = tmp_path / "run"
+    train(run, steps=2, signing_key=str(private))
+    key_id = keys.load_verifier(public).key_id
+    entries = read_entries(manifest_file(run))
+    assert all(e["key_id"] == key_id and e["sig"] for e in entries)
+    good = integrity(run, public_key=str(public))
+    assert good.verified and good.signed_by == key_id
+    entries[-1]["training_flops"] = 1
+    write_entries(manifest_file(run), rechain(entries))
+    without = integrity(run)
+    assert without.signed_by is None
+    assert without.notes == [f"Ed25519 signatures present (key {key_id}), not checked: pass --public-key to check them"]
+    with_key = integrity(run, public_key=str(public))
+    assert not with_key.verified and with_key.signed_by is None
+    assert with_key.problems == [f"manifest/r00000.jsonl entry {len(entries)}: Ed25519 signature does not match "
+                                 "(entry altered or re-signed)"]
+    # Another key pair's public key: every entry is "signed by another key".
+    other = cli("keys", "new", tmp_path / "other")
+    assert other.returncode == 0
+    wrong = integrity(run, public_key=str(tmp_path / "other" / keys.PUBLIC_NAME))
+    assert not wrong.verified and len(wrong.problems) == len(entries)
+    unsigned = tmp_path / "unsigned"
+    train(unsigned, steps=1)
+    missing = integrity(unsigned, public_key=str(public))
+    assert not missing.verified and all("not signed" in p for p in missing.problems)
+    if CLI_INTEGRITY:
+        plain = cli("verify", run)
+        assert "signed, ok" not in plain.stdout and "not checked" in plain.stdout + plain.stderr
+        assert cli("verify", run, "--public-key", public).returncode == 1
+
+
+def test_keys_new_writes_a_private_key_only_its_owner_reads(tmp_path):
+    result = cli("keys", "new", tmp_path / "k")
+    assert result.returncode == 0, result.stderr
+    private = tmp_path / "k" / keys.PRIVATE_NAME
+    assert oct(private.stat().st_mode & 0o777) == "0o600"
+    assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert (tmp_path / "k" / keys.PUBLIC_NAME).read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert keys.load_verifier(tmp_path / "k" / keys.PUBLIC_NAME).key_id in result.stdout
+    again = cli("keys", "new", tmp_path / "k")
+    assert again.returncode == 2 and "never overwritten" in again.stderr and "Traceback" not in again.stderr
+    # FLOPCOUNT_SIGNING_KEY signs a run without any code change.
+    run = tmp_path / "run"
+    script = tmp_path / "t.py"
+    script.write_text("import sys; sys.path.insert(0, sys.argv[2]); from tracegen import train; train(sys.argv[1], 2)")
+    env = {**os.environ, keys.SIGNING_KEY_ENV: str(private)}
+    subprocess.run([sys.executable, str(script), str(run), os.path.dirname(__file__)], check=True, env=env,
+                   timeout=120)
+    assert integrity(run, public_key=str(tmp_path / "k" / keys.PUBLIC_NAME)).signed_by is not None
+    with pytest.raises(ValueError, match="is not an unencrypted PEM private key"):
+        flopcount.meter(out=tmp_path / "x", signing_key=str(tmp_path / "k" / keys.PUBLIC_NAME),
+                        backend="dispatch").__enter__()
+
+
+# ---- malformed manifests ---------------------------------------------------------------------------
+
+def _edit_part(entries, **fields):
+    part = next(e for e in entries if e["type"] == "part")
+    part["steps"] = dict(part["steps"], **fields)
+
+
+MALFORMED = {
+    "dotdot_part_path": (lambda e: _edit_part(e, file="steps/../../../etc/passwd.parquet"), "part path"),
+    "absolute_part_path": (lambda e: _edit_part(e, file="/etc/passwd"), "part path"),
+    "non_string_hash": (lambda e: e[1].update(hash=12345), "'hash' of the part entry"),
+    "missing_key": (lambda e: e[0].pop("run_id"), "has no 'run_id'"),
+    "wrong_type": (lambda e: e[1].update(rows="three"), "'rows' of the part entry"),
+    "unknown_manifest_schema": (lambda e: e[0].update(manifest="flopcount.manifest/9"), "manifest schema"),
+    "unknown_trace_schema": (lambda e: e[0].update(schema="flopcount.trace/7"), "trace schema"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_manifests_are_bad_input_in_one_line(tmp_path, case):
+    run = tmp_path / "run"
+    train(run, steps=2, flush_every=1)
+    entries = read_entries(manifest_file(run))
+    edit, phrase = MALFORMED[case]
+    edit(entries)
+    write_entries(manifest_file(run), entries)
+    with pytest.raises(TraceError, match="r00000.jsonl line") as error:
+        open_traces(run)
+    assert phrase in str(error.value) and "\n" not in str(error.value)
+    result = cli("verify", run)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "r00000.jsonl line" in result.stderr and phrase in result.stderr
+
+
+@pytest.mark.parametrize("line", ["[" * 10000 + "]" * 10000, '{"type": "part", "rows": NaN}',
+                                  '{"type": "close", "ended": 1e400}', '{"type": "segment", "a": ' + "[" * 40
+                                  + "]" * 40 + "}"])
+def test_deep_nesting_and_non_finite_numbers_are_bad_input(tmp_path, line):
+    run = tmp_path / "run"
+    train(run, steps=1)
+    with open(manifest_file(run), "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(TraceError, match=r"r00000.jsonl line 4"):
+        open_traces(run)
+    result = cli("verify", run)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_fifo_in_place_of_a_part_does_not_hang_verify(tmp_path):
+    run = tmp_path / "run"
+    train(run, steps=2, flush_every=1)
+    part = run / "steps" / "r00000-000000.parquet"
+    part.unlink()
+    os.mkfifo(part)
+    with pytest.raises(TraceError, match="is not a regular file"):
+        integrity(run)
+    for command in ("verify", "summarize"):
+        result = cli(command, run, timeout=60)  # a FIFO would block open() forever
+        assert result.returncode == 2 and "is not a regular file (a FIFO)" in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_an_old_trace_without_the_new_fields_still_verifies(tmp_path):
+    """flopcount 0.1 manifests have no manifest schema, segment id, process or entry time."""
+    run = tmp_path / "run"
+    train(run, steps=3, flush_every=2)
+    new_fields = ("manifest", "segment_id", "process", "t", "host", "pid", "takeover")
+    old = [{k: v for k, v in e.items() if k not in new_fields} for e in read_entries(manifest_file(run))]
+    write_entries(manifest_file(run), rechain(old))
+    found = integrity(run)
+    assert found.verified and found.parts_checked == 4 and found.digest.startswith("fc1-")
+    assert integrity(run, digest=found.digest).verified
+    assert cli("verify", run).returncode == 0
+
+
+NO_TORCH = textwrap.dedent("""
+    import sys, types
+    sys.modules["torch"] = None  # any `import torch` now fails
+    package = types.ModuleType("flopcount")  # the trace package alone, without flopcount/__init__.py
+    package.__path__, package.__version__ = [sys.argv[1]], "test"
+    sys.modules["flopcount"] = package
+    from flopcount.trace.integrity import check_integrity
+    from flopcount.trace.reader import open_traces
+    result = check_integrity(open_traces(sys.argv[2]), public_key=sys.argv[3], digest=sys.argv[4])
+    print(result.verified, result.signed_by)
+""")
+
+
+def test_the_integrity_check_runs_without_torch(tmp_path, keypair):
+    private, public = keypair
+    train(tmp_path / "run", steps=2, signing_key=str(private))
+    digest = open_traces(tmp_path / "run").digest
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flopcount")
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, package, tmp_path / "run", public, digest],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", keys.load_verifier(public).key_id]
+
+
+def test_a_run_in_progress_is_not_verified_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    with flopcount.meter(out=run, backend="dispatch", flush_every=1) as m:
+        m.step()
+        found = integrity(run)
+    assert not found.verified and "did not close its trace (killed or still running)" in found.problems[0]
+    assert any("lease/r00000.lease is held by a live writer" in n for n in found.notes)
+    assert integrity(run).verified and integrity(run).notes == []
+
+
+# ---- flopcount run: a Python child that also trains ---------------------------------------------------
+
+CHILD_TRAINS = textwrap.dedent("""
+    import os, subprocess, sys, torch
+    def train(steps):
+        layer = torch.nn.Linear(8, 6, bias=False)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        for _ in range(steps):
+            layer(torch.randn(4, 8)).sum().backward(); opt.step(); opt.zero_grad()
+    if sys.argv[1:] == ["child"]:
+        train(2)
+    else:
+        train(3)
+        subprocess.run([sys.executable, __file__, "child"], check=True)  # inherits FLOPCOUNT_RUN
+        train(1)
+""")
+
+
+def test_a_python_child_under_flopcount_run_writes_as_its_own_process(tmp_path):
+    script, run = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(CHILD_TRAINS)
+    environ = {k: v for k, v in os.environ.items() if k != "FLOPCOUNT_RUN"}
+    result = subprocess.run([sys.executable, "-m", "flopcount.cli", "run", "--backend", "dispatch", "--out", str(run),
+                             "--", sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env=environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(run / "manifest")) == ["r00000-p1.jsonl", "r00000.jsonl"]
+    child = read_entries(manifest_file(run, "r00000-p1.jsonl"))
+    assert child[0]["process"] == 1 and child[0]["rank"] == 0 and child[-1]["type"] == "close"
+    # Both processes counted, neither erased: 3 + 1 parent steps, 2 child steps, 2·(2·m·k·n) each.
+    assert matmul(run) == 6 * MATMUL_PER_STEP
+    found = integrity(run)
+    assert found.verified, found.problems
+    assert f"verified; digest {found.digest}" in result.stdout  # the digest to keep, printed at the end
+    # A second `flopcount run` is refused while a writer holds the dir... and allowed after.
+    again = subprocess.run([sys.executable, "-m", "flopcount.cli", "run", "--out", str(run), "--", "true"],
+                           capture_output=True, text=True, timeout=120, env=environ)
+    assert again.returncode == 0
+
+
+def test_flopcount_run_refuses_an_out_that_a_live_meter_writes(tmp_path):
+    run = tmp_path / "run"
+    environ = {k: v for k, v in os.environ.items() if k != "FLOPCOUNT_RUN"}
+    with flopcount.meter(out=run, backend="dispatch"):
+        result = subprocess.run([sys.executable, "-m", "flopcount.cli", "run", "--out", str(run), "--", "true"],
+                                capture_output=True, text=True, timeout=120, env=environ)
+    assert result.returncode == 2 and "is being written by another meter" in result.stderr
+    assert f"pid {os.getpid()}" in result.stderr and result.stderr.count("\n") == 1
