@@ -35,6 +35,9 @@ GRADIENT_PHASES = frozenset({FORWARD, BACKWARD, OPTIMIZER})
 TRAINING_PHASES = GRADIENT_PHASES | frozenset(NO_GRAD_TRAINING_PHASES)
 EXCLUDED_PHASES = frozenset({RECOMPUTE, EVAL})
 
+# Op-name prefix of FLOPs derived from counts instead of captured (trace/schema.py documents it).
+DERIVED_OP_PREFIX = "derived."
+
 # Module labels for ops that run directly in a root module's forward, or outside any module.
 ROOT_MODULE = "<root>"
 NO_MODULE = "<none>"

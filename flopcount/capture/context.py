@@ -23,6 +23,7 @@ hooks run no Python).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import warnings
@@ -414,6 +415,7 @@ class _ModuleHooks:
     def __init__(self) -> None:
         self.contexts: list[Context] = []
         self.installed = False
+        self.local = threading.local()  # muted depth per thread (muted())
 
     def install(self) -> None:
         if not self.installed:
@@ -434,14 +436,24 @@ class _ModuleHooks:
         def remove(self) -> None:
             self.hooks.contexts = [c for c in self.hooks.contexts if c is not self.context]
 
+    @contextlib.contextmanager
+    def muted(self):
+        """No subscriber sees the module calls of this thread inside the block: flopcount's own
+        model runs (integrations/vllm.py's forward on the meta device) are not the job's modules."""
+        self.local.muted = getattr(self.local, "muted", 0) + 1
+        try:
+            yield
+        finally:
+            self.local.muted -= 1
+
     def _pre(self, module, args) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
             return
         for context in self.contexts:
             context._module_pre(module, args)
 
     def _post(self, module, args, output) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
             return
         for context in self.contexts:
             context._module_post(module, args, output)

@@ -41,6 +41,7 @@ PER_ELEMENT: dict[str, PerElement] = {
             "one arithmetic operation or elementary function"),
     **_rows("eq ne lt le gt ge isnan isinf isfinite clamp clamp_min clamp_max", 1, "pointwise", "output",
             "one comparison (clamp: a bounded comparison)"),
+    **_rows("nan_to_num", 3, "pointwise", "output", "three comparisons (NaN, +inf, -inf), each a select"),
     **_rows("addcmul addcdiv lerp", 3, "pointwise", "output",
             "self + value*(t1 op t2) / a + w*(b-a): three operations"),
     # Activations and their gradients (x = input, s = sigmoid(x), g = upstream gradient).

@@ -12,6 +12,9 @@ by every active meter:
   ``precompute_ref_log_probs`` pass over the training set that runs before training;
 - ``teacher``: the teacher model of the distillation trainers (GKD, DistillationTrainer);
 - ``reward``: reward functions and reward models scoring rollouts;
+- ``generation``, derived: rollouts that vLLM generates (``use_vllm=True``, server or colocated),
+  booked from their token counts by integrations/vllm.py (``VLLMGeneration.generate``, online
+  DPO's vLLM calls); a vLLM trainer's generation that shows no token counts is uncounted work;
 - ``eval``: ``Trainer.evaluate`` and ``Trainer.predict`` (and DPO's reference pass over an
   evaluation set): held-out evaluation, which always wins over the tags inside it.
 
@@ -43,7 +46,10 @@ METHOD_TAGS = {
     "trl.trainer.distillation_trainer": {"DistillationTrainer": {"_generate": GENERATION}},
     "trl.experimental.gkd.gkd_trainer": {"GKDTrainer": {"generate_on_policy_outputs": GENERATION}},
     "trl.experimental.online_dpo.online_dpo_trainer": {
-        "OnlineDPOTrainer": {"_generate": GENERATION, "_calculate_rewards_from_functions": REWARD}},
+        "OnlineDPOTrainer": {"_generate": GENERATION, "_calculate_rewards_from_functions": REWARD,
+                             "_generate_vllm_server": None, "_generate_vllm_colocate": None}},
+    # vLLM rollouts (server or colocated engine): FLOPs derived from their token counts (vllm.py).
+    "trl.generation.vllm_generation": {"VLLMGeneration": {"generate": None}},
 }
 # Modules whose ``use_adapter`` context manager selects PEFT's reference (adapter disabled or "ref").
 ADAPTER_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
@@ -95,7 +101,7 @@ def _wrap(cls, name: str, phase: str | None) -> None:
         setattr(static, _WRAPPED, True)
         setattr(cls, name, staticmethod(static))
         return
-    chooser = _CHOOSERS.get(name)
+    chooser = _CHOOSERS.get(f"{cls.__name__}.{name}", _CHOOSERS.get(name))
 
     @functools.wraps(raw)
     def method(self, *args, **kwargs):
@@ -103,6 +109,8 @@ def _wrap(cls, name: str, phase: str | None) -> None:
             return chooser(raw, self, *args, **kwargs)
         if not active_contexts():
             return raw(self, *args, **kwargs)
+        if phase == GENERATION and getattr(self, "use_vllm", False):
+            return _vllm_rollouts(raw, self, *args, **kwargs)
         with tag(phase):
             return raw(self, *args, **kwargs)
     setattr(method, _WRAPPED, True)
@@ -135,8 +143,34 @@ def _per_token_logps(raw, trainer, model, *args, **kwargs):
         return raw(trainer, model, *args, **kwargs)
 
 
+def _vllm_rollouts(raw, trainer, *args, **kwargs):
+    """A vLLM trainer's generation: its rollouts are booked from their token counts (vllm.py); a
+    call that booked none (a custom rollout function calling the engine itself) is uncounted work."""
+    from . import vllm
+
+    seen = vllm.rollouts_seen()
+    with tag(GENERATION):
+        out = raw(trainer, *args, **kwargs)
+        if vllm.rollouts_seen() == seen:
+            vllm.book_unseen_rollouts(f"{type(trainer).__name__} generated with vLLM and no token counts were seen")
+    return out
+
+
+def _vllm_generation(raw, generation, *args, **kwargs):
+    from .vllm import vllm_generation_generate
+
+    return vllm_generation_generate(raw, generation, *args, **kwargs)
+
+
+def _online_dpo_vllm(raw, trainer, *args, **kwargs):
+    from .vllm import online_dpo_generate
+
+    return online_dpo_generate(raw, trainer, *args, **kwargs)
+
+
 _CHOOSERS = {"train": _train, "_precompute_ref_logps": _precompute_ref_logps,
-             "_get_per_token_logps_and_entropies": _per_token_logps}
+             "_get_per_token_logps_and_entropies": _per_token_logps, "VLLMGeneration.generate": _vllm_generation,
+             "_generate_vllm_server": _online_dpo_vllm, "_generate_vllm_colocate": _online_dpo_vllm}
 
 
 def _meter_callback_start(trainer) -> None:
