@@ -1,5 +1,6 @@
-"""No-grad training work with real TRL trainers on CPU: DPO's reference, GRPO's rollouts and a
-teacher-student distillation loop are training compute, in their own phases; evaluate() is eval.
+"""No-grad training work with real TRL trainers on CPU: DPO's reference, GRPO's and RLOO's rollouts
+and GKD's teacher and on-policy generation are training compute, in their own phases; evaluate()
+is eval.
 
 Closed forms (tiny Llama: hidden 64, 4 heads of 16, 2 KV heads, MLP 96, vocab 128, 2 layers): a
 forward of B sequences of L positions multiplies each position once by every Linear of the
@@ -130,3 +131,78 @@ def test_grpo_rollouts_reference_and_reward_model_are_training(tmp_path):
     assert set(split["no_grad_phases"]) >= {"generation", "reference", "reward"}
     assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
     assert "eval" not in summary["by_phase"]
+
+
+class PhaseShapes(Shapes):
+    """Shapes that also record whether the call ran inside the trainer's evaluate()."""
+
+    def __init__(self, model, evaluating: list, head: int = HEAD, layers: int = LW) -> None:
+        super().__init__(model, head)
+        self.evaluating, self.layers, self.in_eval = evaluating, layers, []
+
+    def _pre(self, module, args, kwargs):
+        super()._pre(module, args, kwargs)
+        b, n, grad, _ = self.calls[-1]
+        keep = kwargs.get("logits_to_keep") or 0
+        positions = n - 1 if kwargs.get("fused_lm_head") else (min(keep, n) if keep else n)
+        self.calls[-1] = (b, n, grad, 2 * b * (n * self.layers + positions * self.head))
+        self.in_eval.append(self.evaluating[0])
+
+    def matmul_where(self, grad: bool, in_eval: bool) -> int:
+        return sum(c[3] for c, e in zip(self.calls, self.in_eval) if c[2] == grad and e == in_eval)
+
+
+def watch_evaluate(trainer) -> list:
+    """[True] while trainer.evaluate() runs (the Trainer calls it through the instance)."""
+    flag, original = [False], trainer.evaluate
+
+    def evaluate(*args, **kwargs):
+        flag[0] = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            flag[0] = False
+    trainer.evaluate = evaluate
+    return flag
+
+
+def test_gkd_teacher_and_on_policy_generation_are_training(tmp_path):
+    """GKD (TRL's distillation trainer with a full teacher forward): every step generates on-policy
+    with the student (lmbda=1), the teacher scores the generated sequences without grad, the
+    student trains on them; evaluate() after each step runs student and teacher: eval only."""
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    chats = [[{"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": "t5 t6"}],
+             [{"role": "user", "content": "t7 t8 t9"}, {"role": "assistant", "content": "t10"}]]
+    data = datasets.Dataset.from_dict({"messages": chats})
+    tok = tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    student, teacher = tiny_llama(), tiny_llama(hidden_size=32, intermediate_size=48)  # a smaller teacher
+    callback = FlopMeterCallback(backend="dispatch", warn=False)
+    config = GKDConfig(max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2, lmbda=1.0,
+                       temperature=0.9, max_new_tokens=3, eval_strategy="steps", eval_steps=1, **common(tmp_path))
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data,
+                         eval_dataset=data.select([0]), processing_class=tok, callbacks=[callback])
+    evaluating = watch_evaluate(trainer)
+    # The teacher: hidden 32 in 4 heads of 8 (q, o 32x32; k, v 32x16 for 2 KV heads), MLP 48.
+    teacher_layers = LAYERS * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 48 * 3)
+    s_calls = PhaseShapes(trainer.model, evaluating)
+    t_calls = PhaseShapes(trainer.teacher_model, evaluating, head=32 * VOCAB, layers=teacher_layers)
+    trainer.train()
+    summary = callback.summary()
+    assert summary["steps"] == trainer.state.global_step == 2
+    cats = summary["by_phase_category"]
+    # Rollouts: the student's no-grad calls in the training loop, prefill then one position per call.
+    rollouts = [c for c, e in zip(s_calls.calls, s_calls.in_eval) if not c[2] and not e]
+    assert len(rollouts) >= 2 * 2 and {c[1] for c in rollouts[1:]} >= {1}
+    assert cats["generation"]["matmul"] == s_calls.matmul_where(grad=False, in_eval=False)
+    assert cats["teacher"]["matmul"] == t_calls.matmul_where(grad=False, in_eval=False) > 0
+    assert cats["forward"]["matmul"] == s_calls.matmul_where(grad=True, in_eval=False)
+    # evaluate() ran after each step, student and teacher once each: all of it eval.
+    assert t_calls.in_eval.count(True) == 2
+    assert cats["eval"]["matmul"] == (s_calls.matmul_where(grad=False, in_eval=True)
+                                      + t_calls.matmul_where(grad=False, in_eval=True))
+    split = summary["method"]["training_split"]
+    assert set(split["no_grad_phases"]) >= {"generation", "teacher"}
+    assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
+    assert "eval" not in summary["method"]["phases_included"]
