@@ -206,3 +206,27 @@ def test_gkd_teacher_and_on_policy_generation_are_training(tmp_path):
     assert set(split["no_grad_phases"]) >= {"generation", "teacher"}
     assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
     assert "eval" not in summary["method"]["phases_included"]
+
+
+def test_rloo_rollouts_and_reference_are_training(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "policy")
+    callback = FlopMeterCallback(backend="dispatch", warn=False)
+    config = trl.RLOOConfig(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=3,
+                            beta=0.1, **common(tmp_path))
+    prompts = datasets.Dataset.from_dict({"prompt": ["t3 t4 t5", "t6 t7"]})
+    trainer = trl.RLOOTrainer(model=str(tmp_path / "policy"), reward_funcs=[completion_reward], args=config,
+                              train_dataset=prompts, processing_class=tokenizer(), callbacks=[callback])
+    policy, reference = Shapes(trainer.model), Shapes(trainer.ref_model)
+    trainer.train()
+    summary = callback.summary()
+    assert summary["steps"] == trainer.state.global_step == 2
+    cats = summary["by_phase_category"]
+    rollouts = [c for c in policy.calls if not c[2]]
+    assert len(rollouts) >= 2 * 2 and {c[1] for c in rollouts[1:]} >= {1}
+    assert cats["generation"]["matmul"] == policy.matmul(grad=False)
+    assert cats["forward"]["matmul"] == policy.matmul(grad=True)
+    assert cats["reference"]["matmul"] == reference.matmul() > 0
+    split = summary["method"]["training_split"]
+    assert set(split["no_grad_phases"]) >= {"generation", "reference"}
+    assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
+    assert "eval" not in summary["by_phase"]
