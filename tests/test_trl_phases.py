@@ -230,3 +230,28 @@ def test_rloo_rollouts_and_reference_are_training(tmp_path):
     assert set(split["no_grad_phases"]) >= {"generation", "reference"}
     assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
     assert "eval" not in summary["by_phase"]
+
+
+def test_online_dpo_rollouts_and_reference_are_training(tmp_path):
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    policy_model, reference_model = tiny_llama(), tiny_llama()
+    callback = FlopMeterCallback(backend="dispatch", warn=False)
+    config = OnlineDPOConfig(max_steps=2, per_device_train_batch_size=2, max_new_tokens=3, **common(tmp_path))
+    prompts = datasets.Dataset.from_dict({"prompt": ["t3 t4 t5", "t6 t7"]})
+    trainer = OnlineDPOTrainer(model=policy_model, ref_model=reference_model, reward_funcs=[completion_reward],
+                               args=config, train_dataset=prompts, processing_class=tokenizer(), callbacks=[callback])
+    policy, reference = Shapes(trainer.model), Shapes(trainer.ref_model)
+    trainer.train()
+    summary = callback.summary()
+    assert summary["steps"] == trainer.state.global_step == 2
+    cats = summary["by_phase_category"]
+    rollouts = [c for c in policy.calls if not c[2]]
+    assert len(rollouts) >= 2 and {c[1] for c in rollouts[1:]} >= {1}  # decoding: one position per call
+    assert cats["generation"]["matmul"] == policy.matmul(grad=False)
+    assert cats["forward"]["matmul"] == policy.matmul(grad=True)
+    assert cats["reference"]["matmul"] == reference.matmul() > 0
+    split = summary["method"]["training_split"]
+    assert set(split["no_grad_phases"]) >= {"generation", "reference"}
+    assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
+    assert "eval" not in summary["by_phase"]
