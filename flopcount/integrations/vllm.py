@@ -210,15 +210,28 @@ def book_unseen_rollouts(why: str) -> None:
 def vllm_generation_generate(raw, generation, *args, **kwargs):
     """``VLLMGeneration.generate`` -> (prompt_ids, completion_ids, logprobs, logprob_token_ids)."""
     out = raw(generation, *args, **kwargs)
-    if _meters():
-        book_rollouts(generation.model, out[0], out[1])
+    _safely(lambda: book_rollouts(generation.model, out[0], out[1]))
     return out
 
 
 def online_dpo_generate(raw, trainer, *args, **kwargs):
     """Online DPO's ``_generate_vllm_server`` / ``_generate_vllm_colocate`` -> (completion_ids, prompt_ids)."""
     out = raw(trainer, *args, **kwargs)
-    if _meters():
-        book_rollouts(trainer.model, out[1], out[0])
+    _safely(lambda: book_rollouts(trainer.model, out[1], out[0]))
     return out
+
+
+def _safely(book) -> None:
+    """A meter never breaks training: any failure of the booking is uncounted work (strict mode's
+    UncountedOpError is asked for and passes)."""
+    from ..capture.counter import UncountedOpError
+
+    if not _meters():
+        return
+    try:
+        book()
+    except UncountedOpError:
+        raise
+    except Exception as e:
+        _uncounted(_meters(), f"rollouts not booked: {type(e).__name__}: {e}")
 
