@@ -14,10 +14,10 @@ import torch  # noqa: E402
 from .accounting import Rollup, StepAccumulator, StepRecord
 from .budget import DEFAULT_WARN_AT, STOP, BudgetGuard
 from .capture import compile as compiled_regions
-from .capture.context import MODULE_HOOKS, Context, HookGuard
+from .capture.context import MODULE_HOOKS, Context, HookGuard, settle_phase
 from .capture.counter import Counter, UncountedOpError
 from .capture.dark import DarkModuleWatch
-from .conventions import BUILTIN_PHASES, TRAINING_PHASES
+from .conventions import BACKWARD, BUILTIN_PHASES, EVAL, NO_GRAD_TRAINING_PHASES, PROVISIONAL_NO_GRAD, TRAINING_PHASES
 from .distributed import rank_and_world_size
 from .resources import ResourceTally, open_energy_meter, resources_summary
 
@@ -195,8 +195,9 @@ class Meter:
 
     def _open_training_flops(self) -> int:
         acc = self.counter.acc
+        counted = self.training_phases | {PROVISIONAL_NO_GRAD}  # the conservative side until the step closes
         with acc.lock:
-            return sum(f for (phase, _, _, _), f in acc.flops.items() if phase in self.training_phases)
+            return sum(f for (phase, _, _, _), f in acc.flops.items() if phase in counted)
 
     def _enforce_budget(self, pending: int = 0) -> None:
         """Budget guard (budget.py): warn, or close the step, flush the traces and raise
@@ -219,10 +220,11 @@ class Meter:
             flush()
         acc, self.counter.acc = self.counter.acc, StepAccumulator()
         with acc.lock:
+            flops, calls = _settled(acc.flops, acc.calls)
             record = StepRecord(
                 step=self.step_index, start_time=self._step_start, end_time=end or time.time(),
                 tokens=_as_int(tokens, "tokens"), samples=_as_int(samples, "samples"),
-                flops=dict(acc.flops), calls=dict(acc.calls), uncounted=dict(acc.uncounted),
+                flops=flops, calls=calls, uncounted=dict(acc.uncounted),
                 training_phases=frozenset(self.training_phases),
                 collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes),
                 trailing=trailing)
@@ -249,18 +251,38 @@ class Meter:
     # ---- phases -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def phase(self, name: str, training: bool = True):
-        """Tag the forward/eval work inside the block as phase ``name`` (backward, recompute and
-        optimizer work keep their own phase). ``training`` says whether it counts toward
-        ``training_flops`` (e.g. ``generation`` of synthetic data or RL rollouts: True)."""
+        """Tag the forward and no-grad work inside the block as phase ``name`` (backward, recompute
+        and optimizer work keep their own phase). ``training`` says whether it counts toward
+        ``training_flops``. The reserved names ``generation``, ``reference``, ``teacher``, ``reward``
+        and ``no_grad_training`` are always training (work that feeds a step's loss); ``eval`` is
+        ``evaluating()``. Inside an evaluation every phase is eval."""
         self._require_active("phase()")
+        if name == EVAL:
+            with self.evaluating():
+                yield self
+            return
         if name in BUILTIN_PHASES or not _PHASE_NAME.match(str(name)):
             raise ValueError(f"flopcount: phase name {name!r} must be lower-case letters, digits or '_' "
-                             f"and not one of {', '.join(BUILTIN_PHASES)}")
+                             f"and not one of {', '.join(p for p in BUILTIN_PHASES if p != EVAL)}")
+        if name in NO_GRAD_TRAINING_PHASES and not training:
+            raise ValueError(f"flopcount: phase {name!r} is training compute by convention (it feeds the loss); "
+                             f"use another name with training=False, or m.evaluating() for held-out evaluation")
         if self.user_phases.setdefault(name, bool(training)) != bool(training):
             raise ValueError(f"flopcount: phase {name!r} was already used with training={not training}")
         if training:
             self.training_phases.add(name)
         self.context.push_user_phase(name)
+        try:
+            yield self
+        finally:
+            self.context.pop_user_phase()
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Held-out evaluation: the forward and no-grad work inside the block is phase ``eval``,
+        outside ``training_flops``, whatever phases are opened inside it."""
+        self._require_active("evaluating()")
+        self.context.push_user_phase(EVAL)
         try:
             yield self
         finally:
@@ -320,6 +342,20 @@ class Meter:
     def _require_active(self, what: str) -> None:
         if not self._active:
             raise RuntimeError(f"flopcount: Meter.{what} needs an active meter: use it inside `with meter:`")
+
+
+def _settled(flops: dict, calls: dict) -> tuple[dict, dict]:
+    """A closed step's FLOPs and calls with its provisional no-grad work settled (settle_phase)."""
+    backward = any(f for (phase, _, _, _), f in flops.items() if phase == BACKWARD)
+    settled_flops: dict = {}
+    for (phase, category, module, op), f in flops.items():
+        key = (settle_phase(phase, backward), category, module, op)
+        settled_flops[key] = settled_flops.get(key, 0) + f
+    settled_calls: dict = {}
+    for (op, phase), n in calls.items():
+        key = (op, settle_phase(phase, backward))
+        settled_calls[key] = settled_calls.get(key, 0) + n
+    return settled_flops, settled_calls
 
 
 def _as_int(value, what: str) -> int | None:

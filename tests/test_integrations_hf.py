@@ -71,7 +71,7 @@ def test_trainer_padded_batches_tokens_eval_and_logs(tmp_path):
     assert cats["backward"]["matmul"] == 2 * cats["forward"]["matmul"]  # input and weight gradients
     # Two evaluations (after steps 2 and 3) of 2 samples, in phase eval, outside training_flops.
     assert cats["eval"]["matmul"] == 2 * (2 * SEQ) * W * 2
-    assert summary["training_flops"] == sum(f for p in ("forward", "backward", "optimizer")
+    assert summary["training_flops"] == sum(f for p in ("forward", "backward", "optimizer", "no_grad_training")
                                             for f in cats.get(p, {}).values())
     # Logs: the cumulative training FLOPs of the closed steps, and its share of the threshold.
     steps = read_table(str(tmp_path / "trace"), "steps").to_pandas().sort_values("step")

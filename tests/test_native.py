@@ -118,21 +118,29 @@ def test_llama_training_same_summary(scenario):
 
 
 def test_eval_user_phase_and_modules_same_summary():
+    model = tiny_llama()  # built outside the meter: its initialisation's no-grad ops are in no step
+    ids = torch.randint(0, 128, (2, 8))
+
     def workload(m):
-        model = tiny_llama()
-        ids = torch.randint(0, 128, (2, 8))
-        with torch.no_grad():
+        with torch.no_grad(), m.evaluating():
             model(input_ids=ids)  # eval
+        with torch.no_grad():
+            model(input_ids=ids)  # no-grad work in a step that runs backward: no_grad_training
         with m.phase("generation"):
             with torch.no_grad():
                 model(input_ids=ids)
         with m.phase("scoring", training=False):
             model(input_ids=ids).logits.sum().backward()
+        m.step()
+        with torch.no_grad():
+            model(input_ids=ids)  # no backward in its (trailing) record: eval
+        model.zero_grad(set_to_none=True)  # the next backend's backward starts from no gradients too
 
     dispatch, native_summary = _both(workload, module_depth=3)
     _assert_same(dispatch, native_summary)
-    for phase in ("eval", "generation", "scoring", "backward"):
+    for phase in ("eval", "no_grad_training", "generation", "scoring", "backward"):
         assert native_summary["by_phase"][phase] > 0, phase
+    assert native_summary["by_phase"]["generation"] == native_summary["by_phase"]["no_grad_training"]
     assert "model.layers.0" in native_summary["by_module"]
 
 
@@ -146,9 +154,10 @@ def test_inference_mode_sees_composite_ops_like_dispatch():
 
     dispatch, native_summary = _both(workload)
     _assert_same(dispatch, native_summary)
-    # under inference mode the composite aten.linear itself is seen (uncounted here), not its mm
-    assert native_summary["hardware_flops"] == 2 * 8 * 16 * 32
-    assert native_summary["uncounted_ops"] == {"aten.linear": 1}
+    # under inference mode the composite aten.linear itself is seen (with its own formula), not its mm
+    assert native_summary["hardware_flops"] == 2 * (2 * 8 * 16 * 32)
+    assert native_summary["by_op"]["aten.linear"] == {"flops": 2 * 8 * 16 * 32, "calls": 1}
+    assert native_summary["uncounted_ops"] == {}
 
 
 def test_closed_form_matmul_and_autocast_recall_counted_once():

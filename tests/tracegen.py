@@ -26,7 +26,7 @@ def train(out, steps: int, *, flush_every: int = 50, eval_every: int = 0, **opti
     with flopcount.meter(out=out, flush_every=flush_every, **options) as meter:
         for step in range(steps):
             if eval_every and step % eval_every == 0:
-                with torch.no_grad():
+                with torch.no_grad(), meter.evaluating():  # held-out evaluation inside a training step
                     layer(torch.randn(BATCH, IN))
             layer(torch.randn(BATCH, IN)).sum().backward()
             opt.step()

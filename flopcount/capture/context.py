@@ -7,7 +7,9 @@ Phase rules (docs/conventions.md, "Phases"):
      reentrant and non-reentrant alike); grad mode disabled                -> backward
   3. inside ``Meter.phase(name)``                                          -> that user phase
   4. grad enabled when the outermost module call or autograd.Function.apply began (or, outside
-     both, grad enabled now)                                               -> forward, else eval
+     both, grad enabled now)                                               -> forward, else
+     provisional no-grad work, settled when its step closes (``settle_phase``):
+  5. provisional work in a step that ran backward -> no_grad_training (training), else -> eval
 Rule 4 looks at the outermost call so that code running under no_grad *inside* a training
 forward (reentrant checkpoint's first forward, custom autograd.Function forwards, which autograd
 always runs with grad disabled) stays forward.
@@ -24,6 +26,7 @@ several nodes, leaves, subclasses, other containers) comes back to ``_when_grads
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import warnings
@@ -34,7 +37,8 @@ from typing import Callable
 import torch
 from torch.autograd.graph import register_multi_grad_hook
 
-from ..conventions import BACKWARD, EVAL, FORWARD, NO_MODULE, OPTIMIZER, RECOMPUTE, ROOT_MODULE
+from ..conventions import (BACKWARD, EVAL, FORWARD, NO_GRAD_TRAINING, NO_MODULE, OPTIMIZER, PROVISIONAL_NO_GRAD,
+                           RECOMPUTE, ROOT_MODULE)
 from ..errors import BudgetExceeded, UncountedOpError
 
 _graph_task_id = torch._C._current_graph_task_id
@@ -105,7 +109,18 @@ def resolve_phase(optimizer: bool, in_backward: bool, grad_enabled: bool, user_p
         return RECOMPUTE if grad_enabled else BACKWARD
     if user_phase:
         return user_phase
-    return FORWARD if grad_enabled or outer_grad else EVAL
+    return FORWARD if grad_enabled or outer_grad else PROVISIONAL_NO_GRAD
+
+
+def settle_phase(phase: str, step_has_backward: bool) -> str:
+    """Rule 5 (docs/conventions.md): no-grad work outside every explicit phase is provisional
+    until its step closes; it fed the step's loss, training work, when the step also ran backward
+    (a reference or teacher forward, a rollout, gradient clipping), else it is evaluation (an
+    evaluation between epochs closed by its own step, the final evaluation after the last step).
+    Explicit phases (``Meter.evaluating()``, ``Meter.phase``, the integrations' tags) are kept."""
+    if phase != PROVISIONAL_NO_GRAD:
+        return phase
+    return NO_GRAD_TRAINING if step_has_backward else EVAL
 
 
 def resolve_module(in_backward: bool, forward_module: str | None, backward_module: str | None) -> str:
@@ -117,10 +132,19 @@ def resolve_module(in_backward: bool, forward_module: str | None, backward_modul
 
 
 class Frame:
-    __slots__ = ("module", "name", "grad_enabled")
+    __slots__ = ("module", "name", "grad_enabled", "tagged")
 
     def __init__(self, module, name: str, grad_enabled: bool) -> None:
         self.module, self.name, self.grad_enabled = module, name, grad_enabled
+        self.tagged = False  # this call opened its model's phase (MODEL_PHASES)
+
+
+# Models whose every call is one phase, e.g. a DPO reference model -> "reference", a distillation
+# teacher -> "teacher" (integrations/tags.py fills it; weak: a model's tag dies with it). Each of
+# their submodules is listed, so a call of the backbone alone is tagged too.
+MODEL_PHASES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Contexts of the active meters, for framework tags (integrations/tags.py); copy on write.
+ACTIVE: list = []
 
 
 class Context:
@@ -152,6 +176,7 @@ class Context:
         self.handles.append(_FunctionApplyHook(self.function_grad, self._changed))
         if self.track_modules:
             self.handles.append(MODULE_HOOKS.subscribe(self))
+        self.handles.append(_Active(self))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -189,12 +214,21 @@ class Context:
             self.listener.context_changed()
 
     def push_user_phase(self, name: str) -> None:
-        self.user_phases.append(name)
+        # Evaluation wins: phases opened inside an evaluation (GRPO's evaluation generates) are eval.
+        self.user_phases.append(EVAL if EVAL in self.user_phases else name)
         self._changed()
 
     def pop_user_phase(self) -> None:
         self.user_phases.pop()
         self._changed()
+
+    def push_tag(self, name: str) -> bool:
+        """A framework integration's phase: opened only where no phase is open yet (the outermost
+        tag, the user's explicit phase and an evaluation win); True when it was opened (pop it)."""
+        if self.user_phases:
+            return False
+        self.push_user_phase(name)
+        return True
 
     @guarded("optimizer hook")
     def _optimizer_pre(self, optimizer, args, kwargs):
@@ -251,7 +285,12 @@ class Context:
             if name is None:
                 name = self._name(module)
             grad = torch.is_grad_enabled()
-            self.forward_stack.append(Frame(module, name, grad))
+            frame = Frame(module, name, grad)
+            self.forward_stack.append(frame)
+            tag = MODEL_PHASES.get(module) if MODEL_PHASES else None
+            if tag is not None and not self.user_phases:
+                frame.tagged = True
+                self.user_phases.append(tag)
         except Exception as exc:
             self.guard.failed("module hook", exc)
             return
@@ -265,6 +304,8 @@ class Context:
             for i in range(len(stack) - 1, -1, -1):  # exceptions may skip frames (always_call)
                 if stack[i].module is module:
                     name = stack[i].name
+                    if any(frame.tagged for frame in stack[i:]) and self.user_phases:
+                        self.user_phases.pop()
                     del stack[i:]
                     break
             if name is None:
@@ -333,6 +374,23 @@ class Context:
             handle.remove()
 
 
+class _Active:
+    """Lists a context in ACTIVE while its meter is entered (a handle, removed with the hooks)."""
+
+    def __init__(self, context: Context) -> None:
+        global ACTIVE
+        self.context = context
+        ACTIVE = [*ACTIVE, context]
+
+    def remove(self) -> None:
+        global ACTIVE
+        ACTIVE = [c for c in ACTIVE if c is not self.context]
+
+
+def active_contexts() -> list:
+    return ACTIVE
+
+
 class BackwardModules:
     """Which module's backward is running, one stack of names per autograd graph task. Gradient
     hooks on a module's outputs enter it, on its inputs leave it (``Context._when_grads``). The
@@ -383,6 +441,7 @@ class _ModuleHooks:
     def __init__(self) -> None:
         self.contexts: list[Context] = []
         self.installed = False
+        self.local = threading.local()  # muted depth per thread (muted())
 
     def install(self) -> None:
         if not self.installed:
@@ -403,14 +462,24 @@ class _ModuleHooks:
         def remove(self) -> None:
             self.hooks.contexts = [c for c in self.hooks.contexts if c is not self.context]
 
+    @contextlib.contextmanager
+    def muted(self):
+        """No subscriber sees the module calls of this thread inside the block: flopcount's own
+        model runs (integrations/vllm.py's forward on the meta device) are not the job's modules."""
+        self.local.muted = getattr(self.local, "muted", 0) + 1
+        try:
+            yield
+        finally:
+            self.local.muted -= 1
+
     def _pre(self, module, args) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
             return
         for context in self.contexts:
             context._module_pre(module, args)
 
     def _post(self, module, args, output) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
             return
         for context in self.contexts:
             context._module_post(module, args, output)

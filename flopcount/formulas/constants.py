@@ -41,6 +41,7 @@ PER_ELEMENT: dict[str, PerElement] = {
             "one arithmetic operation or elementary function"),
     **_rows("eq ne lt le gt ge isnan isinf isfinite clamp clamp_min clamp_max", 1, "pointwise", "output",
             "one comparison (clamp: a bounded comparison)"),
+    **_rows("nan_to_num", 3, "pointwise", "output", "three comparisons (NaN, +inf, -inf), each a select"),
     **_rows("addcmul addcdiv lerp", 3, "pointwise", "output",
             "self + value*(t1 op t2) / a + w*(b-a): three operations"),
     # Activations and their gradients (x = input, s = sigmoid(x), g = upstream gradient).
@@ -55,6 +56,8 @@ PER_ELEMENT: dict[str, PerElement] = {
             "0.5x(1+tanh(c(x+0.044715x^3))): cube (2), mul, add, mul, tanh, add, mul, mul"),
     **_rows("elu celu selu", 4, "pointwise", "output", "compare, exp, sub, scale"),
     **_rows("softplus", 3, "pointwise", "output", "log(1+exp(x)): exp, add, log"),
+    **_rows("log_sigmoid_forward", 4, "pointwise", "output", "-softplus(-x): neg, exp, add, log (DPO's loss)"),
+    **_rows("log_sigmoid_backward", 4, "pointwise", "output", "g*(1-sigmoid(x)) from the saved exp: add, div, sub, mul"),
     **_rows("mish", 5, "pointwise", "output", "x*tanh(softplus(x)): exp, add, log, tanh, mul"),
     **_rows("hardswish", 4, "pointwise", "output", "x*clamp(x+3,0,6)/6: add, clamp, mul, div"),
     **_rows("hardsigmoid", 3, "pointwise", "output", "clamp(x+3,0,6)/6: add, clamp, div"),

@@ -24,6 +24,20 @@ def addmm(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> list
     return [Work("matmul", mm_flops(m, k, n)), Work("pointwise", m * n)]
 
 
+@formula(aten.linear, "matmul")
+def linear(x_shape, w_shape, bias_shape=None, *args, out_shape=None, **kwargs) -> list[Work]:
+    """Seen as one op only under torch.inference_mode (elsewhere it reaches capture as its
+    mm/addmm): x [..., k] times w^T [k, n], plus the bias add."""
+    m = 1
+    for d in x_shape[:-1]:
+        m *= d
+    n, k = w_shape
+    work = [Work("matmul", mm_flops(m, k, n))]
+    if bias_shape is not None:
+        work.append(Work("pointwise", m * n))
+    return work
+
+
 @formula(aten.bmm, "matmul")
 def bmm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     (b, m, k), (_, _, n) = a_shape, b_shape

@@ -3,8 +3,11 @@
     from flopcount.integrations.hf import FlopMeterCallback
     trainer = Trainer(..., callbacks=[FlopMeterCallback(out="runs/ft-1", base_model="meta-llama/Llama-3.1-8B")])
 
-- One flopcount step per optimizer step (``on_step_end``); evaluation runs without grad and is
-  booked in the ``eval`` phase, outside ``training_flops``.
+- One flopcount step per optimizer step (``on_step_end``): ``steps`` equals ``global_step``; the
+  work after the last step (a final evaluation, the loss bookkeeping) is trailing work.
+  ``Trainer.evaluate`` / ``predict`` are booked in the ``eval`` phase, outside ``training_flops``;
+  TRL's rollouts, reference, teacher and reward work in ``generation``, ``reference``,
+  ``teacher`` and ``reward``, inside it (integrations/tags.py).
 - Tokens are the real (non-padding) tokens: the sum of each training batch's ``attention_mask``
   (``input_ids.numel()`` when a batch has no mask, e.g. packed or padding-free batches).
 - ``flopcount/training_flops`` (all ranks) and ``flopcount/threshold_ratio`` are added to the
@@ -139,17 +142,27 @@ class FlopMeterCallback(TrainerCallback):
         self.training_flops = 0  # job-wide (all ranks), after the latest step
         self.threshold: Fraction | None = None
         self.stopped_by_budget = False
+        from .tags import install
+
+        install()  # TRL's generation / reference / teacher / reward work and Trainer.evaluate tagged
 
     # ---- Trainer events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         move_to_front(self)
+        self.start_early(model)
+        if model is not None and self.tokens.handle is None:
+            self.tokens.attach(model)
+
+    def start_early(self, model) -> None:
+        """Open the meter (once): at ``on_train_begin``, or earlier for work that feeds training
+        but runs before it (DPO's ``precompute_ref_log_probs`` pass in the trainer's ``__init__``)."""
+        if self.meter is not None:
+            return
         base_model = self.base_model
         if base_model is None and self.base_model_flops is None:
             base_model = registry_name(model)
         start_metering(self, base_model)
         atexit.register(self._close)  # an exception ends train() without on_train_end
-        if model is not None:
-            self.tokens.attach(model)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.meter is None:

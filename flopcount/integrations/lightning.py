@@ -4,7 +4,9 @@
     trainer = lightning.Trainer(..., callbacks=[FlopMeterCallback(out="runs/ft-1", base_model="Qwen/Qwen2.5-0.5B")])
 
 One flopcount step per optimizer step (``trainer.global_step`` advancing; gradient accumulation
-keeps micro-batches in one step). Validation runs without grad: phase ``eval``. Tokens: the sum
+keeps micro-batches in one step): ``steps`` equals ``global_step``. Validation, test and predict
+loops are phase ``eval`` (Meter.evaluating); other no-grad work inside training steps (a teacher
+or reference forward in ``training_step``) is training work (docs/conventions.md). Tokens: the sum
 of a dict batch's ``attention_mask`` (else its ``input_ids``' size); samples: the batch size.
 ``flopcount/training_flops`` and ``flopcount/threshold_ratio`` go to the Trainer's loggers. With
 ``budget``, the callback saves a checkpoint (``budget_checkpoint``, default
@@ -60,6 +62,7 @@ class FlopMeterCallback(Callback):
         self._tokens: int | None = None
         self._samples: int | None = None
         self._global_step = 0
+        self._evaluation = None  # the open Meter.evaluating() of a validation / test / predict loop
 
     def on_fit_start(self, trainer, pl_module) -> None:
         base_model = self.base_model
@@ -104,6 +107,35 @@ class FlopMeterCallback(Callback):
         for logger in trainer.loggers:  # straight to the loggers: no tensor ops inside the meter
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    # ---- Lightning's evaluation loops: phase eval ---------------------------------------------
+    def _evaluating(self) -> None:
+        if self.meter is not None and self.meter._active and self._evaluation is None:
+            self._evaluation = self.meter.evaluating()
+            self._evaluation.__enter__()
+
+    def _evaluated(self) -> None:
+        if self._evaluation is not None:
+            evaluation, self._evaluation = self._evaluation, None
+            evaluation.__exit__(None, None, None)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._evaluating()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._evaluated()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._evaluating()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._evaluated()
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._evaluating()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._evaluated()
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self._close()
 
@@ -115,5 +147,6 @@ class FlopMeterCallback(Callback):
         return self.meter.summary() if self.meter is not None else None
 
     def _close(self) -> None:
+        self._evaluated()
         if self.meter is not None and self.meter._active:
             self.meter.__exit__(None, None, None)

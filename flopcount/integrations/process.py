@@ -83,6 +83,9 @@ def start() -> Meter | None:
         config = json.loads(os.environ[ENV_VAR])
         meter = LazyWriterMeter(config.pop("out"), **config)
         meter.__enter__()
+        from .tags import install
+
+        install()  # the Trainer's evaluation, TRL's generation / reference / teacher / reward work
     except Exception as e:  # never break the program's `import torch`; say loudly that it is unmetered
         sys.stderr.write(f"flopcount: NOT metering {' '.join(sys.argv)} (pid {os.getpid()}): {e}\n")
         return None

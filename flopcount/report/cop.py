@@ -158,9 +158,15 @@ def _time_field(time: dict | None) -> dict:
 
 def _compute_field(summary: dict) -> dict:
     flops = summary["training_flops"]
+    note = f"exact count: {flops:,} FLOP"
+    split = summary.get("method", {}).get("training_split")
+    if split:
+        phases = ", ".join(f"{p} {sci2(f)}" for p, f in split["no_grad_phases"].items()) or "none"
+        note += (f"; gradient work (forward, backward, optimizer) {sci2(split['gradient_work'])} FLOP, no-grad "
+                 f"training work {sci2(split['no_grad_training_work'])} FLOP ({phases}): "
+                 f"{summary['method'].get('no_grad_reason', '')}")
     return _field(COMPUTE, None, "Amount of computation used for training", flops, f"{sci2(flops)} FLOP",
-                  MEASURED, "flopcount operator count (training phases; see the measurement methodology)",
-                  f"exact count: {flops:,} FLOP")
+                  MEASURED, "flopcount operator count (training phases; see the measurement methodology)", note)
 
 
 def _method_field(summary: dict) -> dict:

@@ -34,6 +34,7 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
             ("base + modification", (f"{result['text']['combined_flops']} against 1e25 FLOP: "
                                      f"{result['combined_status']} (informational, Art. 51(2))")
              if result["combined_flops"] is not None else "n/a"),
+            *_training_split(method),
             ("hardware compute (all phases)", flop_text(totals["hardware_flops"])),
             ("excluded from training compute", flop_text(totals["excluded_flops"])),
             ("steps / tokens / samples", f"{totals['steps']} / {totals['tokens']} / {totals['samples']}"),
@@ -68,6 +69,21 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
     ]
     out[2:2] = resource_sections(report)  # time, energy, hardware cross-check, notification (report/cop.py)
     return out
+
+
+def _training_split(method: dict) -> list[tuple[str, str]]:
+    """Training compute split into gradient work and no-grad training work, with why both count."""
+    split = method.get("training_split")
+    if not split:
+        return []
+    phases = ", ".join(f"{p} {flop_text(f)}" for p, f in split["no_grad_phases"].items()) or "none"
+    rows = [("of which gradient work", f"{flop_text(split['gradient_work'])} (forward, backward, optimizer)"),
+            ("of which no-grad training work", f"{flop_text(split['no_grad_training_work'])} ({phases}); "
+                                               f"{method.get('no_grad_reason', '')}")]
+    if split.get("derived_flops"):
+        rows.append(("of which derived (not captured)", f"{flop_text(split['derived_flops'])}: rollouts outside "
+                                                         "PyTorch, from the engine's token counts"))
+    return rows
 
 
 def _hardware(hardware) -> str:

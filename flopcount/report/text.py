@@ -50,7 +50,7 @@ def report_summary(report: dict) -> str:
         f"({len({rank for r in runs for rank in r['ranks']})} rank(s), "
         f"{totals['steps']} steps, {totals['tokens'] if totals['tokens'] is not None else '?'} tokens)",
         f"  training compute     {flop_text(totals['training_flops'])} "
-        f"({' + '.join(method['phases_included'])})",
+        f"({' + '.join([p for p in method['phases_included'] if by_phase.get(p)] or method['phases_included'])})",
         "  excluded             " + (", ".join(f"{p} {sig2(by_phase.get(p, 0))}" for p in excluded) or "nothing"),
         "  uncounted ops        " + (", ".join(f"{op} x{n}" for op, n in method["uncounted_ops"].items())
                                       or "none"),

@@ -20,6 +20,11 @@ User phases (``Meter.phase(name)``) have no fixed column: their sum is ``phase_u
 and each name appears as a value of ``breakdown.phase`` (with ``training`` saying whether it counts
 toward ``training_flops``), so new phase names never change the schema.
 
+Derived work: FLOPs that no capture path saw but that flopcount derives from counts (TRL's vLLM
+rollouts, from the engine's prompt and completion token counts: integrations/vllm.py) are booked
+like ops, under an op name that starts with ``DERIVED_OP_PREFIX`` (``derived.vllm.generate``), so
+every table, summary and report can tell derived FLOPs from captured ones without a new column.
+
 FLOP values are int64: one step of one rank fits (9.2e18 is about 26 hours of a 100 PFLOP/s
 machine). A breakdown window is flushed early before its sums could leave int64. Totals across
 steps, ranks and runs are summed exactly in Python integers, never in int64 columns.
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..conventions import BUILTIN_PHASES, CATEGORIES
+from ..conventions import BUILTIN_PHASES, CATEGORIES, DERIVED_OP_PREFIX  # noqa: F401 (documented above)
 
 TRACE_SCHEMA = "flopcount.trace/1"
 TRACE_SCHEMA_MAJOR = 1

@@ -19,28 +19,38 @@ def _start_metering():
 
 
 class _AfterTorchImport:
-    """A meta-path finder: lets the real finder load torch, then starts metering."""
+    """A meta-path finder: lets the real finder load torch, then starts metering. It stays in place
+    until torch is really imported: libraries ask ``importlib.util.find_spec("torch")`` first to see
+    whether torch is installed (datasets, transformers), which finds the module without loading it."""
+
+    def __init__(self):
+        self.looking = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "torch":
+        if name != "torch" or self.looking:
             return None
-        sys.meta_path.remove(self)
         import importlib.util
 
-        spec = importlib.util.find_spec("torch")
+        self.looking = True  # the real finders answer the lookup below
+        try:
+            spec = importlib.util.find_spec("torch")
+        finally:
+            self.looking = False
         if spec is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _StartAfterExec(spec.loader)
+            spec.loader = _StartAfterExec(spec.loader, self)
         return spec
 
 
 class _StartAfterExec:
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, finder):
+        self.loader, self.finder = loader, finder
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
         module.__loader__ = module.__spec__.loader = self.loader  # torch keeps its own loader
         self.loader.exec_module(module)
         _start_metering()
