@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from ..budget import DEFAULT_WARN_AT, STOP, BudgetGuard, job_training_flops, run_threshold
 from ..meter import Meter
+from .tags import install as install_tags
 
 LOG_PREFIX = "flopcount/"
 
@@ -142,9 +143,7 @@ class FlopMeterCallback(TrainerCallback):
         self.training_flops = 0  # job-wide (all ranks), after the latest step
         self.threshold: Fraction | None = None
         self.stopped_by_budget = False
-        from .tags import install
-
-        install()  # TRL's generation / reference / teacher / reward work and Trainer.evaluate tagged
+        install_tags()  # TRL's generation / reference / teacher / reward work and Trainer.evaluate tagged
 
     # ---- Trainer events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):

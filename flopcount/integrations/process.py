@@ -18,6 +18,7 @@ from ..distributed import rank_and_world_size
 from ..meter import Meter
 from ..trace.schema import MANIFEST_DIR
 from .launcher import ENV_VAR, PARENT_VAR
+from .tags import install as install_tags
 
 # Programs that only start workers: console-script names and `python -m` modules.
 LAUNCHER_SCRIPTS = frozenset({"torchrun", "accelerate", "deepspeed"})
@@ -83,9 +84,7 @@ def start() -> Meter | None:
         config = json.loads(os.environ[ENV_VAR])
         meter = LazyWriterMeter(config.pop("out"), **config)
         meter.__enter__()
-        from .tags import install
-
-        install()  # the Trainer's evaluation, TRL's generation / reference / teacher / reward work
+        install_tags()  # the Trainer's evaluation, TRL's generation / reference / teacher / reward work
     except Exception as e:  # never break the program's `import torch`; say loudly that it is unmetered
         sys.stderr.write(f"flopcount: NOT metering {' '.join(sys.argv)} (pid {os.getpid()}): {e}\n")
         return None

@@ -34,6 +34,7 @@ import sys
 
 from ..capture.context import MODEL_PHASES, active_contexts
 from ..conventions import EVAL, GENERATION, REFERENCE, REWARD, TEACHER
+from . import vllm
 
 # module -> class -> method -> phase. A phase of None: the method tags by its arguments (below).
 METHOD_TAGS = {
@@ -146,8 +147,6 @@ def _per_token_logps(raw, trainer, model, *args, **kwargs):
 def _vllm_rollouts(raw, trainer, *args, **kwargs):
     """A vLLM trainer's generation: its rollouts are booked from their token counts (vllm.py); a
     call that booked none (a custom rollout function calling the engine itself) is uncounted work."""
-    from . import vllm
-
     seen = vllm.rollouts_seen()
     with tag(GENERATION):
         out = raw(trainer, *args, **kwargs)
@@ -157,15 +156,11 @@ def _vllm_rollouts(raw, trainer, *args, **kwargs):
 
 
 def _vllm_generation(raw, generation, *args, **kwargs):
-    from .vllm import vllm_generation_generate
-
-    return vllm_generation_generate(raw, generation, *args, **kwargs)
+    return vllm.vllm_generation_generate(raw, generation, *args, **kwargs)
 
 
 def _online_dpo_vllm(raw, trainer, *args, **kwargs):
-    from .vllm import online_dpo_generate
-
-    return online_dpo_generate(raw, trainer, *args, **kwargs)
+    return vllm.online_dpo_generate(raw, trainer, *args, **kwargs)
 
 
 _CHOOSERS = {"train": _train, "_precompute_ref_logps": _precompute_ref_logps,
@@ -175,12 +170,11 @@ _CHOOSERS = {"train": _train, "_precompute_ref_logps": _precompute_ref_logps,
 
 def _meter_callback_start(trainer) -> None:
     """DPO's training-set reference pass runs in ``__init__``, before ``on_train_begin``: start the
-    flopcount callback's meter now, so that the pass is counted."""
-    from .hf import FlopMeterCallback
-
+    flopcount callback's meter now, so that the pass is counted. The callback is found by its
+    ``start_early`` method (hf.FlopMeterCallback), since hf.py imports this module."""
     handler = getattr(trainer, "callback_handler", None)
     for callback in getattr(handler, "callbacks", ()):
-        if isinstance(callback, FlopMeterCallback):
+        if callable(getattr(callback, "start_early", None)):
             callback.start_early(getattr(trainer, "model", None))
 
 
