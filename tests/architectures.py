@@ -30,6 +30,7 @@ SMALL = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_laye
 # Per-architecture corrections where a size key means something else, or two sizes must agree.
 PER_TYPE = {  # None: leave the key out
     "mamba2": dict(num_heads=8),  # num_heads * head_dim = expand * hidden_size
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),  # one (global, local) pair: 2 layers
     "prophetnet": dict(num_hidden_layers=None, num_encoder_layers=2, num_decoder_layers=2),
     "reformer": dict(is_decoder=True, axial_pos_shape=(2, 4), axial_pos_embds_dim=(16, 16), local_attn_chunk_length=4,
                      lsh_attn_chunk_length=4, num_buckets=2, attn_layers=["local", "lsh"]),
