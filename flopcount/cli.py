@@ -510,12 +510,7 @@ def add_plan(parser) -> None:
 def cmd_plan(args) -> int:
     from .planning.cli import run
 
-    try:
-        return run(args, print_json)
-    except ValueError as e:  # the planner reports bad input as ValueError (planning/): exit 2 by type
-        if isinstance(e, BadInput):
-            raise
-        raise BadInput(str(e)) from e
+    return run(args, print_json)  # the planner raises BadInput for bad input (exit 2 by type)
 
 
 # name -> (one-line help, add arguments, run). A new subcommand is one entry here.

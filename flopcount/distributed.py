@@ -12,6 +12,7 @@ import socket
 
 import torch
 
+from .errors import BadInput
 from .formulas.registry import op_name
 from .resources.rank import env_rank_and_world_size, job_id, local_rank
 
@@ -99,7 +100,7 @@ def to_limbs(values: list[int]) -> list[int]:
     limbs = []
     for value in values:
         if not 0 <= value < 1 << (_LIMB_BITS * _LIMBS):
-            raise ValueError(f"flopcount: total {value} is outside [0, 2**128)")
+            raise BadInput(f"flopcount: total {value} is outside [0, 2**128)")
         limbs.extend((value >> (_LIMB_BITS * i)) & ((1 << _LIMB_BITS) - 1) for i in range(_LIMBS))
     return limbs
 

@@ -19,6 +19,7 @@ from .capture.counter import Counter, UncountedOpError
 from .capture.dark import DarkModuleWatch
 from .conventions import BACKWARD, BUILTIN_PHASES, EVAL, NO_GRAD_TRAINING_PHASES, PROVISIONAL_NO_GRAD, TRAINING_PHASES
 from .distributed import rank_and_world_size
+from .errors import BadInput
 from .resources import ResourceTally, open_energy_meter, resources_summary
 
 compiled_regions.install()  # before any torch.compile, so that compiled regions are countable
@@ -54,13 +55,13 @@ class Meter:
                  energy: bool = True, devices: list[int] | None = None, signing_key=None,
                  ledger=None) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
+            raise BadInput(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
         if module_depth is not None and (not isinstance(module_depth, int) or module_depth < 1):
-            raise ValueError(f"flopcount: module_depth={module_depth!r} must be a positive integer or None")
+            raise BadInput(f"flopcount: module_depth={module_depth!r} must be a positive integer or None")
         if not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError(f"flopcount: flush_every={flush_every!r} must be a positive integer")
+            raise BadInput(f"flopcount: flush_every={flush_every!r} must be a positive integer")
         if sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1):
-            raise ValueError(f"flopcount: sync_every={sync_every!r} must be a positive integer or None")
+            raise BadInput(f"flopcount: sync_every={sync_every!r} must be a positive integer or None")
         self.out = out
         self.requested_backend = backend
         self.base_model = base_model
@@ -262,13 +263,13 @@ class Meter:
                 yield self
             return
         if name in BUILTIN_PHASES or not _PHASE_NAME.match(str(name)):
-            raise ValueError(f"flopcount: phase name {name!r} must be lower-case letters, digits or '_' "
-                             f"and not one of {', '.join(p for p in BUILTIN_PHASES if p != EVAL)}")
+            raise BadInput(f"flopcount: phase name {name!r} must be lower-case letters, digits or '_' "
+                           f"and not one of {', '.join(p for p in BUILTIN_PHASES if p != EVAL)}")
         if name in NO_GRAD_TRAINING_PHASES and not training:
-            raise ValueError(f"flopcount: phase {name!r} is training compute by convention (it feeds the loss); "
-                             f"use another name with training=False, or m.evaluating() for held-out evaluation")
+            raise BadInput(f"flopcount: phase {name!r} is training compute by convention (it feeds the loss); "
+                           f"use another name with training=False, or m.evaluating() for held-out evaluation")
         if self.user_phases.setdefault(name, bool(training)) != bool(training):
-            raise ValueError(f"flopcount: phase {name!r} was already used with training={not training}")
+            raise BadInput(f"flopcount: phase {name!r} was already used with training={not training}")
         if training:
             self.training_phases.add(name)
         self.context.push_user_phase(name)
@@ -366,9 +367,9 @@ def _as_int(value, what: str) -> int | None:
     try:
         as_int = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"flopcount: {what}={value!r} is not a whole number") from None
+        raise BadInput(f"flopcount: {what}={value!r} is not a whole number") from None
     if as_int != value or as_int < 0:
-        raise ValueError(f"flopcount: {what}={value!r} must be a non-negative whole number")
+        raise BadInput(f"flopcount: {what}={value!r} must be a non-negative whole number")
     return as_int
 
 

@@ -25,10 +25,12 @@ SMALL = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_laye
              mamba_n_heads=8, mamba_d_head=8, mamba_d_conv=4, mamba_n_groups=1, ssm_state_size=8,
              mamba_expand=2, chunk_size=8, mamba_chunk_size=8, attention_chunk_size=8, sliding_window=8,
              linear_head_dim=8, linear_num_heads=4, num_experts_per_token=2, use_cache=False,
-             tie_word_embeddings=False, initializer_range=0.02)
+             tie_word_embeddings=False, initializer_range=0.02, vocab_size_per_layer_input=128,
+             hidden_size_per_layer_input=8, num_kv_shared_layers=0)
 # Per-architecture corrections where a size key means something else, or two sizes must agree.
 PER_TYPE = {  # None: leave the key out
     "mamba2": dict(num_heads=8),  # num_heads * head_dim = expand * hidden_size
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),  # one (global, local) pair: 2 layers
     "prophetnet": dict(num_hidden_layers=None, num_encoder_layers=2, num_decoder_layers=2),
     "reformer": dict(is_decoder=True, axial_pos_shape=(2, 4), axial_pos_embds_dim=(16, 16), local_attn_chunk_length=4,
                      lsh_attn_chunk_length=4, num_buckets=2, attn_layers=["local", "lsh"]),
@@ -73,6 +75,9 @@ def small_config(model_type: str, attn: str):
     overrides = {k: v for k, v in sizes.items() if v is not None and _settable(text, k)}
     if "kv_lora_rank" in overrides:  # multi-head latent attention: K and V have every query head
         overrides["num_key_value_heads"] = overrides["num_attention_heads"]
+    per_layer = _small_per_layer(text, overrides)
+    if per_layer is not None:
+        overrides["per_layer_config"] = per_layer
     layers = {key: _resize(getattr(text, key), 2) for key in ("layer_types", "layers_block_type", "block_types",
                                                                          "mlp_layer_types")
               if _settable(text, key) and isinstance(getattr(text, key, None), list)}
@@ -90,6 +95,21 @@ def small_config(model_type: str, attn: str):
         raise Skip(f"small config rejected: {type(error).__name__}: {str(error)[:120]}") from None
     config._attn_implementation = attn
     return config
+
+
+def _small_per_layer(text, overrides: dict) -> dict | None:
+    """A per-layer override table (Gemma 4: a wider head every sixth layer) cut to the small
+    config's 2 layers: its first entry on layer 1, its sizes twice the small ones, so the layer
+    still differs from the others."""
+    try:
+        table = text.to_dict().get("per_layer_config")
+    except Exception:  # noqa: BLE001 - no such table
+        return None
+    if not isinstance(table, dict) or not table:
+        return None
+    first = next(iter(table.values()))
+    return {"1": {key: 2 * overrides[key] if isinstance(value, int) and isinstance(overrides.get(key), int) else value
+                  for key, value in first.items()}}
 
 
 def _resize(values: list, n: int) -> list:

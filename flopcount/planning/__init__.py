@@ -13,6 +13,7 @@ import datetime as dt
 import math
 from fractions import Fraction
 
+from ..errors import BadInput
 from .configs import load_config
 from .lengths import read_lengths
 
@@ -116,26 +117,26 @@ def _check(*, seq_len, batch_size, steps, tokens, grad_accum, lora_rank, qlora, 
     from .model import ATTENTION, DTYPES, OPTIMIZERS
 
     if (steps is None) == (tokens is None):
-        raise ValueError("flopcount: give exactly one of --steps N or --tokens T")
+        raise BadInput("flopcount: give exactly one of --steps N or --tokens T")
     if (seq_len is None) == (lengths is None):
-        raise ValueError("flopcount: give exactly one of --seq-len S or --lengths FILE")
+        raise BadInput("flopcount: give exactly one of --seq-len S or --lengths FILE")
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("steps", steps), ("tokens", tokens),
                         ("grad_accum", grad_accum), ("lora_rank", lora_rank)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"flopcount: {name}={value!r} must be a whole number of at least 1")
+            raise BadInput(f"flopcount: {name}={value!r} must be a whole number of at least 1")
     if qlora and not lora_rank:
-        raise ValueError("flopcount: --qlora trains LoRA adapters on a 4-bit base: give --lora-rank R")
+        raise BadInput("flopcount: --qlora trains LoRA adapters on a 4-bit base: give --lora-rank R")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"flopcount: optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise BadInput(f"flopcount: optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if attn not in ATTENTION:
-        raise ValueError(f"flopcount: attn {attn!r} is not one of {', '.join(ATTENTION)}")
+        raise BadInput(f"flopcount: attn {attn!r} is not one of {', '.join(ATTENTION)}")
     if dtype not in DTYPES:
-        raise ValueError(f"flopcount: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise BadInput(f"flopcount: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if tokens_per_second is not None and seconds_per_step is not None:
-        raise ValueError("flopcount: give at most one of --tokens-per-second and --seconds-per-step")
+        raise BadInput("flopcount: give at most one of --tokens-per-second and --seconds-per-step")
     for name, value in (("tokens_per_second", tokens_per_second), ("seconds_per_step", seconds_per_step)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"flopcount: {name}={value!r} must be a positive number")
+            raise BadInput(f"flopcount: {name}={value!r} must be a positive number")
     return {}
 
 
@@ -148,7 +149,7 @@ def _start(start) -> float | None:
         try:
             moment = dt.datetime.fromisoformat(str(start))
         except ValueError:
-            raise ValueError(f"flopcount: start date {start!r} is not an ISO date (2026-01-15 or "
+            raise BadInput(f"flopcount: start date {start!r} is not an ISO date (2026-01-15 or "
                              "2026-01-15T08:00)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)

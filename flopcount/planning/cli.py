@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..errors import BadInput
+
 EXIT_OK, EXIT_FINDING = 0, 1
 
 
@@ -64,7 +66,7 @@ def run(args, print_json) -> int:
     from .render import render
 
     if args.qlora and not args.lora_rank:
-        raise ValueError("flopcount: --qlora trains LoRA adapters on a 4-bit base: give --lora-rank R")
+        raise BadInput("flopcount: --qlora trains LoRA adapters on a 4-bit base: give --lora-rank R")
     result = plan(args.config, seq_len=args.seq_len, lengths=args.lengths, batch_size=args.batch_size,
                   steps=args.steps, tokens=args.tokens, grad_accum=args.grad_accum, lora_rank=args.lora_rank,
                   lora_targets=args.lora_targets, qlora=args.qlora, gradient_checkpointing=args.gradient_checkpointing,
@@ -79,7 +81,7 @@ def run(args, print_json) -> int:
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(text)
         except OSError as e:
-            raise ValueError(f"flopcount: cannot write {args.output}: {e.strerror}") from None
+            raise BadInput(f"flopcount: cannot write {args.output}: {e.strerror}") from None
     elif fmt == "json":
         print_json(result)
     else:

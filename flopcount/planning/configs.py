@@ -11,6 +11,8 @@ import json
 import os
 from importlib import resources
 
+from ..errors import BadInput
+
 
 def shipped_config_name(hf_id: str) -> str:
     return hf_id.replace("/", "--") + ".json"
@@ -29,12 +31,12 @@ def _read(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
     except OSError as e:
-        raise ValueError(f"flopcount: cannot read config {path}: {e.strerror}") from None
+        raise BadInput(f"flopcount: cannot read config {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"flopcount: config {path} is not JSON ({e.msg} at line {e.lineno}); "
+        raise BadInput(f"flopcount: config {path} is not JSON ({e.msg} at line {e.lineno}); "
                          "give a Hugging Face config.json") from None
     if not isinstance(values, dict):
-        raise ValueError(f"flopcount: config {path} is not a JSON object; give a Hugging Face config.json")
+        raise BadInput(f"flopcount: config {path} is not a JSON object; give a Hugging Face config.json")
     return values
 
 
@@ -54,6 +56,6 @@ def load_config(config) -> tuple[dict, str, str | None]:
         return _read(entry.config), entry.hf_id, entry.hf_id
     values = shipped_config(entry.hf_id)
     if values is None:
-        raise ValueError(f"flopcount: no architecture config ships for {entry.hf_id}; give its config.json "
+        raise BadInput(f"flopcount: no architecture config ships for {entry.hf_id}; give its config.json "
                          "with --config PATH")
     return values, entry.hf_id, entry.hf_id

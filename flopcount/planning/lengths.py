@@ -15,6 +15,8 @@ import io
 import json
 import os
 
+from ..errors import BadInput
+
 
 def read_lengths(source) -> dict[int, int]:
     """{length: count} from a path or a mapping; one-line ValueError for anything else."""
@@ -27,7 +29,7 @@ def read_lengths(source) -> dict[int, int]:
             with open(name, encoding="utf-8") as f:
                 text = f.read()
         except OSError as e:
-            raise ValueError(f"flopcount: cannot read lengths file {name}: {e.strerror}") from None
+            raise BadInput(f"flopcount: cannot read lengths file {name}: {e.strerror}") from None
         raw = _parse(text, name)
     buckets = {}
     for length, count in raw.items():
@@ -35,7 +37,7 @@ def read_lengths(source) -> dict[int, int]:
         if count:
             buckets[length] = buckets.get(length, 0) + count
     if not buckets:
-        raise ValueError(f"flopcount: {name} has no length with a positive count")
+        raise BadInput(f"flopcount: {name} has no length with a positive count")
     return buckets
 
 
@@ -45,20 +47,20 @@ def _parse(text: str, name: str) -> dict:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"flopcount: {name} is not JSON ({e.msg} at line {e.lineno})") from None
+            raise BadInput(f"flopcount: {name} is not JSON ({e.msg} at line {e.lineno})") from None
         data = data.get("lengths", data) if isinstance(data, dict) else data
         if not isinstance(data, dict):
             raise ValueError(f'flopcount: {name}: write {{"length": count, ...}}')
         return data
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or [c.strip().lower() for c in rows[0]] != ["length", "count"]:
-        raise ValueError(f"flopcount: {name}: the first line must be the CSV header 'length,count'")
+        raise BadInput(f"flopcount: {name}: the first line must be the CSV header 'length,count'")
     out = {}
     for number, row in enumerate(rows[1:], 2):
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2:
-            raise ValueError(f"flopcount: {name} line {number}: write 'length,count'")
+            raise BadInput(f"flopcount: {name} line {number}: write 'length,count'")
         out[row[0].strip()] = out.get(row[0].strip(), 0) + _whole(row[1], f"{name} line {number}", "count",
                                                                     zero_ok=True)
     return out
@@ -68,7 +70,7 @@ def _whole(value, where: str, what: str, zero_ok: bool = False) -> int:
     try:
         number = int(str(value).strip())
     except ValueError:
-        raise ValueError(f"flopcount: {where}: {what} {value!r} is not a whole number") from None
+        raise BadInput(f"flopcount: {where}: {what} {value!r} is not a whole number") from None
     if number < (0 if zero_ok else 1):
-        raise ValueError(f"flopcount: {where}: {what} {value!r} must be {'non-negative' if zero_ok else 'positive'}")
+        raise BadInput(f"flopcount: {where}: {what} {value!r} must be {'non-negative' if zero_ok else 'positive'}")
     return number

@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from ..errors import BadInput
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 ATTENTION = ("sdpa", "eager")
@@ -31,14 +33,14 @@ def hf_config(values: dict, attn: str):
         values = dict(values["text_config"])
     model_type = values.pop("model_type", None)
     if not model_type:
-        raise ValueError("flopcount: the model config has no model_type; give a Hugging Face config.json")
+        raise BadInput("flopcount: the model config has no model_type; give a Hugging Face config.json")
     for key in ("architectures", "auto_map", "quantization_config", "torch_dtype", "dtype",
                 "transformers_version", "_name_or_path"):
         values.pop(key, None)
     try:
         config = transformers.AutoConfig.for_model(model_type, **values)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"flopcount: model_type {model_type!r} is not known to the installed transformers "
+        raise BadInput(f"flopcount: model_type {model_type!r} is not known to the installed transformers "
                          f"{transformers.__version__} ({str(e).splitlines()[0][:120]})") from None
     config._attn_implementation = attn
     return config
@@ -60,7 +62,7 @@ def build(values: dict, *, attn: str = "sdpa", dtype: str = "bfloat16", lora_ran
             try:
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
             except ValueError as e:
-                raise ValueError(f"flopcount: cannot build {config.model_type!r} as a causal LM with "
+                raise BadInput(f"flopcount: cannot build {config.model_type!r} as a causal LM with "
                                  f"attention {attn!r}: {str(e).splitlines()[0][:160]}") from None
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -78,7 +80,7 @@ def with_lora(model, rank: int, targets: tuple[str, ...], alpha: int | None = No
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [t for t in targets if t not in names]
     if missing:
-        raise ValueError(f"flopcount: --lora-targets {','.join(missing)} name no Linear layer of this model "
+        raise BadInput(f"flopcount: --lora-targets {','.join(missing)} name no Linear layer of this model "
                          f"(it has {', '.join(sorted(names))})")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(targets))
     with warnings.catch_warnings():
@@ -89,14 +91,14 @@ def with_lora(model, rank: int, targets: tuple[str, ...], alpha: int | None = No
 def optimizer(model, name: str):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("flopcount: the planned model has no trainable parameters")
+        raise BadInput("flopcount: the planned model has no trainable parameters")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-4)
     if name == "sgd":
         return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=1e-2)
-    raise ValueError(f"flopcount: optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    raise BadInput(f"flopcount: optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 def parameter_counts(model) -> tuple[int, int]:
