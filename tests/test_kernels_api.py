@@ -193,3 +193,79 @@ def test_api_formulas_closed_forms():
     assert fwd[0].flops == 2 * 8 * 5 * (4 * c("selective_scan_step") + 2)
     fwd, bwd = api.liger_fused_linear_cross_entropy(t, h, 100, bias=False, weight_grad=False)
     assert matmul(fwd) == 2 * t * h * 100 and matmul(bwd) == 2 * t * h * 100
+
+
+class _NumpyLoss(torch.autograd.Function):
+    """A stand-in loss kernel over its first two tensors, in numpy: invisible to the dispatcher.
+    Its gradient is a numpy array too, as Liger's precomputed gradients are."""
+
+    @staticmethod
+    def forward(ctx, x, y, *rest):
+        ctx.shape = x.shape
+        return torch.from_numpy(np.asarray((np.exp(np_(y)) * (np_(y) - np_(x))).sum(), dtype=np.float32))
+
+    @staticmethod
+    def backward(ctx, g):
+        return (torch.from_numpy(np.zeros(ctx.shape, dtype=np.float32)), None) + (None,) * 8
+
+
+def test_liger_jsd_and_kl_div_functions(fake_modules, backend):
+    class LigerJSDFunction(_NumpyLoss):
+        pass
+
+    class LigerKLDivLossFunction(_NumpyLoss):
+        pass
+
+    install("liger_kernel.ops.jsd", LigerJSDFunction=LigerJSDFunction)
+    install("liger_kernel.ops.kl_div", LigerKLDivLossFunction=LigerKLDivLossFunction)
+    t, v = 6, 40
+    x1, x2 = (torch.randn(t, v).log_softmax(-1).requires_grad_() for _ in range(2))  # two leaves: no grad accumulation
+    y = torch.randn(t, v).log_softmax(-1)
+    with flopcount.meter(backend=backend, strict=True) as m:
+        LigerJSDFunction.apply(x1, y, None, 0.5, -100).backward()
+        LigerKLDivLossFunction.apply(x2, y, "batchmean", True, 1e-10).backward()
+        m.step()
+    s = m.summary()
+    n = t * v
+    jsd = s["by_op"]["liger_kernel.ops.jsd.LigerJSDFunction.apply"]["flops"]
+    kl = s["by_op"]["liger_kernel.ops.kl_div.LigerKLDivLossFunction.apply"]["flops"]
+    # JSD: p, q (2 exp), the mixture (3), its log (1), two KL terms (2 x 3), add and sum (2) = 14,
+    # the input gradient in the forward kernel (3); the backward scales it (1).
+    assert jsd == n * (14 + 3) + n
+    # KL: exp, log, subtract, multiply, sum (5); the gradient -y_true times g (3) in the backward.
+    assert kl == 5 * n + 3 * n
+    assert s["by_phase_category"]["forward"]["pointwise"] == n * 17 + 5 * n
+    assert s["by_phase_category"]["backward"]["pointwise"] == n + 3 * n
+
+
+def test_liger_fused_linear_jsd_function(fake_modules, backend):
+    class LigerFusedLinearJSDFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, student_input, student_weight, teacher_input, teacher_weight, shift_labels=None,
+                    jsd_beta=0.5, ignore_index=-100, temperature=1.0):
+            ctx.shapes = student_input.shape, student_weight.shape
+            s_logits = np_(student_input) @ np_(student_weight).T
+            t_logits = np_(teacher_input) @ np_(teacher_weight).T
+            return torch.from_numpy(np.asarray(((s_logits - t_logits) ** 2).mean(), dtype=np.float32))
+
+        @staticmethod
+        def backward(ctx, g):
+            x_shape, w_shape = ctx.shapes
+            return (torch.from_numpy(np.zeros(x_shape, dtype=np.float32)),
+                    torch.from_numpy(np.zeros(w_shape, dtype=np.float32)), None, None, None, None, None, None)
+
+    install("liger_kernel.ops.fused_linear_jsd", LigerFusedLinearJSDFunction=LigerFusedLinearJSDFunction)
+    t, hs, ht, v = 6, 8, 12, 40
+    x = torch.randn(t, hs, requires_grad=True)
+    w = torch.randn(v, hs, requires_grad=True)
+    teacher_x, teacher_w = torch.randn(t, ht), torch.randn(v, ht)
+    with flopcount.meter(backend=backend, strict=True) as m:
+        LigerFusedLinearJSDFunction.apply(x, w, teacher_x, teacher_w, None, 0.5, -100, 2.0).backward()
+        m.step()
+    s = m.summary()
+    n = t * v
+    assert s["by_phase_category"]["forward"]["matmul"] == 2 * t * hs * v + 2 * t * ht * v  # student, teacher heads
+    assert s["by_phase_category"]["backward"]["matmul"] == 2 * (2 * t * hs * v)  # input and weight gradients
+    # each head's temperature divide and log-softmax, then the JSD and its gradient; backward scales it
+    assert s["by_phase_category"]["forward"]["pointwise"] == 2 * n * (1 + c("_log_softmax")) + 17 * n
+    assert s["by_phase_category"]["backward"]["pointwise"] == n

@@ -143,8 +143,36 @@ def liger_fused_linear_cross_entropy(tokens: int, hidden: int, vocab: int, *, bi
 
 
 def liger_kl_div(elements: int) -> tuple[list[Work], list[Work]]:
-    """KL divergence / JSD pointwise terms: exp, log, subtract, multiply, sum (5 per element)."""
+    """KL divergence y_true·(log y_true − y_pred) summed: exp, log, subtract, multiply, sum (5 per
+    element); its gradient −y_true scaled by the upstream gradient (3 per element) in the backward."""
     return [Work("pointwise", 5 * elements)], [Work("pointwise", 3 * elements)]
+
+
+# Generalised JSD over log-probabilities X (student) and Y (teacher), per element:
+# p = exp(Y), q = exp(X) (2); m = β·p + (1−β)·q (3); log m (1); the two KL terms
+# p·(Y − log m) and q·(X − log m), each subtract, multiply, scale (6); add and sum (2).
+JSD_FORWARD = 14
+# Liger computes the input gradient in the same forward kernel, dX = (1−β)·q·(X − log m) / T,
+# reusing the loss's difference: multiply, scale, normalise (3 per element).
+JSD_GRADIENT = 3
+
+
+def liger_jsd(elements: int) -> tuple[list[Work], list[Work]]:
+    """Liger's JSD over [T, V] log-probabilities: the loss and, in the same forward kernel, the
+    input gradient; the backward only scales the stored gradient (1 per element)."""
+    return [Work("pointwise", (JSD_FORWARD + JSD_GRADIENT) * elements)], [Work("pointwise", elements)]
+
+
+def liger_fused_linear_jsd(tokens: int, student_hidden: int, teacher_hidden: int, vocab: int, *,
+                           weight_grad: bool) -> tuple[list[Work], list[Work]]:
+    """Both LM heads and the JSD chunk by chunk: the student's GEMM (its gradients are backward
+    work, booked when autograd runs Liger's backward), the teacher's GEMM (no gradient), each
+    model's temperature scale and log-softmax, and the JSD with its gradient."""
+    student_fwd, student_bwd = linear_works(tokens, student_hidden, vocab, bias=False, weight_grad=weight_grad)
+    n = tokens * vocab
+    forward = [*student_fwd, Work("matmul", 2 * tokens * teacher_hidden * vocab),
+               Work("pointwise", 2 * n * (1 + _c("_log_softmax"))), *liger_jsd(n)[0]]
+    return forward, [*student_bwd, Work("pointwise", n)]
 
 
 def tokens_of(shape, features: int) -> int:

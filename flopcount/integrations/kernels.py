@@ -153,6 +153,21 @@ def liger_fused_linear_cross_entropy(args, kwargs, output):
                                                 weight_grad=weight.requires_grad)
 
 
+def liger_jsd(args, kwargs, output):
+    return api.liger_jsd(args[0].numel())  # (input, target, shift_labels, beta, ignore_index)
+
+
+def liger_kl_div(args, kwargs, output):
+    return api.liger_kl_div(args[0].numel())  # (y_pred, y_true, reduction, log_target, eps)
+
+
+def liger_fused_linear_jsd(args, kwargs, output):
+    b = _bind(("student_input", "student_weight", "teacher_input", "teacher_weight"), args, kwargs)
+    x, w, teacher = b["student_input"], b["student_weight"], b["teacher_input"]
+    return api.liger_fused_linear_jsd(api.tokens_of(x.shape, x.shape[-1]), x.shape[-1], teacher.shape[-1], w.shape[0],
+                                      weight_grad=w.requires_grad)
+
+
 def _bind(names, args, kwargs) -> dict:
     return {**dict(zip(names, args)), **kwargs}
 
@@ -232,6 +247,9 @@ FUNCTIONS = {
     ("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction.apply"): liger_cross_entropy,
     ("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction.apply"):
         liger_fused_linear_cross_entropy,
+    ("liger_kernel.ops.jsd", "LigerJSDFunction.apply"): liger_jsd,
+    ("liger_kernel.ops.kl_div", "LigerKLDivLossFunction.apply"): liger_kl_div,
+    ("liger_kernel.ops.fused_linear_jsd", "LigerFusedLinearJSDFunction.apply"): liger_fused_linear_jsd,
     ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"): mamba_chunk_scan_combined,
     ("fla.ops.gla.chunk", "chunk_gla"): _fla(("q", "k", "v", "g"), delta=False, gate="vector"),
     ("fla.ops.simple_gla.chunk", "chunk_simple_gla"): _fla(("q", "k", "v", "g", "g_gamma"), delta=False,
