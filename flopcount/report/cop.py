@@ -20,6 +20,8 @@ from fractions import Fraction
 
 from ..compliance.thresholds import DEFAULT_APPROACHING
 from .checks import check_traces, integrity_block, integrity_fields
+from .escape import markdown_text as _cell
+from .format import iso_time, sci2  # noqa: F401  (sci2 also imported from here)
 
 COP_SCHEMA = "flopcount.cop-form/1"
 NOTIFICATION_DAYS = 14
@@ -28,30 +30,6 @@ NOTIFICATION_RULE = ("Art. 52(1) AI Act: notify the Commission without delay and
 MEASURED, PREFILLED, PARTIAL, TO_SUPPLY = "measured", "pre-filled", "measured, incomplete", "to supply"
 GENERAL, COMPUTE, ENERGY = ("General information", "Computational resources (training)",
                             "Energy consumption (training and inference)")
-
-
-# ---- number formats ---------------------------------------------------------------------------
-
-def sci2(value) -> str | None:
-    """Two significant figures in the form's notation: 23400 -> '2.3*10^4', 0.00123 -> '1.2*10^-3'."""
-    if value is None:
-        return None
-    if value == 0:
-        return "0"
-    mantissa, exponent = f"{float(value):.1e}".split("e")
-    return f"{mantissa}*10^{int(exponent)}"
-
-
-def _date(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).date().isoformat()
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---- notification timing ----------------------------------------------------------------------
@@ -98,7 +76,7 @@ def notification_timing(*, crossed_at: float | None = None, expected_at: float |
     days = dt.timedelta(days=NOTIFICATION_DAYS)
     if crossed_at is not None:
         day = dt.datetime.fromtimestamp(crossed_at, dt.timezone.utc)
-        return {"status": "reached", "date": day.date().isoformat(), "time": _iso(crossed_at),
+        return {"status": "reached", "date": day.date().isoformat(), "time": iso_time(crossed_at),
                 "basis": "actual: the step at which the cumulative training compute reached the threshold",
                 "window_starts": day.date().isoformat(), "notify_by": (day + days).date().isoformat(),
                 "rule": NOTIFICATION_RULE,
@@ -109,7 +87,7 @@ def notification_timing(*, crossed_at: float | None = None, expected_at: float |
         start = min(known, expected) if expected is not None else known
         when = expected.date().isoformat() if expected is not None else "an undated step (no step times to pace it)"
         return {"status": "expected", "date": expected.date().isoformat() if expected else None,
-                "time": _iso(expected_at),
+                "time": iso_time(expected_at),
                 "basis": "forecast: measured training FLOPs per step and step time, extended to the plan",
                 "known_since": known.date().isoformat(), "window_starts": start.date().isoformat(),
                 "notify_by": (start + days).date().isoformat(), "rule": NOTIFICATION_RULE,
@@ -379,12 +357,6 @@ def resource_lines(summary: dict) -> list[str]:
 
 def render_cop_json(form: dict) -> str:
     return json.dumps(form, indent=2) + "\n"
-
-
-def _cell(value) -> str:
-    from .escape import markdown_text
-
-    return markdown_text(value)
 
 
 def render_cop_markdown(form: dict) -> str:

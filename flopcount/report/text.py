@@ -1,9 +1,10 @@
 """Plain-text summaries for terminals: the compliance summary (used by `make demo`) and the run summary."""
 from __future__ import annotations
 
-from ..compliance.thresholds import DEFAULT_APPROACHING, flop_text, sig2, verdict_line
+from ..compliance.thresholds import DEFAULT_APPROACHING, verdict_line
 from .cop import resource_lines
 from .escape import printable
+from .format import flop_text, sig2
 
 
 def integrity_state(integrity: dict) -> str:
