@@ -13,6 +13,7 @@ import datetime as dt
 import math
 from fractions import Fraction
 
+from ..compliance.notification import NOTIFICATION_RULE, notify_by
 from ..errors import BadInput
 from .configs import load_config
 from .lengths import read_lengths
@@ -177,8 +178,6 @@ def _formulas(n_params: int, n_trainable: int, tokens: int, counted: int) -> dic
 
 def _crossing(projection: dict, start_time: float | None, seconds_per_step: float | None, steps: int) -> dict:
     """When the threshold would be crossed and the Art. 52(1) notification deadline (two weeks)."""
-    from ..report.cop import NOTIFICATION_DAYS, NOTIFICATION_RULE
-
     step = projection["crossing_step"]
     crosses = step <= steps
     out = {"crosses": crosses, "step": step if crosses else None, "after_s": None, "date": None,
@@ -188,7 +187,7 @@ def _crossing(projection: dict, start_time: float | None, seconds_per_step: floa
         if start_time is not None:
             day = dt.datetime.fromtimestamp(start_time + out["after_s"], dt.timezone.utc)
             out["date"] = day.isoformat(timespec="seconds")
-            out["notify_by"] = (day + dt.timedelta(days=NOTIFICATION_DAYS)).date().isoformat()
+            out["notify_by"] = notify_by(day)
     return out
 
 
