@@ -211,7 +211,7 @@ def report_integrity(integrity) -> bool:
 def checked_traces(args):
     """(summary, threshold check, integrity) of the trace dir with the options of check/estimate."""
     from .errors import findings_first
-    from .report.build import check_traces
+    from .compliance.check import check_traces
     from .trace.reader import open_traces
 
     traces = open_traces(args.dir)

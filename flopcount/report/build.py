@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 
+from ..compliance.check import check_traces
 from ..compliance.thresholds import DEFAULT_APPROACHING
 from ..errors import findings_first
 from ..summary import step_series
 from ..trace.integrity import check_integrity
 from ..trace.reader import open_traces
-from .checks import check_traces, integrity_block  # noqa: F401  (also imported from here)
+from .checks import integrity_block
 from .cop import add_resources
 from .format import flop_text, iso_time
 

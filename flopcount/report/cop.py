@@ -19,8 +19,9 @@ import json
 from ..compliance.notification import (  # noqa: F401  (also imported from here)
     NOTIFICATION_DAYS, NOTIFICATION_RULE, crossing_time, crossing_time_of_traces, expected_crossing_time,
     notification_of, notification_timing)
+from ..compliance.check import check_traces
 from ..compliance.thresholds import DEFAULT_APPROACHING
-from .checks import check_traces, integrity_block, integrity_fields
+from .checks import integrity_block, integrity_fields
 from .escape import markdown_text as _cell
 from .format import iso_time, sci2  # noqa: F401  (sci2 also imported from here)
 
