@@ -16,11 +16,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from ..compliance.check import check_traces
 from ..compliance.notification import (  # noqa: F401  (also imported from here)
     NOTIFICATION_DAYS, NOTIFICATION_RULE, crossing_time, crossing_time_of_traces, expected_crossing_time,
     notification_of, notification_timing)
-from ..compliance.check import check_traces
 from ..compliance.thresholds import DEFAULT_APPROACHING
+from ..errors import findings_first
+from ..hardware import ASSUMED_UTILISATION, DEFAULT_DTYPE, recheck
+from ..trace.integrity import check_integrity
+from ..trace.reader import open_traces
 from .checks import integrity_block, integrity_fields
 from .escape import markdown_text as _cell
 from .format import iso_time, sci2  # noqa: F401  (sci2 also imported from here)
@@ -169,8 +173,6 @@ def add_resources(traces, summary: dict, result: dict, *, planned_steps: int | N
                   approaching: float = DEFAULT_APPROACHING, now: float | None = None) -> None:
     """Complete a (summary, threshold check) pair for a report: ``result["notification"]``, and the
     hardware cross-check redone for ``dtype`` / ``utilisation`` when given."""
-    from ..hardware import ASSUMED_UTILISATION, DEFAULT_DTYPE, recheck
-
     if dtype is not None or utilisation is not None:
         summary["hardware_estimate"] = recheck(summary["hardware_estimate"], dtype=dtype or DEFAULT_DTYPE,
                                                utilisation=utilisation or ASSUMED_UTILISATION)
@@ -185,10 +187,6 @@ def build_cop_report(location, *, base_model=None, base_model_flops=None, system
     """``cop_form`` for the traces at ``location``, with the notification timing (actual, or
     forecast from a plan), the hardware cross-check for ``dtype`` / ``utilisation`` and the
     integrity check (``digest`` / ``public_key`` / ``ledger``: trace/integrity.py)."""
-    from ..errors import findings_first
-    from ..trace.integrity import check_integrity
-    from ..trace.reader import open_traces
-
     traces = open_traces(location)
     integrity = check_integrity(traces, digest=digest, public_key=public_key, ledger=ledger)
     with findings_first(integrity, traces.location):
