@@ -13,7 +13,9 @@ import datetime as dt
 import math
 from fractions import Fraction
 
+from ..compliance.forecast import forecast
 from ..compliance.notification import NOTIFICATION_RULE, notify_by
+from ..compliance.thresholds import DEFAULT_APPROACHING, assess, check_approaching, resolve_base, threshold
 from ..errors import BadInput
 from .configs import load_config
 from .lengths import read_lengths
@@ -33,9 +35,6 @@ def plan(config, *, seq_len: int | None = None, batch_size: int = 1, steps: int 
     ``lengths``: a length histogram (path or {length: count}) instead of ``seq_len``.
     ``qlora``: LoRA on a 4-bit base (planned as frozen Linear GEMMs; needs ``lora_rank``).
     Returns the plan as a JSON-serialisable dict (keys: docs in README "Plan before you train")."""
-    from ..compliance.forecast import forecast
-    from ..compliance.thresholds import DEFAULT_APPROACHING, assess, check_approaching, resolve_base, threshold
-
     options = _check(seq_len=seq_len, batch_size=batch_size, steps=steps, tokens=tokens, grad_accum=grad_accum,
                      lora_rank=lora_rank, qlora=qlora, optimizer=optimizer, attn=attn, dtype=dtype,
                      tokens_per_second=tokens_per_second, seconds_per_step=seconds_per_step, lengths=lengths)
