@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .accounting import StepAccumulator
-from .compliance.thresholds import DEFAULT_APPROACHING, exact, flop_text, percent, resolve_base, threshold
+from .compliance.thresholds import DEFAULT_APPROACHING, exact, resolve_base, threshold
 from .errors import BadInput, BudgetExceeded  # noqa: F401  (BudgetExceeded: also imported from here)
+from .report.format import flop_text, percent
 
 OK, WARN, STOP = "ok", "warn", "stop"
 DEFAULT_WARN_AT = DEFAULT_APPROACHING  # warn when approaching the budget

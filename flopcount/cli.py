@@ -211,7 +211,7 @@ def report_integrity(integrity) -> bool:
 def checked_traces(args):
     """(summary, threshold check, integrity) of the trace dir with the options of check/estimate."""
     from .errors import findings_first
-    from .report.build import check_traces
+    from .compliance.check import check_traces
     from .trace.reader import open_traces
 
     traces = open_traces(args.dir)
@@ -281,7 +281,7 @@ def cmd_estimate(args) -> int:
 
 
 def _estimate_text(p: dict) -> str:
-    from .compliance.thresholds import percent
+    from .report.format import percent
     from .errors import printable
 
     plan = f"{p['planned_steps']} steps" if p["planned_steps"] is not None else f"{p['planned_tokens']} tokens"
@@ -393,7 +393,7 @@ def add_models(parser) -> None:
 
 def cmd_models(args) -> int:
     from .compliance.registry import base_models, extra_files
-    from .compliance.thresholds import sig2
+    from .report.format import sig2
 
     models = base_models(extra_files() + tuple(args.file or ()))
     if args.json:

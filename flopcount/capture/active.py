@@ -66,7 +66,7 @@ def _suspend(meter, delta: int) -> None:
     if hasattr(capture, "suspended"):
         capture.suspended += delta
     elif hasattr(getattr(capture, "lib", None), "set_paused"):
-        # The native observer (capture/native.py) has no ``suspended`` yet: pause its slot.
+        # The native observer (capture/native/capture.py) has no ``suspended`` yet: pause its slot.
         depth = getattr(capture, "region_depth", 0) + delta
         capture.region_depth = depth
         capture.lib.set_paused(capture.slot, depth > 0)

@@ -394,7 +394,7 @@ def active_contexts() -> list:
 class BackwardModules:
     """Which module's backward is running, one stack of names per autograd graph task. Gradient
     hooks on a module's outputs enter it, on its inputs leave it (``Context._when_grads``). The
-    native backend replaces this with the same stacks kept in C++ (capture/native.py)."""
+    native backend replaces this with the same stacks kept in C++ (capture/native/capture.py)."""
 
     def __init__(self) -> None:
         self.stacks: dict[int, list[str]] = {}

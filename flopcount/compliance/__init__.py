@@ -1,7 +1,8 @@
 """EU AI Act compliance: thresholds, the base-model registry, forecasts and the method statement."""
 from .method import hardware_description, method_statement
 from .registry import BaseModel, UnknownBaseModel, base_models, lookup
-from .thresholds import compliance_block, sig2, summary_compliance
+from ..report.format import sig2
+from .thresholds import compliance_block, summary_compliance
 
 __all__ = ["BaseModel", "UnknownBaseModel", "add_method_and_compliance", "base_models", "compliance_block",
            "lookup", "sig2"]

@@ -11,7 +11,8 @@ import math
 from fractions import Fraction
 
 from ..errors import BadInput
-from .thresholds import DEFAULT_APPROACHING, flop_text, status_of
+from ..report.format import flop_text
+from .thresholds import DEFAULT_APPROACHING, status_of
 
 
 def forecast(measured_flops: int, measured_steps: int, *, threshold_flops: Fraction,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from ..errors import BadInput
+from ..report.format import flop_text, percent, sig2  # noqa: F401  (sig2 also imported from here)
 from .registry import lineage, lookup
 
 UNKNOWN_BASE_FLOP = 1e23            # para. 61: base compute unknown
@@ -31,20 +32,6 @@ BASIS_TEXT = {
     "unknown_base_compute": "one third of 1e23 FLOP (base model's training compute unknown)",
     "systemic_unknown_base_compute": "one third of 1e25 FLOP (systemic-risk base model, compute unknown)",
 }
-
-
-def sig2(value: float | int | None) -> str:
-    """``value`` with two significant figures in e-notation: 23400 -> '2.3e4'."""
-    if value is None:
-        return "n/a"
-    if value == 0:
-        return "0"
-    mantissa, exponent = f"{float(value):.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def flop_text(value) -> str:
-    return f"{sig2(value)} FLOP"
 
 
 def exact(value) -> Fraction:
@@ -156,11 +143,6 @@ def summary_compliance(training_flops: int, base_model: str | None, base_model_f
         block = compliance_block(training_flops, None, None)
         block.update(base_model=base_model, note=str(e).removeprefix("flopcount: "))
         return block
-
-
-def percent(ratio: float) -> str:
-    """A ratio as a percentage with two significant figures: 0.2734 -> '27%', 7.1e-18 -> '7.1e-16%'."""
-    return f"{ratio * 100:.2g}%"
 
 
 def verdict_line(result: dict, with_basis: bool = True) -> str:

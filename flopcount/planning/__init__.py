@@ -13,6 +13,9 @@ import datetime as dt
 import math
 from fractions import Fraction
 
+from ..compliance.forecast import forecast
+from ..compliance.notification import NOTIFICATION_RULE, notify_by
+from ..compliance.thresholds import DEFAULT_APPROACHING, assess, check_approaching, resolve_base, threshold
 from ..errors import BadInput
 from .configs import load_config
 from .lengths import read_lengths
@@ -32,9 +35,6 @@ def plan(config, *, seq_len: int | None = None, batch_size: int = 1, steps: int 
     ``lengths``: a length histogram (path or {length: count}) instead of ``seq_len``.
     ``qlora``: LoRA on a 4-bit base (planned as frozen Linear GEMMs; needs ``lora_rank``).
     Returns the plan as a JSON-serialisable dict (keys: docs in README "Plan before you train")."""
-    from ..compliance.forecast import forecast
-    from ..compliance.thresholds import DEFAULT_APPROACHING, assess, check_approaching, resolve_base, threshold
-
     options = _check(seq_len=seq_len, batch_size=batch_size, steps=steps, tokens=tokens, grad_accum=grad_accum,
                      lora_rank=lora_rank, qlora=qlora, optimizer=optimizer, attn=attn, dtype=dtype,
                      tokens_per_second=tokens_per_second, seconds_per_step=seconds_per_step, lengths=lengths)
@@ -177,8 +177,6 @@ def _formulas(n_params: int, n_trainable: int, tokens: int, counted: int) -> dic
 
 def _crossing(projection: dict, start_time: float | None, seconds_per_step: float | None, steps: int) -> dict:
     """When the threshold would be crossed and the Art. 52(1) notification deadline (two weeks)."""
-    from ..report.cop import NOTIFICATION_DAYS, NOTIFICATION_RULE
-
     step = projection["crossing_step"]
     crosses = step <= steps
     out = {"crosses": crosses, "step": step if crosses else None, "after_s": None, "date": None,
@@ -188,7 +186,7 @@ def _crossing(projection: dict, start_time: float | None, seconds_per_step: floa
         if start_time is not None:
             day = dt.datetime.fromtimestamp(start_time + out["after_s"], dt.timezone.utc)
             out["date"] = day.isoformat(timespec="seconds")
-            out["notify_by"] = (day + dt.timedelta(days=NOTIFICATION_DAYS)).date().isoformat()
+            out["notify_by"] = notify_by(day)
     return out
 
 

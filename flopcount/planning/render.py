@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ..compliance.thresholds import flop_text, percent, sig2
+from ..report.format import flop_text, percent, sig2
 
 
 def _setup_line(p: dict) -> str:

@@ -1,18 +1,13 @@
-"""Audit reports: build.py makes the report dict; one renderer per format (RENDERERS); text.py for terminals.
+"""Audit reports: build.py makes the report dict; one renderer per format (RENDERERS, renderers.py);
+text.py for terminals; format.py for the number, date and table-cell formats every output shares.
 
-``build_report`` and ``compliance_text`` (which read traces with pyarrow) are imported on first
-use, so that listing the formats (the CLI's --help) stays cheap.
+Everything is imported on first use: ``build_report`` and ``compliance_text`` read traces with
+pyarrow, and ``report.format`` is imported by modules below the report (compliance, the budget)
+that must not load the renderers with it.
 """
 import importlib
 
-from .html import render_html
-from .json_report import render_json
-from .markdown import render_markdown
-
-# format name -> renderer(report dict) -> str. A new form is one entry here.
-RENDERERS = {"json": render_json, "md": render_markdown, "html": render_html}
-
-_LAZY = {"REPORT_SCHEMA": ".build", "build_report": ".build", "compliance_text": ".text"}
+_LAZY = {"REPORT_SCHEMA": ".build", "build_report": ".build", "compliance_text": ".text", "RENDERERS": ".renderers"}
 
 __all__ = ["REPORT_SCHEMA", "RENDERERS", "build_report", "compliance_text"]
 

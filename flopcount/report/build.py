@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ..compliance.thresholds import DEFAULT_APPROACHING, flop_text
+from ..compliance.check import check_traces
+from ..compliance.thresholds import DEFAULT_APPROACHING
 from ..errors import findings_first
 from ..summary import step_series
 from ..trace.integrity import check_integrity
 from ..trace.reader import open_traces
-from .checks import check_traces, integrity_block  # noqa: F401  (also imported from here)
+from .checks import integrity_block
 from .cop import add_resources
+from .format import flop_text, iso_time
 
 REPORT_SCHEMA = "flopcount.report/1"
 TOP_MODULES = 15
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _runs(traces) -> list[dict]:
@@ -38,7 +34,7 @@ def _runs(traces) -> list[dict]:
                 "segments": len({s["segment"] for s in segments}),
                 "first_step": min((p["first_step"] for p in parts), default=None),
                 "last_step": max((p["last_step"] for p in parts), default=None),
-                "started": _iso(min(s["started"] for s in segments)),
+                "started": iso_time(min(s["started"] for s in segments)),
                 "manifest_digest": trace.digest,
             })
     return runs
@@ -74,8 +70,8 @@ def build_report(location, *, base_model=None, base_model_flops=None, systemic_r
             "training_flops": summary["training_flops"], "hardware_flops": summary["hardware_flops"],
             "excluded_flops": summary["method"]["excluded_flops"],
             "steps": summary["steps"], "tokens": summary["tokens"], "samples": summary["samples"],
-            "world_size": summary["world_size"], "start_time": _iso(summary["start_time"]),
-            "end_time": _iso(summary["end_time"]),
+            "world_size": summary["world_size"], "start_time": iso_time(summary["start_time"]),
+            "end_time": iso_time(summary["end_time"]),
             "text": {"training_flops": flop_text(summary["training_flops"]),
                      "hardware_flops": flop_text(summary["hardware_flops"])},
             "time": summary["time"], "energy": summary["energy"], "hardware_estimate": summary["hardware_estimate"],

@@ -1,22 +1,7 @@
-"""The threshold check and the integrity check of opened traces, as the report blocks that the
-audit report (build.py) and the Code of Practice form (cop.py) both carry."""
+"""The integrity check of opened traces as the report block and fields that the audit report
+(build.py) and the Code of Practice form (cop.py) both carry. The threshold check they carry is
+compliance/check.py's ``check_traces``."""
 from __future__ import annotations
-
-from ..compliance.thresholds import DEFAULT_APPROACHING, compliance_block
-from ..summary import recorded_base_model, summarize_traces
-
-
-def check_traces(traces, *, base_model=None, base_model_flops=None, systemic_risk=None,
-                 approaching: float = DEFAULT_APPROACHING, use_recorded: bool = True) -> tuple[dict, dict]:
-    """(summary, threshold check) of opened traces. Names not in the registry raise UnknownBaseModel.
-
-    Without a base model given, the one the runs recorded is used (``use_recorded=False``: none,
-    so the unknown-compute threshold applies)."""
-    summary = summarize_traces(traces)
-    if base_model is None and base_model_flops is None and use_recorded:
-        base_model, base_model_flops = recorded_base_model(traces)
-    result = compliance_block(summary["training_flops"], base_model, base_model_flops, systemic_risk, approaching)
-    return summary, result
 
 
 def integrity_block(integrity) -> dict:

@@ -1,4 +1,5 @@
-"""The Code of Practice export (`flopcount report --form cop`) and the notification timing.
+"""The Code of Practice export (`flopcount report --form cop`), with the notification timing of
+compliance/notification.py.
 
 The GPAI Code of Practice (transparency chapter) asks providers to fill in a Model Documentation
 Form. A team that becomes the provider of a modified model documents the modification; this
@@ -7,117 +8,31 @@ model, field 1.6), training time, amount of computation, measurement methodology
 energy -- and marks every other field the user must supply. It never fills a field with a
 number it did not measure.
 
-Notification timing: when the modification's training compute reaches its threshold (or a
-forecast says it will), Art. 52(1) gives two weeks from the day the requirement is met, or from
-the day it becomes known that it will be met, to notify the Commission. The report states that
-date and the end of the window; it is information, not legal advice.
+The notification timing (Art. 52(1): two weeks from the day the threshold is reached, or known to
+be reached) is compliance/notification.py's; its names stay importable from here.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
-from fractions import Fraction
 
+from ..compliance.check import check_traces
+from ..compliance.notification import (  # noqa: F401  (also imported from here)
+    NOTIFICATION_DAYS, NOTIFICATION_RULE, crossing_time, crossing_time_of_traces, expected_crossing_time,
+    notification_of, notification_timing)
 from ..compliance.thresholds import DEFAULT_APPROACHING
-from .checks import check_traces, integrity_block, integrity_fields
+from ..errors import findings_first
+from ..hardware import ASSUMED_UTILISATION, DEFAULT_DTYPE, recheck
+from ..trace.integrity import check_integrity
+from ..trace.reader import open_traces
+from .checks import integrity_block, integrity_fields
+from .escape import markdown_text as _cell
+from .format import iso_time, sci2  # noqa: F401  (sci2 also imported from here)
 
 COP_SCHEMA = "flopcount.cop-form/1"
-NOTIFICATION_DAYS = 14
-NOTIFICATION_RULE = ("Art. 52(1) AI Act: notify the Commission without delay and in any event within two weeks "
-                     "after the requirement is met or it becomes known that it will be met")
 MEASURED, PREFILLED, PARTIAL, TO_SUPPLY = "measured", "pre-filled", "measured, incomplete", "to supply"
 GENERAL, COMPUTE, ENERGY = ("General information", "Computational resources (training)",
                             "Energy consumption (training and inference)")
-
-
-# ---- number formats ---------------------------------------------------------------------------
-
-def sci2(value) -> str | None:
-    """Two significant figures in the form's notation: 23400 -> '2.3*10^4', 0.00123 -> '1.2*10^-3'."""
-    if value is None:
-        return None
-    if value == 0:
-        return "0"
-    mantissa, exponent = f"{float(value):.1e}".split("e")
-    return f"{mantissa}*10^{int(exponent)}"
-
-
-def _date(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).date().isoformat()
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ---- notification timing ----------------------------------------------------------------------
-
-def crossing_time(rows, threshold) -> float | None:
-    """When cumulative training FLOPs first reached ``threshold``: the end time of that step.
-
-    ``rows``: (end_time, training FLOPs) of every step of every rank, in any order; summed
-    exactly in Python integers."""
-    limit = Fraction(threshold) if isinstance(threshold, (int, Fraction)) else Fraction(repr(float(threshold)))
-    total = 0
-    for end_time, flops in sorted(rows, key=lambda r: r[0]):
-        total += int(flops)
-        if total >= limit:
-            return float(end_time)
-    return None
-
-
-def crossing_time_of_traces(traces, threshold) -> float | None:
-    """``crossing_time`` over the steps tables of opened traces."""
-    from ..trace.reader import iter_batches
-
-    rows = []
-    for batch in iter_batches(traces, "steps", ["end_time", "training_flops"]):
-        rows.extend(zip(batch.column("end_time").to_pylist(), batch.column("training_flops").to_pylist()))
-    return crossing_time(rows, threshold)
-
-
-def expected_crossing_time(projection: dict, last_time: float | None, seconds_per_step: float | None) -> float | None:
-    """When a forecast (compliance.forecast) expects the threshold: after the measured steps, the
-    remaining steps to the crossing at the measured pace. None when it does not cross."""
-    if not projection.get("crosses_threshold") or last_time is None or not seconds_per_step:
-        return None
-    remaining = max(projection["crossing_step"] - projection["measured_steps"], 0)
-    return last_time + remaining * seconds_per_step
-
-
-def notification_timing(*, crossed_at: float | None = None, expected_at: float | None = None,
-                        known_at: float | None = None, forecast_crosses: bool = False) -> dict:
-    """The notification window: two weeks from the day the threshold was reached (``crossed_at``),
-    or, for a forecast crossing (at ``expected_at`` when the pace is known; ``forecast_crosses``
-    without a date), from the day it became known (``known_at``, the day of the forecast) or the
-    expected day, whichever is earlier."""
-    days = dt.timedelta(days=NOTIFICATION_DAYS)
-    if crossed_at is not None:
-        day = dt.datetime.fromtimestamp(crossed_at, dt.timezone.utc)
-        return {"status": "reached", "date": day.date().isoformat(), "time": _iso(crossed_at),
-                "basis": "actual: the step at which the cumulative training compute reached the threshold",
-                "window_starts": day.date().isoformat(), "notify_by": (day + days).date().isoformat(),
-                "rule": NOTIFICATION_RULE,
-                "text": f"threshold reached on {day.date().isoformat()}; notify by {(day + days).date().isoformat()}"}
-    if expected_at is not None or forecast_crosses:
-        known = dt.datetime.fromtimestamp(known_at if known_at is not None else expected_at, dt.timezone.utc)
-        expected = dt.datetime.fromtimestamp(expected_at, dt.timezone.utc) if expected_at is not None else None
-        start = min(known, expected) if expected is not None else known
-        when = expected.date().isoformat() if expected is not None else "an undated step (no step times to pace it)"
-        return {"status": "expected", "date": expected.date().isoformat() if expected else None,
-                "time": _iso(expected_at),
-                "basis": "forecast: measured training FLOPs per step and step time, extended to the plan",
-                "known_since": known.date().isoformat(), "window_starts": start.date().isoformat(),
-                "notify_by": (start + days).date().isoformat(), "rule": NOTIFICATION_RULE,
-                "text": (f"threshold expected on {when} (forecast of {known.date().isoformat()}); "
-                         f"notify by {(start + days).date().isoformat()}")}
-    return {"status": "not reached", "date": None, "time": None, "basis": None, "window_starts": None,
-            "notify_by": None, "rule": NOTIFICATION_RULE,
-            "text": "threshold not reached" + ("" if known_at is None else ", and not expected under the plan given")}
 
 
 # ---- the form ---------------------------------------------------------------------------------
@@ -253,36 +168,11 @@ def cop_form(summary: dict, compliance: dict, notification: dict, *, generated_a
     }
 
 
-def notification_of(traces, summary: dict, result: dict, *, planned_steps: int | None = None,
-                    planned_tokens: int | None = None, approaching: float = DEFAULT_APPROACHING, now: float | None = None) -> dict:
-    """The notification timing of opened traces: the actual crossing from the steps when the
-    threshold was reached, else, given a plan (steps or tokens), the forecast one."""
-    from ..compliance.forecast import forecast
-    from ..compliance.thresholds import threshold
-
-    limit, _ = threshold(result["base_model_flops"], result["systemic_risk"])
-    crossed = crossing_time_of_traces(traces, limit) if result["status"] == "exceeds" else None
-    expected = known = None
-    crosses = False
-    if crossed is None and (planned_steps is not None or planned_tokens is not None) and summary["steps"]:
-        span = summary["end_time"] - summary["start_time"] if summary["start_time"] is not None else None
-        per_step = span / summary["steps"] if span else None
-        projection = forecast(summary["training_flops"], summary["steps"], threshold_flops=limit,
-                              measured_tokens=summary["tokens"], planned_steps=planned_steps,
-                              planned_tokens=planned_tokens, seconds_per_step=per_step, approaching=approaching)
-        known = now if now is not None else dt.datetime.now(dt.timezone.utc).timestamp()
-        expected = expected_crossing_time(projection, summary["end_time"], per_step)
-        crosses = projection["crosses_threshold"]
-    return notification_timing(crossed_at=crossed, expected_at=expected, known_at=known, forecast_crosses=crosses)
-
-
 def add_resources(traces, summary: dict, result: dict, *, planned_steps: int | None = None,
                   planned_tokens: int | None = None, dtype: str | None = None, utilisation: float | None = None,
                   approaching: float = DEFAULT_APPROACHING, now: float | None = None) -> None:
     """Complete a (summary, threshold check) pair for a report: ``result["notification"]``, and the
     hardware cross-check redone for ``dtype`` / ``utilisation`` when given."""
-    from ..hardware import ASSUMED_UTILISATION, DEFAULT_DTYPE, recheck
-
     if dtype is not None or utilisation is not None:
         summary["hardware_estimate"] = recheck(summary["hardware_estimate"], dtype=dtype or DEFAULT_DTYPE,
                                                utilisation=utilisation or ASSUMED_UTILISATION)
@@ -297,10 +187,6 @@ def build_cop_report(location, *, base_model=None, base_model_flops=None, system
     """``cop_form`` for the traces at ``location``, with the notification timing (actual, or
     forecast from a plan), the hardware cross-check for ``dtype`` / ``utilisation`` and the
     integrity check (``digest`` / ``public_key`` / ``ledger``: trace/integrity.py)."""
-    from ..errors import findings_first
-    from ..trace.integrity import check_integrity
-    from ..trace.reader import open_traces
-
     traces = open_traces(location)
     integrity = check_integrity(traces, digest=digest, public_key=public_key, ledger=ledger)
     with findings_first(integrity, traces.location):
@@ -379,12 +265,6 @@ def resource_lines(summary: dict) -> list[str]:
 
 def render_cop_json(form: dict) -> str:
     return json.dumps(form, indent=2) + "\n"
-
-
-def _cell(value) -> str:
-    from .escape import markdown_text
-
-    return markdown_text(value)
 
 
 def render_cop_markdown(form: dict) -> str:

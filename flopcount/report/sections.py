@@ -5,13 +5,9 @@
 """
 from __future__ import annotations
 
-from ..compliance.thresholds import flop_text, percent, sig2
 from .checks import integrity_fields
 from .cop import resource_sections
-
-
-def _share(part: int, whole: int) -> str:
-    return f"{part / whole:.1%}" if whole else "-"
+from .format import flop_text, percent, share, sig2
 
 
 def sections(report: dict) -> list[tuple[str, str, object]]:
@@ -41,7 +37,7 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
             ("time span", f"{totals['start_time']} to {totals['end_time']}"),
         ]),
         ("By phase", "table", (["phase", "FLOP", "share", "counts toward training"],
-                               [[p, sig2(f), _share(f, totals["hardware_flops"]),
+                               [[p, sig2(f), share(f, totals["hardware_flops"]),
                                  "yes" if p in method["phases_included"] else "no"]
                                 for p, f in report["breakdowns"]["by_phase"].items()])),
         ("By category", "table", (["category", "FLOP", "training FLOP"],
@@ -49,7 +45,7 @@ def sections(report: dict) -> list[tuple[str, str, object]]:
                                    for c, f in report["breakdowns"]["by_category"].items()])),
         ("Top modules", "table", (["module", "FLOP", "training FLOP", "share"],
                                   [[m["module"], sig2(m["flops"]), sig2(m["training_flops"]),
-                                    _share(m["flops"], totals["hardware_flops"])]
+                                    share(m["flops"], totals["hardware_flops"])]
                                    for m in report["breakdowns"]["top_modules"]])),
         ("Method", "fields", [
             ("estimation method", method["estimation_method"]),

@@ -1,9 +1,11 @@
 """Plain-text summaries for terminals: the compliance summary (used by `make demo`) and the run summary."""
 from __future__ import annotations
 
-from ..compliance.thresholds import DEFAULT_APPROACHING, flop_text, sig2, verdict_line
+from ..compliance.thresholds import DEFAULT_APPROACHING, verdict_line
+from .build import build_report
 from .cop import resource_lines
 from .escape import printable
+from .format import flop_text, sig2
 
 
 def integrity_state(integrity: dict) -> str:
@@ -26,8 +28,6 @@ def compliance_summary(location, *, base_model=None, base_model_flops=None, syst
                        approaching: float = DEFAULT_APPROACHING, use_recorded: bool = True, **integrity_options) -> str:
     """A short, printable compliance summary of the traces at ``location`` (a trace or project dir).
     ``integrity_options``: ``digest``, ``public_key``, ``ledger`` of the integrity check."""
-    from .build import build_report
-
     return report_summary(build_report(location, base_model=base_model, base_model_flops=base_model_flops,
                                        systemic_risk=systemic_risk, approaching=approaching,
                                        use_recorded=use_recorded, **integrity_options))

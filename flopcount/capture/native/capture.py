@@ -2,179 +2,36 @@
 
 The extension aggregates one compact key per distinct call (op, argument shapes and scalars,
 output shapes, the context id, grad mode, whether autograd's backward is running and the
-backward module). When a step closes, this module evaluates the one Python formula registry
-once per distinct key (``Formula.works``) and books the result through the Counter, so both
-backends share every rule: the phase and module rules are ``context.resolve_phase`` and
-``context.resolve_module``, fed with the Python-held state that ``Context`` pushes to C++ on
-each change (module entered or left, optimizer step, user phase, autograd.Function.apply); a
-module call pushes it and places its gradient hook in one call (``module_changed``).
+backward module). When a step closes, NativeCapture evaluates the one Python formula registry
+once per distinct key (``Formula.works``, on the key decoded by decode.py) and books the result
+through the Counter, so both backends share every rule: the phase and module rules are
+``context.resolve_phase`` and ``context.resolve_module``, fed with the Python-held state that
+``Context`` pushes to C++ on each change (module entered or left, optimizer step, user phase,
+autograd.Function.apply); a module call pushes it and places its gradient hook in one call
+(``module_changed``).
 
 Booking a step costs little once steps repeat: each key's booking is kept, the extension hands
 over the calls of already-booked keys apart (``set_planned``), and their summed totals are
 reused whole while they repeat (``_book``); only new keys (AdamW's changing scalars, new shapes)
 are evaluated and summed one by one.
-
-Build: the extension is compiled against the installed torch into a cache keyed by everything
-that changes the binary (native_build.py), in a private directory renamed into place; a process
-waits for a build at most FLOPCOUNT_NATIVE_WAIT seconds (default 10), then goes on without it.
-``flopcount build-native`` builds it ahead of time. Set FLOPCOUNT_NATIVE=0 to never build or load it.
 """
 from __future__ import annotations
 
-import functools
-import os
-import sys
-import warnings
-from pathlib import Path
-
 import torch
-from torch.torch_version import TorchVersion
 
-from ..accounting import StepAccumulator
-from ..conventions import ROOT_MODULE
-from ..distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
-from ..formulas import KNOWN_ZERO, REGISTRY
-from ..formulas.registry import op_name
-from . import native_build
-from .context import resolve_module, resolve_phase
-from .native_build import BUILD_FLAGS, EXTENSION  # noqa: F401 (the names callers use)
+from ...accounting import StepAccumulator
+from ...conventions import ROOT_MODULE
+from ...distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
+from ...formulas import KNOWN_ZERO, REGISTRY
+from ...formulas.registry import op_name
+from ..context import resolve_module, resolve_phase
+from .. import native as package  # the package's one cached loader (load, load_error), read at use
+from .decode import Decoder, args_kwargs, dtype_codes, overload_of, python_name
 
-SOURCE_NAME = "flopcount_native.cpp"
-MIN_TORCH = (2, 7)  # RecordFunction::overload_name; older torch uses the dispatch backend
-
-# Key tags, as in csrc/flopcount_native.cpp.
-(NONE, TENSOR, INT, DOUBLE, BOOL, STRING, INT_LIST, DOUBLE_LIST, BOOL_LIST, LIST, DTYPE, OPAQUE,
- VALUES, PENDING_VALUES, TENSOR_DTYPE) = range(15)
-OUTPUTS = -1
 REPEATED_KEPT = 4  # recent booked-key totals reused whole (NativeCapture._book)
 # Registry classes, as in the extension.
 ZERO, FORMULA, UNCOUNTED, FORMULA_VALUES, COLLECTIVE = range(5)
 
-
-# ---- build and load (native_build.py does the building) ------------------------------------------
-
-def source_path() -> Path | None:
-    """The C++ source: csrc/ of a source checkout, or the copy installed inside the package."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "csrc" / SOURCE_NAME, here.parent / "csrc" / SOURCE_NAME):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def cache_dir(source: Path) -> Path:
-    """This environment's build directory (native_build.BuildPaths: keyed by torch installation,
-    compiler, flags, source and Python ABI)."""
-    return native_build.paths_for(source).final
-
-
-def _unsupported() -> str | None:
-    """Why the extension is never built here (disabled, torch too old, no source), else None."""
-    if os.environ.get("FLOPCOUNT_NATIVE", "").strip() == "0":
-        return "disabled by FLOPCOUNT_NATIVE=0"
-    if TorchVersion(torch.__version__) < MIN_TORCH:
-        return (f"it needs torch >= {'.'.join(map(str, MIN_TORCH))} "
-                f"(RecordFunction::overload_name); this is torch {torch.__version__}")
-    if source_path() is None:
-        return f"the C++ source {SOURCE_NAME} is not installed"
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def _load():
-    """(extension module, None) or (None, why it is not available). Once per process; waits for a
-    build at most FLOPCOUNT_NATIVE_WAIT seconds (a background build goes on for later processes)."""
-    why = _unsupported()
-    if why is not None:
-        return None, why
-    try:
-        return native_build.load(source_path(), native_build.wait_bound())
-    except Exception as exc:  # an unreadable cache dir, a bad FLOPCOUNT_NATIVE_WAIT, ...
-        return None, f"the native extension is not available: {native_build._one_line(exc)}"
-
-
-def load():
-    """The extension module, or None when it is not available (yet) here."""
-    return _load()[0]
-
-
-def load_error() -> str | None:
-    """None when the extension loads, else one line saying why not."""
-    return _load()[1]
-
-
-def build_state() -> dict:
-    """{"state", "detail", "build_dir"} without building (native_build.state); state is one of
-    built, building, failed, not built, disabled (or unsupported: detail says why)."""
-    why = _unsupported()
-    if why is not None:
-        state = "disabled" if why.startswith("disabled") else "unsupported"
-        return {"state": state, "detail": why if state == "unsupported" else "disabled (FLOPCOUNT_NATIVE=0)",
-                "build_dir": None}
-    try:
-        return native_build.state(source_path())
-    except Exception as exc:
-        return {"state": "unsupported", "detail": native_build._one_line(exc), "build_dir": None}
-
-
-def describe() -> dict:
-    """Versions, the backend that backend='auto' picks, and the extension's build state
-    (``flopcount info``). Loads a built extension; never starts or waits for a build."""
-    import platform
-
-    from .. import __version__
-
-    source = source_path()
-    state = build_state()
-    module, error = _load() if state["state"] in ("built", "disabled", "unsupported") else (None, state["detail"])
-    if state["state"] == "built" and module is None:
-        state = {**state, "state": "failed", "detail": f"failed: {error}"}
-    return {
-        "flopcount": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "active_backend": "native" if module is not None else "dispatch",
-        "native_extension": "built" if module is not None else state["detail"],
-        "native_state": state["state"],
-        "native_error": error if state["state"] in ("failed", "unsupported") else None,
-        "native_source": str(source) if source else None,
-        "native_build_dir": state["build_dir"],
-        "native_module": str(native_build.paths_for(source).library) if module is not None and source else None,
-    }
-
-
-def build() -> int:
-    """Build the extension now, waiting for a build another process runs (``flopcount build-native``,
-    ``make setup``); 0 when it loads, 1 otherwise."""
-    why = _unsupported()
-    if why is None:
-        source = source_path()
-        try:
-            paths = native_build.paths_for(source)
-            if not paths.library.is_file():
-                if native_build.holder(paths) is not None:
-                    print(f"flopcount: waiting for the build {native_build.building_line(paths)}", file=sys.stderr)
-                else:
-                    print(f"flopcount: building the native extension into {paths.final} (about a minute)",
-                          file=sys.stderr)
-            why = native_build.build(source, paths)
-        except Exception as exc:  # an unwritable cache dir, ...
-            why = native_build._one_line(exc)
-        _load.cache_clear()
-        why = why or load_error()
-    if why:
-        print(f"flopcount: native backend unavailable ({why}); the dispatch backend will be used",
-              file=sys.stderr)
-        return 1
-    # The library is loaded from its private build dir before that is renamed into place: name
-    # where it lives now, not the module's (stale) __file__.
-    print(f"flopcount: native extension ready: {native_build.paths_for(source_path()).library}")
-    return 0
-
-
-# ---- the capture backend ---------------------------------------------------------------------------
 
 class NativeCapture:
     """Context manager that turns the observer on and books what it aggregated.
@@ -185,9 +42,9 @@ class NativeCapture:
     the parts on either side of the mark into their own steps."""
 
     def __init__(self, counter, context, close_pending, lib=None) -> None:
-        self.lib = lib or load()
+        self.lib = lib or package.load()
         if self.lib is None:
-            raise RuntimeError(f"flopcount: backend='native' is not available here: {load_error()}; "
+            raise RuntimeError(f"flopcount: backend='native' is not available here: {package.load_error()}; "
                                f"use backend='dispatch' or 'auto'")
         self.counter = counter
         self.context = context
@@ -206,7 +63,7 @@ class NativeCapture:
         # drain holds a step's end and the next step's first ops: parts that alternate.
         self.repeated: list[tuple[dict, tuple]] = []
         self.strings: list[str] = []
-        self.dtypes = _dtype_codes(self.lib)
+        self.dtypes = dtype_codes(self.lib)
         # The bits set_context / module_call return (csrc: kViolation, kBoundary, kPythonHooks).
         self.violation, self.boundary = self.lib.STATUS_VIOLATION, self.lib.STATUS_BOUNDARY
         self.python_hooks = self.lib.STATUS_PYTHON_HOOKS
@@ -276,7 +133,7 @@ class NativeCapture:
     def _act(self, status: int) -> None:
         """What the extension asks for after a context change."""
         if status & self.violation:  # strict mode: an uncounted op ran since the last change
-            self.counter.uncounted(_python_name(self.lib.take_violation(self.slot)), "no formula")
+            self.counter.uncounted(python_name(self.lib.take_violation(self.slot)), "no formula")
         if status & self.boundary and not self.flushing:  # the next step began: close the finished one
             self.flush()
 
@@ -356,9 +213,9 @@ class NativeCapture:
     def _refresh_ops(self) -> None:
         names = self.lib.op_names(len(self.ops))
         for name, overload in names:
-            op = _overload(name, overload)
+            op = overload_of(name, overload)
             entry = REGISTRY.lookup(op)[1] if op is not None else None
-            self.ops.append((op_name(op) if op is not None else _python_name(name), op, entry))
+            self.ops.append((op_name(op) if op is not None else python_name(name), op, entry))
         self.strings.extend(self.lib.strings(len(self.strings)))
 
     def _book(self, repeated, calls, uncounted, values, raise_strict: bool) -> None:
@@ -442,10 +299,10 @@ class NativeCapture:
     def _works(self, key, op, entry, values):
         """Work items for one distinct key (Formula.works), payload bytes for a communication op,
         or a string saying why the formula failed."""
-        decoder = _Decoder(key, self.strings, self.dtypes, values,
+        decoder = Decoder(key, self.strings, self.dtypes, values,
                            as_tensors=entry is KNOWN_ZERO or getattr(entry, "needs_values", False))
         inputs, outputs = decoder.decode()
-        args, kwargs = _args_kwargs(op, inputs)
+        args, kwargs = args_kwargs(op, inputs)
         out = outputs[0] if len(outputs) == 1 else (tuple(outputs) if outputs else None)
         if entry is None:  # the registry changed since the extension classified the op
             return "no formula"
@@ -476,120 +333,6 @@ class NativeCapture:
                 counter.acc.uncounted[name] += count - 1
 
 
-# ---- decoding keys ----------------------------------------------------------------------------------
-
-class _Decoder:
-    """Turns a key back into argument values: shapes in place of tensors (meta tensors, or real
-    integer tensors where values were recorded, for formulas that need tensors)."""
-
-    def __init__(self, key, strings, dtypes, values, as_tensors: bool) -> None:
-        self.key, self.pos = key, 4
-        self.strings, self.dtypes, self.values, self.as_tensors = strings, dtypes, values, as_tensors
-
-    def decode(self):
-        key = self.key
-        inputs, outputs = [], []
-        while self.pos < len(key) and key[self.pos] != OUTPUTS:
-            is_default = bool(key[self.pos])
-            self.pos += 1
-            inputs.append((is_default, self.value()))
-        self.pos += 1
-        while self.pos < len(key):
-            outputs.append(self.value())
-        return inputs, outputs
-
-    def take(self, n: int = 1):
-        out = self.key[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def value(self):
-        (tag,) = self.take()
-        if tag == TENSOR:
-            return self.tensor()
-        if tag in (NONE, OPAQUE):
-            return None
-        if tag == INT:
-            return self.take()[0]
-        if tag == DOUBLE:
-            return _bits_to_float(self.take()[0])
-        if tag == BOOL:
-            return bool(self.take()[0])
-        if tag == STRING:
-            return self.strings[self.take()[0]]
-        if tag == DTYPE:
-            return self.dtypes.get(self.take()[0])
-        if tag in (INT_LIST, DOUBLE_LIST, BOOL_LIST):
-            items = list(self.take(self.take()[0]))
-            if tag == DOUBLE_LIST:
-                return [_bits_to_float(v) for v in items]
-            return [bool(v) for v in items] if tag == BOOL_LIST else items
-        if tag == LIST:
-            return [self.value() for _ in range(self.take()[0])]
-        raise ValueError(f"flopcount: corrupt native key (tag {tag})")
-
-    def tensor(self):
-        (dim,) = self.take()
-        shape = tuple(self.take(dim))
-        key = self.key
-        data, dtype = None, torch.float32
-        if self.pos < len(key) and key[self.pos] == VALUES:
-            self.pos += 1
-            data = list(self.take(self.take()[0]))
-        elif self.pos < len(key) and key[self.pos] == PENDING_VALUES:
-            self.pos += 1
-            data = self.values[self.take()[0]]
-        elif self.pos < len(key) and key[self.pos] == TENSOR_DTYPE:
-            self.pos += 1
-            dtype = self.dtypes.get(self.take()[0], torch.float32)
-        if not self.as_tensors:
-            return shape
-        if data is not None:
-            return torch.tensor(data, dtype=torch.int64).reshape(shape)
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def _bits_to_float(bits: int) -> float:
-    import struct
-
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
-
-
-def _args_kwargs(op, inputs):
-    """Split recorded arguments as the Python dispatcher does for __torch_dispatch__: positional
-    arguments up to the last one that is not at its default, keyword-only ones not at their default."""
-    if op is None:
-        return tuple(v for _, v in inputs), {}
-    arguments = _schema_arguments(op)
-    n = min(len(arguments), len(inputs))
-    kwarg_start = n
-    while kwarg_start > 0 and arguments[kwarg_start - 1][1]:
-        kwarg_start -= 1
-    positional_end = kwarg_start
-    while positional_end > 0 and inputs[positional_end - 1][0]:
-        positional_end -= 1
-    args = tuple(v for _, v in inputs[:positional_end])
-    kwargs = {arguments[i][0]: inputs[i][1] for i in range(kwarg_start, n) if not inputs[i][0]}
-    return args, kwargs
-
-
-@functools.lru_cache(maxsize=4096)
-def _schema_arguments(op) -> tuple:
-    """(name, keyword-only) of an op's arguments: reading ``_schema.arguments`` builds them anew
-    each time, which costs more than the rest of a booking."""
-    return tuple((a.name, a.kwarg_only) for a in op._schema.arguments)
-
-
-def _overload(name: str, overload: str):
-    """The OpOverload for 'ns::op' and an overload name ('' is the default overload)."""
-    namespace, _, opname = name.partition("::")
-    try:
-        packet = getattr(getattr(torch.ops, namespace), opname)
-        return getattr(packet, overload or "default")
-    except (AttributeError, RuntimeError):
-        return None
-
-
 class _BackwardModules:
     """Context.backward while the native backend is active: the same stacks (BackwardModules),
     kept in the extension, so the gradient hooks run no Python and the observer reads the
@@ -614,27 +357,3 @@ class _BackwardModules:
 
     def clear(self) -> None:
         self.lib.clear_backward_modules(self.slot)
-
-
-def _python_name(name: str) -> str:
-    """'aten::mm.out' -> 'aten.mm' (op_name's display form: the packet)."""
-    return name.split(".")[0].replace("::", ".")
-
-
-@functools.lru_cache(maxsize=1)
-def _dtype_table(lib) -> tuple:
-    codes = {}
-    with warnings.catch_warnings():  # creating quantized / complex-half tensors warns
-        warnings.simplefilter("ignore")
-        for value in vars(torch).values():
-            if isinstance(value, torch.dtype) and value not in codes.values():
-                try:
-                    codes[lib.dtype_code(torch.empty(0, dtype=value))] = value
-                except (RuntimeError, TypeError):  # dtypes without CPU storage
-                    continue
-    return tuple(codes.items())
-
-
-def _dtype_codes(lib) -> dict:
-    """Extension's ScalarType code -> torch.dtype."""
-    return dict(_dtype_table(lib))
