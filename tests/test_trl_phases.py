@@ -218,11 +218,17 @@ def test_rloo_rollouts_and_reference_are_training(tmp_path):
                               train_dataset=prompts, processing_class=tokenizer(), callbacks=[callback])
     policy, reference = Shapes(trainer.model), Shapes(trainer.ref_model)
     trainer.train()
-    summary = callback.summary()
+    assert_rollouts_and_reference(callback.summary(), trainer, policy, reference, min_rollouts=2 * 2)
+
+
+def assert_rollouts_and_reference(summary, trainer, policy, reference, min_rollouts: int) -> None:
+    """An on-policy trainer's 2 steps: rollouts (no-grad policy calls, decoding one position per
+    call after the prompt) in ``generation``, the policy's gradient work in ``forward``, the
+    reference model in ``reference``; all of it training, none of it eval."""
     assert summary["steps"] == trainer.state.global_step == 2
     cats = summary["by_phase_category"]
     rollouts = [c for c in policy.calls if not c[2]]
-    assert len(rollouts) >= 2 * 2 and {c[1] for c in rollouts[1:]} >= {1}
+    assert len(rollouts) >= min_rollouts and {c[1] for c in rollouts[1:]} >= {1}
     assert cats["generation"]["matmul"] == policy.matmul(grad=False)
     assert cats["forward"]["matmul"] == policy.matmul(grad=True)
     assert cats["reference"]["matmul"] == reference.matmul() > 0
@@ -243,15 +249,4 @@ def test_online_dpo_rollouts_and_reference_are_training(tmp_path):
                                args=config, train_dataset=prompts, processing_class=tokenizer(), callbacks=[callback])
     policy, reference = Shapes(trainer.model), Shapes(trainer.ref_model)
     trainer.train()
-    summary = callback.summary()
-    assert summary["steps"] == trainer.state.global_step == 2
-    cats = summary["by_phase_category"]
-    rollouts = [c for c in policy.calls if not c[2]]
-    assert len(rollouts) >= 2 and {c[1] for c in rollouts[1:]} >= {1}  # decoding: one position per call
-    assert cats["generation"]["matmul"] == policy.matmul(grad=False)
-    assert cats["forward"]["matmul"] == policy.matmul(grad=True)
-    assert cats["reference"]["matmul"] == reference.matmul() > 0
-    split = summary["method"]["training_split"]
-    assert set(split["no_grad_phases"]) >= {"generation", "reference"}
-    assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
-    assert "eval" not in summary["by_phase"]
+    assert_rollouts_and_reference(callback.summary(), trainer, policy, reference, min_rollouts=2)
