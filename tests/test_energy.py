@@ -258,7 +258,7 @@ def fill(tally: en.ResourceTally, rows: list[dict], vectorised: bool) -> en.Reso
             tally.add(r["run_id"], r["rank"], r["start_time"], r["end_time"], r["training_flops"],
                       device_name=r["device_name"], device_count=r["device_count"], gpu_j=r["gpu_energy_j"],
                       gpu_source=r["gpu_energy_source"], gpu_devices=r["gpu_energy_devices"],
-                      cpu_j=r["cpu_energy_j"], cpu_source=r["cpu_energy_source"])
+                      cpu_j=r["cpu_energy_j"], cpu_source=r["cpu_energy_source"], trailing=r.get("trailing", False))
     return tally
 
 

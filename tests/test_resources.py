@@ -6,13 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pyarrow as pa
 import pytest
 import torch
 
 import flopcount
 from flopcount import resources
-from flopcount.trace.schema import STEPS_SCHEMA
+from test_energy import fill
 from test_energy_meter import advance, make_rapl
 from test_no_torch import BLOCKED
 
@@ -107,16 +106,7 @@ def test_trailing_rows_count_in_time_and_energy_but_give_no_step_rate(vectorised
     rows = [tally_row(start_time=0.0, end_time=10.0, training_flops=400),
             tally_row(start_time=10.0, end_time=20.0, training_flops=800),
             tally_row(start_time=20.0, end_time=24.0, training_flops=0, trailing=True)]  # a final evaluation
-    tally = resources.ResourceTally()
-    if vectorised:
-        schema = pa.schema([STEPS_SCHEMA.field(c) for c in resources.RESOURCE_COLUMNS])
-        tally.add_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
-    else:
-        for r in rows:
-            tally.add(r["run_id"], r["rank"], r["start_time"], r["end_time"], r["training_flops"],
-                      device_name=r["device_name"], device_count=r["device_count"], gpu_j=r["gpu_energy_j"],
-                      gpu_source=r["gpu_energy_source"], gpu_devices=r["gpu_energy_devices"],
-                      cpu_j=r["cpu_energy_j"], cpu_source=r["cpu_energy_source"], trailing=r["trailing"])
+    tally = fill(resources.ResourceTally(), rows, vectorised)
     assert sorted(tally.step_rates["cpu x"]) == pytest.approx([400 / (2 * 10.0), 800 / (2 * 10.0)])
     assert tally.device_seconds["cpu x"] == pytest.approx(2 * 24.0)  # the evaluation used the devices
     assert tally.energy_summary()["cpu_j"] == pytest.approx(3.0) and tally.rows == 3
