@@ -20,8 +20,11 @@ PUBLISHED = {
     "Qwen/Qwen2.5-1.5B": 1.7e23, "Qwen/Qwen2.5-3B": 3.3e23, "Qwen/Qwen2.5-7B": 8.2e23, "Qwen/Qwen2.5-14B": 1.6e24,
     "Qwen/Qwen2.5-72B": 7.8e24, "google/gemma-2-2b": 3.1e22, "google/gemma-2-9b": 4.3e23,
     "google/gemma-2-27b": 2.1e24, "microsoft/Phi-3-mini-4k-instruct": 7.5e22, "allenai/OLMo-2-1124-7B": 1.8e23,
-    "allenai/OLMo-2-1124-13B": 4.6e23, "mistralai/Mixtral-8x7B-v0.1": 7.7e23, "deepseek-ai/DeepSeek-V3": 3.3e24,
+    "allenai/OLMo-2-1124-13B": 4.6e23, "mistralai/Mixtral-8x7B-v0.1": 7.7e23, "deepseek-ai/DeepSeek-V3": 3.4e24,
     "mistralai/Mistral-7B-v0.1": None,
+    # Epoch AI's estimates found in the stored copies of its data (the registry had them unknown before).
+    "Qwen/Qwen2.5-32B": 3.5e24, "microsoft/phi-4": 8.4e23, "mistralai/Mistral-Small-24B-Base-2501": 1.2e24,
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 2.2e22,
 }
 
 
@@ -36,7 +39,7 @@ def test_registry_carries_the_published_figures_with_sources():
     assert list(rows[0]) == ["hf_id", "aliases", "training_flop", "method", "systemic_risk", "source",
                             "base_model", "config"]  # lineage and the shipped architecture config
     assert all(row["source"].strip() for row in rows)
-    assert {row["method"] for row in rows} <= {"reported", "6ND", "hardware", "combined", "unknown"}
+    assert {row["method"] for row in rows} <= {"reported", "6ND", "hardware", "combined", "estimate", "unknown"}
     # The rule: the provider's figure, else Epoch AI's estimate, else unknown (never a 6ND computed here).
     assert not [row["hf_id"] for row in rows if "computed here" in row["source"]]
     assert all(bool(row["training_flop"]) == (row["method"] != "unknown") for row in rows)
@@ -46,10 +49,29 @@ def test_registry_carries_the_published_figures_with_sources():
 
 
 def test_6nd_entries_match_parameters_times_tokens():
-    # 6 x N x D for entries whose card states both (two significant figures).
+    # Epoch AI's 6 x N x D for entries whose card states both (two significant figures).
     assert sig2(6 * 7e9 * 2e12) == sig2(lookup("llama-2-7b").training_flop)
     assert sig2(6 * 7.6e9 * 18e12) == sig2(lookup("qwen2.5-7b").training_flop)
-    assert sig2(6 * 37e9 * 14.8e12) == sig2(lookup("deepseek-v3").training_flop)
+    assert sig2(6 * 1.23e9 * 9e12) == sig2(lookup("llama-3.2-1b").training_flop)
+    assert sig2(6 * 32.5e9 * 18e12) == sig2(lookup("qwen2.5-32b").training_flop)
+    # DeepSeek-V3: 6ND for pre-training plus Epoch's 1.222e23 for post-training (0.1M H800-hours).
+    assert sig2(6 * 37e9 * 14.8e12 + 1.222e23) == sig2(lookup("deepseek-v3").training_flop)
+    # Llama 3.1 8B: Epoch's geometric mean of 6ND and 1.46M H100-hours x 990 TFLOP/s x 40 %.
+    assert sig2((6 * 8e9 * 15e12 * 1.46e6 * 3600 * 9.9e14 * 0.4) ** 0.5) == sig2(lookup("llama-3.1-8b").training_flop)
+
+
+def test_every_registry_row_has_a_method_and_a_source_that_names_its_basis():
+    """The rule, row by row: a figure is the provider's (reported) or Epoch AI's (its technique as the
+    method, and the source names Epoch AI); no figure means method unknown."""
+    from flopcount.compliance.registry import METHODS
+
+    assert set(METHODS) == {"reported", "6ND", "hardware", "combined", "estimate", "measured", "unknown"}
+    for model in base_models():
+        assert model.method in METHODS and model.method != "measured", model.hf_id  # measured: organisations only
+        assert len(model.source) > 20, model.hf_id
+        assert (model.training_flop is None) == (model.method == "unknown"), model.hf_id
+        if model.method in ("6ND", "hardware", "combined", "estimate"):
+            assert "Epoch AI" in model.source, model.hf_id
 
 
 def test_lookup_by_id_alias_and_spelling_variants():
