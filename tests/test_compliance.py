@@ -19,12 +19,13 @@ PUBLISHED = {
     "meta-llama/Llama-3.2-1B": 6.6e22, "meta-llama/Llama-3.2-3B": 1.7e23,
     "Qwen/Qwen2.5-1.5B": 1.7e23, "Qwen/Qwen2.5-3B": 3.3e23, "Qwen/Qwen2.5-7B": 8.2e23, "Qwen/Qwen2.5-14B": 1.6e24,
     "Qwen/Qwen2.5-72B": 7.8e24, "google/gemma-2-2b": 3.1e22, "google/gemma-2-9b": 4.3e23,
-    "google/gemma-2-27b": 2.1e24, "microsoft/Phi-3-mini-4k-instruct": 7.5e22, "allenai/OLMo-2-1124-7B": 1.8e23,
+    "google/gemma-2-27b": 2.1e24, "microsoft/Phi-3-mini-4k-instruct": None, "allenai/OLMo-2-1124-7B": 1.8e23,
     "allenai/OLMo-2-1124-13B": 4.6e23, "mistralai/Mixtral-8x7B-v0.1": 7.7e23, "deepseek-ai/DeepSeek-V3": 3.4e24,
     "mistralai/Mistral-7B-v0.1": None,
     # Epoch AI's estimates found in the stored copies of its data (the registry had them unknown before).
-    "Qwen/Qwen2.5-32B": 3.5e24, "microsoft/phi-4": 8.4e23, "mistralai/Mistral-Small-24B-Base-2501": 1.2e24,
-    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 2.2e22,
+    "Qwen/Qwen2.5-32B": 3.5e24, "microsoft/phi-4": 9.3e23, "mistralai/Mistral-Small-24B-Base-2501": 1.2e24,
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 2.2e22, "Qwen/Qwen3-0.6B": 1.3e23, "Qwen/Qwen3-1.7B": 3.7e23,
+    "Qwen/Qwen3-4B": 8.6e23, "Qwen/Qwen3-8B": 1.8e24, "Qwen/Qwen3-14B": 3.2e24, "Qwen/Qwen3-32B": 7.1e24,
 }
 
 
@@ -39,7 +40,7 @@ def test_registry_carries_the_published_figures_with_sources():
     assert list(rows[0]) == ["hf_id", "aliases", "training_flop", "method", "systemic_risk", "source",
                             "base_model", "config"]  # lineage and the shipped architecture config
     assert all(row["source"].strip() for row in rows)
-    assert {row["method"] for row in rows} <= {"reported", "6ND", "hardware", "combined", "estimate", "unknown"}
+    assert {row["method"] for row in rows} <= {"reported", "6ND", "hardware", "combined", "unknown"}
     # The rule: the provider's figure, else Epoch AI's estimate, else unknown (never a 6ND computed here).
     assert not [row["hf_id"] for row in rows if "computed here" in row["source"]]
     assert all(bool(row["training_flop"]) == (row["method"] != "unknown") for row in rows)
@@ -56,6 +57,11 @@ def test_6nd_entries_match_parameters_times_tokens():
     assert sig2(6 * 32.5e9 * 18e12) == sig2(lookup("qwen2.5-32b").training_flop)
     # DeepSeek-V3: 6ND for pre-training plus Epoch's 1.222e23 for post-training (0.1M H800-hours).
     assert sig2(6 * 37e9 * 14.8e12 + 1.222e23) == sig2(lookup("deepseek-v3").training_flop)
+    assert sig2(6 * 8.2e9 * 36e12) == sig2(lookup("qwen3-8b").training_flop)
+    # Phi-4: Epoch's geometric mean of 6ND and 1920 H100 x 504 h x 989.5 TFLOP/s x 30 %.
+    assert sig2((6 * 14e9 * 10e12 * 1920 * 504 * 3600 * 989.5e12 * 0.3) ** 0.5) == sig2(lookup("phi-4").training_flop)
+    # TinyLlama: Epoch's hardware estimate, 16 A100 x 312 TFLOP/s x 90 days x 56 % utilisation.
+    assert sig2(16 * 312e12 * 90 * 24 * 3600 * 0.56) == sig2(lookup("tinyllama").training_flop)
     # Llama 3.1 8B: Epoch's geometric mean of 6ND and 1.46M H100-hours x 990 TFLOP/s x 40 %.
     assert sig2((6 * 8e9 * 15e12 * 1.46e6 * 3600 * 9.9e14 * 0.4) ** 0.5) == sig2(lookup("llama-3.1-8b").training_flop)
 
@@ -65,12 +71,12 @@ def test_every_registry_row_has_a_method_and_a_source_that_names_its_basis():
     method, and the source names Epoch AI); no figure means method unknown."""
     from flopcount.compliance.registry import METHODS
 
-    assert set(METHODS) == {"reported", "6ND", "hardware", "combined", "estimate", "measured", "unknown"}
+    assert set(METHODS) == {"reported", "6ND", "hardware", "combined", "measured", "unknown"}
     for model in base_models():
         assert model.method in METHODS and model.method != "measured", model.hf_id  # measured: organisations only
         assert len(model.source) > 20, model.hf_id
         assert (model.training_flop is None) == (model.method == "unknown"), model.hf_id
-        if model.method in ("6ND", "hardware", "combined", "estimate"):
+        if model.method in ("6ND", "hardware", "combined"):
             assert "Epoch AI" in model.source, model.hf_id
 
 

@@ -1,13 +1,12 @@
 """The base-model registry: published training compute of open base models (base_models.csv).
 
 Columns: ``hf_id`` (Hugging Face id), ``aliases`` (';'-separated), ``training_flop`` (empty when
-not disclosed), ``method`` (reported / 6ND / hardware / combined / estimate / measured / unknown), ``systemic_risk``
+not disclosed), ``method`` (reported / 6ND / hardware / combined / measured / unknown), ``systemic_risk``
 (true/false), ``source``, and two optional ones: ``base_model`` (the model this one was
 fine-tuned from: its lineage) and ``config`` (a config.json path for `flopcount plan`).
 Which figure a shipped row carries: the provider's published training-compute figure where there is
 one (``reported``), else Epoch AI's estimate (its technique as the method: ``6ND``, ``hardware``, or
-``combined`` for Epoch's geometric mean of the two, ``estimate`` where Epoch's notes do not say how its
-figure was derived), else none (``unknown``: the threshold falls back to
+``combined`` for Epoch's geometric mean of the two), else none (``unknown``: the threshold falls back to
 one third of 1e23 FLOP). A 6·N·D figure computed from published parameters and tokens is not used
 where neither the provider nor Epoch AI gives one; ``source`` names where each figure comes from.
 Names match case-insensitively, ignoring '-', '_', ' ' and '/' (so ``Llama-3.1-8B``,
@@ -34,7 +33,7 @@ from importlib import resources
 
 from ..errors import BadInput
 
-METHODS = ("reported", "6ND", "hardware", "combined", "estimate", "measured", "unknown")
+METHODS = ("reported", "6ND", "hardware", "combined", "measured", "unknown")
 COLUMNS = ("hf_id", "aliases", "training_flop", "method", "systemic_risk", "source")
 OPTIONAL_COLUMNS = ("base_model", "config")
 ENV = "FLOPCOUNT_MODELS"
