@@ -26,6 +26,11 @@ PUBLISHED = {
     "Qwen/Qwen2.5-32B": 3.5e24, "microsoft/phi-4": 9.3e23, "mistralai/Mistral-Small-24B-Base-2501": 1.2e24,
     "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 2.2e22, "Qwen/Qwen3-0.6B": 1.3e23, "Qwen/Qwen3-1.7B": 3.7e23,
     "Qwen/Qwen3-4B": 8.6e23, "Qwen/Qwen3-8B": 1.8e24, "Qwen/Qwen3-14B": 3.2e24, "Qwen/Qwen3-32B": 7.1e24,
+    "google/gemma-3-1b-pt": 1.2e22, "google/gemma-3-4b-pt": 9.6e22, "google/gemma-3-12b-pt": 8.6e23,
+    "google/gemma-3-27b-pt": 2.3e24, "HuggingFaceTB/SmolLM3-3B-Base": None, "allenai/Olmo-3-1025-7B": None,
+    # Fine-tunes: their own (Epoch AI's speculative) compute; the threshold comes from the lineage root.
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-70B": 2.0e22, "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": 2.0e21,
+    "mistralai/Mistral-Small-3.1-24B-Base-2503": None, "mistralai/Mistral-Small-3.2-24B-Instruct-2506": None,
 }
 
 
@@ -62,8 +67,22 @@ def test_6nd_entries_match_parameters_times_tokens():
     assert sig2((6 * 14e9 * 10e12 * 1920 * 504 * 3600 * 989.5e12 * 0.3) ** 0.5) == sig2(lookup("phi-4").training_flop)
     # TinyLlama: Epoch's hardware estimate, 16 A100 x 312 TFLOP/s x 90 days x 56 % utilisation.
     assert sig2(16 * 312e12 * 90 * 24 * 3600 * 0.56) == sig2(lookup("tinyllama").training_flop)
+    assert sig2(6 * 27e9 * 14e12) == sig2(lookup("gemma-3-27b").training_flop)
+    # R1 distills: Epoch's 6 x N x 24B tokens (800k samples x 30k tokens) x 2 epochs.
+    assert sig2(6 * 70e9 * 24e9 * 2) == sig2(lookup("deepseek-r1-distill-llama-70b").training_flop)
     # Llama 3.1 8B: Epoch's geometric mean of 6ND and 1.46M H100-hours x 990 TFLOP/s x 40 %.
     assert sig2((6 * 8e9 * 15e12 * 1.46e6 * 3600 * 9.9e14 * 0.4) ** 0.5) == sig2(lookup("llama-3.1-8b").training_flop)
+
+
+def test_shipped_fine_tunes_take_the_threshold_of_their_original_model():
+    from flopcount.compliance.thresholds import resolve_base
+
+    small = resolve_base("mistral-small-3.2")  # 3.2 <- 3.1 <- Mistral Small 3 (Epoch AI's base-model entries)
+    assert small["lineage"][-1] == "mistralai/Mistral-Small-24B-Base-2501" and small["base_model_flops"] == 1.2e24
+    assert small["prior_modification_flops"] == 0  # neither update's own compute is published
+    distill = resolve_base("deepseek-r1-distill-qwen-7b")
+    assert distill["lineage"] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen2.5-7B"]
+    assert distill["base_model_flops"] == 8.2e23 and distill["prior_modification_flops"] == 2.0e21
 
 
 def test_every_registry_row_has_a_method_and_a_source_that_names_its_basis():
