@@ -190,7 +190,7 @@ def test_every_shipped_config_builds_and_plans_one_step(name):
 
     values = shipped_config(name[:-len(".json")].replace("--", "/"))
     small = one_layer(values)
-    attn = "eager" if small["model_type"] == "gpt_oss" else "sdpa"  # transformers has no SDPA path for gpt-oss
+    attn = "eager" if small["model_type"] in ("gpt_oss", "gemma2") else "sdpa"  # transformers has no SDPA path for these
     tokens = 8
     planned = flopcount.plan(small, seq_len=tokens, batch_size=1, steps=1, optimizer="sgd", attn=attn)
     assert planned["per_step"]["by_module"]["lm_head"] == 3 * 2 * tokens * small["hidden_size"] * small["vocab_size"]
