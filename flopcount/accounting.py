@@ -100,18 +100,6 @@ class StepRecord:
     dark_modules: dict[str, str] = field(default_factory=dict)  # module -> class (capture/dark.py)
     energy: object = None  # resources.StepEnergy read at the step's end, None when not read
 
-    def phase_totals(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for (phase, _, _, _), f in self.flops.items():
-            out[phase] += f
-        return dict(out)
-
-    def category_totals(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for (_, category, _, _), f in self.flops.items():
-            out[category] += f
-        return dict(out)
-
     @property
     def training_flops(self) -> int:
         return sum(f for (phase, _, _, _), f in self.flops.items() if phase in self.training_phases)
@@ -119,7 +107,6 @@ class StepRecord:
     @property
     def hardware_flops(self) -> int:
         return sum(self.flops.values())
-
 
     def to_batches(self) -> dict[str, dict[str, list]]:
         """This step as the rows of the trace tables, column name -> values (trace/schema.py):

@@ -5,15 +5,15 @@ FLOPs), while float64 is not exact above 2**53. Every total is therefore a Pytho
 numbers are added in bulk (numpy, pyarrow, an all-reduce) they travel as base-2**32 *limbs* in
 int64: each limb is below 2**32, so up to 2**31 limbs add up without leaving int64, and the
 limb sums recombine exactly into a Python int. One non-negative int64 is two limbs; a total sent
-to other ranks is ``COLLECTIVE_LIMBS`` limbs (exact below 2**128).
+to other ranks is ``COLLECTIVE_LIMBS`` limbs (exact below 2**128). Running totals (the crossing
+of a threshold, the report's cumulative series) are Python ints too: ``running_sums``.
+
+numpy and pyarrow are imported where the arrays are: the planner and the Code of Practice form
+use the running sums without loading them.
 """
 from __future__ import annotations
 
 from itertools import accumulate
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import BadInput
 
@@ -40,8 +40,10 @@ def from_limbs(limbs: list[int], per_value: int = COLLECTIVE_LIMBS) -> list[int]
 
 def exact_sum(values) -> int:
     """Exact sum of non-negative int64 values (a numpy or pyarrow array; nulls count 0), as a Python int."""
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        values = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+    import numpy as np
+
+    if hasattr(values, "fill_null"):  # a pyarrow array
+        values = values.fill_null(0).to_numpy(zero_copy_only=False)
     values = np.asarray(values, dtype=np.int64)
     if values.size == 0:
         return 0
@@ -52,6 +54,9 @@ def exact_sum(values) -> int:
 def with_limbs(table: pa.Table, column: str = "value") -> pa.Table:
     """``table`` plus the two limbs of its int64 ``column`` as ``lo`` and ``hi``, for a group-by
     that sums them (``("lo", "sum"), ("hi", "sum")``) and ``grouped_sums`` that joins them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     value = table.column(column)
     return table.append_column("lo", pc.bit_wise_and(value, pa.scalar(LIMB_MASK, pa.int64()))).append_column(
         "hi", pc.shift_right(value, pa.scalar(LIMB_BITS, pa.int64())))
@@ -66,6 +71,6 @@ def grouped_sums(grouped: pa.Table) -> list[int]:
                                                      grouped.column("hi_sum").to_pylist())]
 
 
-def running_sums(values) -> list[int]:
-    """Cumulative exact sums (Python ints) of ``values``, in order."""
-    return list(accumulate(int(v) for v in values))
+def running_sums(values):
+    """The cumulative exact sums (Python ints) of ``values``, in order (an iterator)."""
+    return accumulate(int(v) for v in values)

@@ -345,6 +345,8 @@ class Meter:
         live totals' rows get the same identity. The writer may resume a trace: its run id and
         first step number become the meter's (``first_free``: see TraceWriter)."""
         writer = None
+        self.rollup.identity = {"run_id": self.run_id or "run", "rank": self.rank, "world_size": self.world_size,
+                                "segment": 0, **device_columns(self.energy)}
         if self.out is not None:
             identity = WriterIdentity(
                 rank=self.rank, world_size=self.world_size, run_id=self.run_id, first_step=self.step_index,
@@ -354,8 +356,7 @@ class Meter:
             writer = TraceWriter(self.out, identity, self.flush_every, first_free=first_free,
                                  signing_key=self.signing_key, ledger=self.ledger)
             self.run_id, self.step_index = writer.run_id, writer.first_step
-        self.rollup.identity = {"run_id": self.run_id or "run", "rank": self.rank, "world_size": self.world_size,
-                                "segment": writer.segment if writer is not None else 0, **device_columns(self.energy)}
+            self.rollup.identity.update(run_id=writer.run_id, segment=writer.segment)
         return writer
 
     def _require_active(self, what: str) -> None:

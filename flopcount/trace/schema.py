@@ -27,7 +27,12 @@ every table, summary and report can tell derived FLOPs from captured ones withou
 
 FLOP values are int64: one step of one rank fits (9.2e18 is about 26 hours of a 100 PFLOP/s
 machine). A breakdown window is flushed early before its sums could leave int64. Totals across
-steps, ranks and runs are summed exactly in Python integers, never in int64 columns.
+steps, ranks and runs are summed exactly in Python integers, never in int64 columns (exact.py).
+
+Documentation: every column is defined once, below, with its type and meaning (``Column``); the
+column tables of docs/traces.md are this module's output (``python -m flopcount.trace.schema
+--update docs/traces.md``; a test checks the copy). Rows are built by column name
+(``record_batch``), never by position.
 """
 from __future__ import annotations
 
