@@ -19,12 +19,15 @@ import pyarrow as pa
 from .conventions import BUILTIN_PHASES, TRAINING_PHASES
 from .errors import BadInput
 from .resources.rows import energy_columns
-from .trace.schema import BREAKDOWN_KINDS, CATEGORY_COLUMNS, INT64_MAX, PHASE_COLUMNS, USER_PHASE_COLUMN, record_batch
+from .trace.schema import (BREAKDOWN_KINDS, CATEGORY_COLUMNS, INT64_MAX, PHASE_COLUMNS, USER_PHASE_COLUMN, column_names,
+                           record_batch)
 
-# The breakdown columns of a step's own rows, in the order of ``StepRecord.to_batches()``'s keys;
-# the writer's identity (run, rank, segment) and the window (first and last step) complete a row.
-KEY_COLUMNS = ("kind", "phase", "category", "module", "op", "training")
+# The breakdown columns of a step's own rows: the key (kind, phase, ...) and the value; the
+# writer's identity (run, rank, segment) and the window (first and last step) complete a row.
+KEY_COLUMNS = tuple(column_names("breakdown", "key"))
+ROW_COLUMNS = (*KEY_COLUMNS, *column_names("breakdown", "value"))
 _KIND_ORDER = {kind: i for i, kind in enumerate(BREAKDOWN_KINDS)}
+_KIND = KEY_COLUMNS.index("kind")
 
 
 class StepAccumulator:
@@ -134,16 +137,26 @@ class StepRecord:
                  "collective_calls": sum(self.collectives.values()),
                  "collective_bytes": sum(self.collective_bytes.values()),
                  **energy_columns(self.energy), "trailing": bool(self.trailing)}
-        rows = [("flops", phase, category, module, op, phase in training, f)
-                for (phase, category, module, op), f in self.flops.items()]
-        rows += [("calls", phase, None, None, op, None, n) for (op, phase), n in self.calls.items()]
-        rows += [("uncounted", None, None, None, op, None, n) for op, n in self.uncounted.items()]
-        rows += [("collective_calls", None, None, None, op, None, n) for op, n in self.collectives.items()]
-        rows += [("collective_bytes", None, None, None, op, None, n) for op, n in self.collective_bytes.items()]
-        rows += [("dark_module", None, None, module, cls, None, 1) for module, cls in self.dark_modules.items()]
-        columns = list(zip(*rows)) if rows else [()] * (len(KEY_COLUMNS) + 1)
+        flops, calls = self.flops, self.calls
+        phase, category, module, op = (list(c) for c in zip(*flops)) if flops else ([], [], [], [])
+        kinds = [  # one part per kind, each column by name (absent key columns are null)
+            _kind_rows("flops", list(flops.values()), phase=phase, category=category, module=module, op=op,
+                       training=[p in training for p in phase]),
+            _kind_rows("calls", list(calls.values()), phase=[p for _, p in calls], op=[o for o, _ in calls]),
+            _kind_rows("uncounted", list(self.uncounted.values()), op=list(self.uncounted)),
+            _kind_rows("collective_calls", list(self.collectives.values()), op=list(self.collectives)),
+            _kind_rows("collective_bytes", list(self.collective_bytes.values()), op=list(self.collective_bytes)),
+            _kind_rows("dark_module", [1] * len(self.dark_modules), module=list(self.dark_modules),
+                       op=list(self.dark_modules.values())),  # one step in which each was dark
+        ]
         return {"steps": {name: [value] for name, value in steps.items()},
-                "breakdown": dict(zip((*KEY_COLUMNS, "value"), map(list, columns)))}
+                "breakdown": {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS}}
+
+
+def _kind_rows(kind: str, values: list, **keys: list) -> dict[str, list]:
+    """The breakdown columns of one kind's rows: ``keys`` by name, the other key columns null."""
+    n = len(values)
+    return {"kind": [kind] * n, "value": values, **{name: keys.get(name, [None] * n) for name in KEY_COLUMNS if name != "kind"}}
 
 
 class StepWindow:
@@ -169,7 +182,7 @@ class StepWindow:
         for name, values in steps.items():
             self.steps[name].extend(values)
         keys = self.keys
-        for key, value in zip(zip(*(breakdown[c] for c in KEY_COLUMNS)), breakdown["value"]):
+        for key, value in zip(zip(*(breakdown[c] for c in KEY_COLUMNS)), breakdown["value"]):  # KEY_COLUMNS order
             keys[key] += value
         self.rows += len(steps["step"])
         self.training_flops += sum(steps["training_flops"])
@@ -185,9 +198,9 @@ class StepWindow:
         (run_id, rank, world_size, segment, device_name, device_count); empties the window."""
         steps = self.steps
         window = {"first_step": steps["step"][0], "last_step": steps["step"][-1]} if self.rows else {}
-        keys = sorted(self.keys.items(), key=lambda kv: _KIND_ORDER[kv[0][0]])  # kind by kind, first seen first
-        columns = list(zip(*((*key, value) for key, value in keys))) if keys else [()] * (len(KEY_COLUMNS) + 1)
-        breakdown = dict(zip((*KEY_COLUMNS, "value"), columns))
+        keys = sorted(self.keys.items(), key=lambda kv: _KIND_ORDER[kv[0][_KIND]])  # kind by kind, first seen first
+        columns = list(zip(*((*key, value) for key, value in keys))) if keys else [()] * len(ROW_COLUMNS)
+        breakdown = dict(zip(ROW_COLUMNS, columns))
         out = {"steps": record_batch("steps", steps, constants, self.rows),
                "breakdown": record_batch("breakdown", breakdown, {**constants, **window}, len(keys))}
         self._reset()
