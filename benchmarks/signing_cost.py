@@ -58,12 +58,11 @@ def seal_cost(signer) -> dict:
 
 def writer_round(record, flush_every: int, signing_key) -> tuple[float, float]:
     import flopcount
-    from flopcount.trace.writer import TraceWriter
 
     with tempfile.TemporaryDirectory() as root:
         meter = flopcount.Meter(os.path.join(root, "run"), flush_every=flush_every, signing_key=signing_key)
         meter.backend = "dispatch"
-        writer = TraceWriter(meter)
+        writer = meter.open_writer()
         cpu, wall = time.thread_time(), time.perf_counter()
         for i in range(STEPS):
             record.step = i

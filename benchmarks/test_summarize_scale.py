@@ -165,7 +165,6 @@ def test_trace_write_cost_per_step(benchmark, tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
     import flopcount
-    from flopcount.trace.writer import TraceWriter
     from reference_step import build, train_step
 
     torch.set_num_threads(2)
@@ -180,7 +179,7 @@ def test_trace_write_cost_per_step(benchmark, tmp_path):
         meter.step(tokens=int(ids.numel()))
     record = meter.last_step
     writer_meter = flopcount.Meter(tmp_path / "trace", flush_every=50)
-    writer = TraceWriter(writer_meter)
+    writer = writer_meter.open_writer()
     writes = 500
 
     def write_many():

@@ -1,19 +1,33 @@
-"""Per-step accumulation and roll-ups of counted FLOPs.
+"""Per-step accumulation of counted FLOPs, and closed steps as columnar batches.
 
 ``StepAccumulator`` collects the open step, keyed (phase, category, module, op).
-``StepRecord`` is a closed step. ``Rollup`` adds records into run totals with memory that does
-not grow with the number of steps; ``Rollup.summary()`` produces the dict that
-``Meter.summary()`` and ``flopcount summarize --json`` share.
+``StepRecord`` is a closed step; ``StepRecord.to_batches()`` turns it into the rows of the trace
+tables (trace/schema.py), keyed by column name. ``StepWindow`` holds the batches of the steps
+not yet handed on (the trace writer's flush window; the live meter's steps not yet added to its
+totals) and makes them one Arrow record batch per table. Totals are summed in one place:
+``summary.summarize_batches``, for the live meter and the written traces alike.
 """
 from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
-from .conventions import CATEGORIES, EXCLUDED_PHASES, NO_MODULE, ROOT_MODULE, TRAINING_PHASES
+import pyarrow as pa
 
-SUMMARY_SCHEMA = "flopcount.summary/1"
+from .conventions import BUILTIN_PHASES, TRAINING_PHASES
+from .errors import BadInput
+from .resources.rows import energy_columns
+from .trace.schema import (BREAKDOWN_KINDS, CATEGORY_COLUMNS, INT64_MAX, PHASE_COLUMNS, USER_PHASE_COLUMN, column_names,
+                           record_batch)
+
+# The breakdown columns of a step's own rows: the key (kind, phase, ...) and the value; the
+# writer's identity (run, rank, segment) and the window (first and last step) complete a row.
+KEY_COLUMNS = tuple(column_names("breakdown", "key"))
+ROW_COLUMNS = (*KEY_COLUMNS, *column_names("breakdown", "value"))
+_KIND_ORDER = {kind: i for i, kind in enumerate(BREAKDOWN_KINDS)}
+_KIND = KEY_COLUMNS.index("kind")
 
 
 class StepAccumulator:
@@ -87,18 +101,7 @@ class StepRecord:
     # counted in its phases, but not a training step (``steps`` leaves it out).
     trailing: bool = False
     dark_modules: dict[str, str] = field(default_factory=dict)  # module -> class (capture/dark.py)
-
-    def phase_totals(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for (phase, _, _, _), f in self.flops.items():
-            out[phase] += f
-        return dict(out)
-
-    def category_totals(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for (_, category, _, _), f in self.flops.items():
-            out[category] += f
-        return dict(out)
+    energy: object = None  # resources.StepEnergy read at the step's end, None when not read
 
     @property
     def training_flops(self) -> int:
@@ -108,114 +111,97 @@ class StepRecord:
     def hardware_flops(self) -> int:
         return sum(self.flops.values())
 
+    def to_batches(self) -> dict[str, dict[str, list]]:
+        """This step as the rows of the trace tables, column name -> values (trace/schema.py):
+        ``steps``, one row without the writer's columns (run_id, rank, world_size, segment and the
+        devices, which ``StepWindow.batches`` adds), and ``breakdown``, one row per key
+        (KEY_COLUMNS and ``value``). Raises BadInput when the step's FLOPs do not fit an int64 column."""
+        phases: dict[str, int] = defaultdict(int)
+        categories: dict[str, int] = defaultdict(int)
+        for (phase, category, _, _), f in self.flops.items():
+            phases[phase] += f
+            categories[category] += f
+        hardware = sum(phases.values())
+        if hardware > INT64_MAX:
+            raise BadInput(f"flopcount: step {self.step} has {hardware} FLOPs, more than a trace column holds "
+                           "(2**63-1); close steps more often")
+        training = self.training_phases
+        steps = {"step": self.step, "start_time": self.start_time, "end_time": self.end_time,
+                 "tokens": self.tokens, "samples": self.samples,
+                 "training_flops": sum(f for phase, f in phases.items() if phase in training),
+                 "hardware_flops": hardware,
+                 **{column: phases.get(phase, 0) for phase, column in PHASE_COLUMNS.items()},
+                 USER_PHASE_COLUMN: sum(f for phase, f in phases.items() if phase not in BUILTIN_PHASES),
+                 **{column: categories.get(category, 0) for category, column in CATEGORY_COLUMNS.items()},
+                 "uncounted_calls": sum(self.uncounted.values()),
+                 "collective_calls": sum(self.collectives.values()),
+                 "collective_bytes": sum(self.collective_bytes.values()),
+                 **energy_columns(self.energy), "trailing": bool(self.trailing)}
+        flops, calls = self.flops, self.calls
+        phase, category, module, op = (list(c) for c in zip(*flops)) if flops else ([], [], [], [])
+        kinds = [  # one part per kind, each column by name (absent key columns are null)
+            _kind_rows("flops", list(flops.values()), phase=phase, category=category, module=module, op=op,
+                       training=[p in training for p in phase]),
+            _kind_rows("calls", list(calls.values()), phase=[p for _, p in calls], op=[o for o, _ in calls]),
+            _kind_rows("uncounted", list(self.uncounted.values()), op=list(self.uncounted)),
+            _kind_rows("collective_calls", list(self.collectives.values()), op=list(self.collectives)),
+            _kind_rows("collective_bytes", list(self.collective_bytes.values()), op=list(self.collective_bytes)),
+            _kind_rows("dark_module", [1] * len(self.dark_modules), module=list(self.dark_modules),
+                       op=list(self.dark_modules.values())),  # one step in which each was dark
+        ]
+        return {"steps": {name: [value] for name, value in steps.items()},
+                "breakdown": {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS}}
 
-def truncate_module(name: str, depth: int | None) -> str:
-    if depth is None or name in (ROOT_MODULE, NO_MODULE):
-        return name
-    return ".".join(name.split(".")[:depth])
+
+def _kind_rows(kind: str, values: list, **keys: list) -> dict[str, list]:
+    """The breakdown columns of one kind's rows: ``keys`` by name, the other key columns null."""
+    n = len(values)
+    return {"kind": [kind] * n, "value": values, **{name: keys.get(name, [None] * n) for name in KEY_COLUMNS if name != "kind"}}
 
 
-@dataclass
-class Rollup:
-    """Run totals over any number of steps (and, in the summarizer, ranks and runs)."""
+class StepWindow:
+    """The batches of closed steps not yet handed on: their ``steps`` rows, and their
+    ``breakdown`` rows summed by key. ``on_full`` is called to take them (``batches``) before a
+    step whose FLOPs would take a breakdown sum past int64, and once ``size`` steps are held."""
 
-    training_phases: set[str] = field(default_factory=lambda: set(TRAINING_PHASES))
-    by_phase_category: defaultdict = field(default_factory=lambda: defaultdict(int))
-    by_module: defaultdict = field(default_factory=lambda: defaultdict(int))
-    by_module_training: defaultdict = field(default_factory=lambda: defaultdict(int))
-    by_op: defaultdict = field(default_factory=lambda: defaultdict(int))
-    op_calls: Counter = field(default_factory=Counter)
-    uncounted: Counter = field(default_factory=Counter)
-    collectives: Counter = field(default_factory=Counter)
-    collective_bytes: Counter = field(default_factory=Counter)
-    dark_modules: dict = field(default_factory=dict)  # module name -> class name (capture/dark.py)
-    steps: int = 0  # optimizer steps: trailing records are not steps
-    trailing_flops: int = 0  # FLOPs of the work after the last optimizer step (in the totals too)
-    tokens: int | None = None
-    samples: int | None = None
-    world_size: int = 1
-    ranks: set[int] = field(default_factory=lambda: {0})
-    first_time: float | None = None
-    last_time: float | None = None
+    def __init__(self, size: int, on_full: Callable[[], None]) -> None:
+        self.size, self.on_full = size, on_full
+        self._reset()
 
-    def add(self, record: StepRecord) -> None:
-        self.training_phases |= record.training_phases
-        for (phase, category, module, op), f in record.flops.items():
-            self.by_phase_category[(phase, category)] += f
-            self.by_module[module] += f
-            if phase in record.training_phases:
-                self.by_module_training[module] += f
-            self.by_op[op] += f
-        for (op, _), n in record.calls.items():  # one op may run in several phases
-            self.op_calls[op] += n
-        self.uncounted.update(record.uncounted)
-        self.collectives.update(record.collectives)
-        self.collective_bytes.update(record.collective_bytes)
-        self.dark_modules.update(getattr(record, "dark_modules", {}))
-        if record.trailing:
-            self.trailing_flops += record.hardware_flops
-        else:
-            self.steps += 1
-        if record.tokens is not None:
-            self.tokens = (self.tokens or 0) + int(record.tokens)
-        if record.samples is not None:
-            self.samples = (self.samples or 0) + int(record.samples)
-        self.first_time = record.start_time if self.first_time is None else min(self.first_time, record.start_time)
-        self.last_time = record.end_time if self.last_time is None else max(self.last_time, record.end_time)
+    def _reset(self) -> None:
+        self.steps: defaultdict[str, list] = defaultdict(list)
+        self.keys: defaultdict[tuple, int] = defaultdict(int)  # KEY_COLUMNS -> summed value
+        self.rows = 0
+        self.training_flops = self.hardware_flops = 0  # sums of the steps held, as Python ints
 
-    @property
-    def training_flops(self) -> int:
-        return sum(f for (p, _), f in self.by_phase_category.items() if p in self.training_phases)
+    def add(self, batches: dict[str, dict[str, list]]) -> None:
+        steps, breakdown = batches["steps"], batches["breakdown"]
+        hardware = sum(steps["hardware_flops"])
+        if self.rows and self.hardware_flops + hardware > INT64_MAX:
+            self.on_full()  # keep every breakdown sum inside int64
+        for name, values in steps.items():
+            self.steps[name].extend(values)
+        keys = self.keys
+        for key, value in zip(zip(*(breakdown[c] for c in KEY_COLUMNS)), breakdown["value"]):  # KEY_COLUMNS order
+            keys[key] += value
+        self.rows += len(steps["step"])
+        self.training_flops += sum(steps["training_flops"])
+        self.hardware_flops += hardware
+        if self.rows >= self.size:
+            self.on_full()
 
-    @property
-    def hardware_flops(self) -> int:
-        return sum(self.by_phase_category.values())
+    def __len__(self) -> int:
+        return self.rows
 
-    def summary(self, module_depth: int | None = None) -> dict:
-        by_phase: dict[str, int] = defaultdict(int)
-        by_category: dict[str, int] = {c: 0 for c in CATEGORIES}
-        training_by_category: dict[str, int] = {c: 0 for c in CATEGORIES}
-        by_phase_category: dict[str, dict[str, int]] = defaultdict(dict)
-        for (phase, category), f in sorted(self.by_phase_category.items()):
-            by_phase[phase] += f
-            by_category[category] = by_category.get(category, 0) + f
-            by_phase_category[phase][category] = f
-            if phase in self.training_phases:
-                training_by_category[category] = training_by_category.get(category, 0) + f
-        modules: dict[str, int] = defaultdict(int)
-        modules_training: dict[str, int] = defaultdict(int)
-        for name, f in self.by_module.items():
-            modules[truncate_module(name, module_depth)] += f
-        for name, f in self.by_module_training.items():
-            modules_training[truncate_module(name, module_depth)] += f
-        return {
-            "schema": SUMMARY_SCHEMA,
-            "training_flops": self.training_flops,
-            "hardware_flops": self.hardware_flops,
-            "gemm_training_flops": sum(training_by_category.get(c, 0) for c in ("matmul", "attention", "conv")),
-            "by_phase": dict(by_phase),
-            "by_category": by_category,
-            "training_by_category": training_by_category,
-            "by_phase_category": dict(by_phase_category),
-            "by_module": dict(sorted(modules.items(), key=lambda kv: -kv[1])),
-            "by_module_training": dict(sorted(modules_training.items(), key=lambda kv: -kv[1])),
-            "by_op": {op: {"flops": self.by_op.get(op, 0), "calls": self.op_calls.get(op, 0)}
-                      for op in sorted(set(self.by_op) | set(self.op_calls), key=lambda o: -self.by_op.get(o, 0))},
-            "steps": self.steps,
-            "trailing_flops": self.trailing_flops,
-            "tokens": self.tokens,
-            "samples": self.samples,
-            "world_size": self.world_size,
-            "ranks": sorted(self.ranks),
-            "uncounted_ops": dict(self.uncounted.most_common()),
-            "dark_modules": dict(sorted(self.dark_modules.items())),
-            "missing_ranks": [], "unfinished_ranks": [], "rank_problems": [],  # traces: summary.py
-            "collective_calls": sum(self.collectives.values()),
-            "collective_bytes": sum(self.collective_bytes.values()),
-            "collectives": {op: {"calls": n, "bytes": self.collective_bytes.get(op, 0)}
-                            for op, n in sorted(self.collectives.items(), key=lambda kv: -self.collective_bytes[kv[0]])},
-            "training_phases": sorted(self.training_phases),
-            "excluded_phases": sorted(EXCLUDED_PHASES | (set(by_phase) - self.training_phases)),
-            "start_time": self.first_time,
-            "end_time": self.last_time,
-        }
+    def batches(self, constants: dict) -> dict[str, pa.RecordBatch]:
+        """The steps held as one record batch per table, the writer's columns from ``constants``
+        (run_id, rank, world_size, segment, device_name, device_count); empties the window."""
+        steps = self.steps
+        window = {"first_step": steps["step"][0], "last_step": steps["step"][-1]} if self.rows else {}
+        keys = sorted(self.keys.items(), key=lambda kv: _KIND_ORDER[kv[0][_KIND]])  # kind by kind, first seen first
+        columns = list(zip(*((*key, value) for key, value in keys))) if keys else [()] * len(ROW_COLUMNS)
+        breakdown = dict(zip(ROW_COLUMNS, columns))
+        out = {"steps": record_batch("steps", steps, constants, self.rows),
+               "breakdown": record_batch("breakdown", breakdown, {**constants, **window}, len(keys))}
+        self._reset()
+        return out

@@ -12,7 +12,7 @@ import socket
 
 import torch
 
-from .errors import BadInput
+from .exact import from_limbs, to_limbs
 from .formulas.registry import op_name
 from .resources.rank import env_rank_and_world_size, job_id, local_rank
 
@@ -89,33 +89,16 @@ def _nbytes(value) -> int:
 
 TOTAL_KEYS = ("training_flops", "hardware_flops", "tokens", "samples", "steps",
               "collective_calls", "collective_bytes")
-# Totals travel as base-2**32 limbs in int64: exact for any value below 2**128, and the sum of
-# one limb over up to 2**31 ranks still fits in int64 (a single int64 overflows after a few
-# hours of one GPU's FLOPs; float64 is not exact above 2**53).
-_LIMB_BITS = 32
-_LIMBS = 4
+# Totals travel as base-2**32 limbs in int64 (flopcount/exact.py, the one exact-sum scheme):
+# exact for any value below 2**128, and the sum of one limb over up to 2**31 ranks still fits in
+# int64 (a single int64 overflows after a few hours of one GPU's FLOPs; float64 is not exact
+# above 2**53).
 
 
-def to_limbs(values: list[int]) -> list[int]:
-    limbs = []
-    for value in values:
-        if not 0 <= value < 1 << (_LIMB_BITS * _LIMBS):
-            raise BadInput(f"flopcount: total {value} is outside [0, 2**128)")
-        limbs.extend((value >> (_LIMB_BITS * i)) & ((1 << _LIMB_BITS) - 1) for i in range(_LIMBS))
-    return limbs
-
-
-def from_limbs(limbs: list[int]) -> list[int]:
-    return [sum(int(limb) << (_LIMB_BITS * i) for i, limb in enumerate(limbs[j:j + _LIMBS]))
-            for j in range(0, len(limbs), _LIMBS)]
-
-
-def local_totals(rollup) -> dict[str, int]:
-    """This rank's exact totals over its closed steps, as plain ints (None counts as 0)."""
-    return {"training_flops": rollup.training_flops, "hardware_flops": rollup.hardware_flops,
-            "tokens": rollup.tokens or 0, "samples": rollup.samples or 0, "steps": rollup.steps,
-            "collective_calls": sum(rollup.collectives.values()),
-            "collective_bytes": sum(rollup.collective_bytes.values())}
+def local_totals(totals) -> dict[str, int]:
+    """This rank's exact totals over its closed steps (a meter's ``summary.LiveTotals``), as plain
+    ints (None counts as 0)."""
+    return {key: getattr(totals, key) or 0 for key in TOTAL_KEYS}
 
 
 def all_reduce_totals(totals: dict[str, int], group=None) -> dict[str, int]:

@@ -11,7 +11,7 @@ from ._torch import require_torch
 require_torch()  # one line saying how to install PyTorch >= 2.5, not a ModuleNotFoundError from below
 import torch  # noqa: E402
 
-from .accounting import Rollup, StepAccumulator, StepRecord
+from .accounting import StepAccumulator, StepRecord
 from .budget import DEFAULT_WARN_AT, STOP, BudgetGuard
 from .capture import compile as compiled_regions
 from .capture.context import MODULE_HOOKS, Context, HookGuard, settle_phase
@@ -20,7 +20,9 @@ from .capture.dark import DarkModuleWatch
 from .conventions import BACKWARD, BUILTIN_PHASES, EVAL, NO_GRAD_TRAINING_PHASES, PROVISIONAL_NO_GRAD, TRAINING_PHASES
 from .distributed import rank_and_world_size
 from .errors import BadInput
-from .resources import ResourceTally, open_energy_meter, resources_summary
+from .resources import device_columns, open_energy_meter
+from .summary import LiveTotals, summarize_batches
+from .trace.writer import TraceWriter, WriterIdentity
 
 compiled_regions.install()  # before any torch.compile, so that compiled regions are countable
 
@@ -76,11 +78,10 @@ class Meter:
         self.job_totals: dict | None = None  # the latest job-wide totals (all ranks)
         self.budget = None if budget is None else BudgetGuard.create(
             budget, budget_warn_at, base_model=base_model, base_model_flops=base_model_flops)
-        self.rollup = Rollup()
+        self.rollup = LiveTotals()  # the live totals of the closed steps (summary.py)
         self.energy_enabled, self.devices = bool(energy), devices  # docs/energy.md
         self.signing_key, self.ledger = signing_key, ledger  # the trace writer uses them (trace/writer.py)
         self.energy = None  # the EnergyMeter while active: devices, NVML / RAPL readers
-        self.resources = ResourceTally()  # time, device time and energy of the closed steps
         self.training_phases = set(TRAINING_PHASES)
         self.user_phases: dict[str, bool] = {}
         self.step_index = 0
@@ -105,11 +106,8 @@ class Meter:
         self.counter = Counter(self.context, strict=self.strict, warn=self.warn, on_work=self._on_work)
         self.capture = self._make_capture()
         self.rank, self.world_size = rank_and_world_size()
-        self.rollup.world_size, self.rollup.ranks = self.world_size, {self.rank}
         self.energy = open_energy_meter(self.world_size, devices=self.devices, enabled=self.energy_enabled)
-        from .trace.writer import open_writer
-
-        self.writer = open_writer(self)
+        self.writer = self.open_writer()
         self.context.install()
         self.dark = DarkModuleWatch(self.context)  # capture/dark.py: after the Context, which names modules
         if self.track_modules:
@@ -231,10 +229,10 @@ class Meter:
                 trailing=trailing)
         record.dark_modules = self.dark.take(record.flops)  # capture/dark.py
         record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
-        self.resources.add_step(self.run_id or "run", self.rank, record, record.energy, self.energy)
-        self.rollup.add(record)
+        batches = record.to_batches()  # the step's trace rows, for the live totals and the writer
+        self.rollup.add(batches)
         if self.writer is not None:
-            self.writer.write(record)
+            self.writer.write(batches)
         self.last_step = record
         self.step_index += 1
         self._optimizer_steps_closed = self.context.optimizer_steps
@@ -331,14 +329,35 @@ class Meter:
 
     def summary(self) -> dict:
         """Totals over the closed steps (the open step is included once it closes)."""
-        summary = self.rollup.summary(self.module_depth)
+        last = self.last_step  # its training phases: the built-in ones and those declared by then
+        summary = summarize_batches(*self.rollup.take(), totals=self.rollup.totals, module_depth=self.module_depth,
+                                    training_phases=last.training_phases if last is not None else (),
+                                    ranks={self.rank}, world_size=self.world_size, where="of the live meter")
         summary.update(run_id=self.run_id, backend=self.backend, base_model=self.base_model, rank=self.rank,
                        module_depth=self.module_depth, torch_version=torch.__version__,
                        meter_errors=self.guard.summary() if hasattr(self, "guard") else {})
-        summary.update(resources_summary(self.resources, summary["training_flops"]))  # time, energy, estimate
         from .compliance import add_method_and_compliance
 
         return add_method_and_compliance(summary, base_model=self.base_model, base_model_flops=self.base_model_flops)
+
+    def open_writer(self, *, first_free: bool = False) -> TraceWriter | None:
+        """The trace writer of ``out`` (None without it), opened with this rank's identity; the
+        live totals' rows get the same identity. The writer may resume a trace: its run id and
+        first step number become the meter's (``first_free``: see TraceWriter)."""
+        writer = None
+        self.rollup.identity = {"run_id": self.run_id or "run", "rank": self.rank, "world_size": self.world_size,
+                                "segment": 0, **device_columns(self.energy)}
+        if self.out is not None:
+            identity = WriterIdentity(
+                rank=self.rank, world_size=self.world_size, run_id=self.run_id, first_step=self.step_index,
+                **device_columns(self.energy), energy=self.energy.describe() if self.energy is not None else None,
+                backend=self.backend, base_model=self.base_model, base_model_flops=self.base_model_flops,
+                module_depth=self.module_depth)
+            writer = TraceWriter(self.out, identity, self.flush_every, first_free=first_free,
+                                 signing_key=self.signing_key, ledger=self.ledger)
+            self.run_id, self.step_index = writer.run_id, writer.first_step
+            self.rollup.identity.update(run_id=writer.run_id, segment=writer.segment)
+        return writer
 
     def _require_active(self, what: str) -> None:
         if not self._active:

@@ -6,7 +6,6 @@ import pytest
 import flopcount
 from flopcount.accounting import StepRecord
 from flopcount.trace.storage import TraceError
-from flopcount.trace.writer import TraceWriter
 from tracegen import BATCH, MATMUL_PER_STEP, TOKENS_PER_SAMPLE, train
 
 # Keys whose values legitimately differ between a live meter and the written traces.
@@ -62,7 +61,7 @@ def test_totals_beyond_int64_are_exact(tmp_path, monkeypatch):
         monkeypatch.setenv("RANK", str(rank))
         meter = flopcount.Meter(tmp_path / "big", flush_every=2)
         meter.rank, meter.world_size = rank, 2
-        writer = TraceWriter(meter)
+        writer = meter.open_writer()
         for step in range(5):
             writer.write(_synthetic_record(step, per_step))
         writer.close({"training_flops": 5 * per_step, "hardware_flops": 5 * (per_step + 7)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from ..exact import running_sums
 from ..report.format import iso_time
 from .forecast import forecast
 from .thresholds import DEFAULT_APPROACHING, exact, threshold
@@ -28,11 +29,10 @@ def crossing_time(rows, threshold) -> float | None:
     """When cumulative training FLOPs first reached ``threshold``: the end time of that step.
 
     ``rows``: (end_time, training FLOPs) of every step of every rank, in any order; summed
-    exactly in Python integers."""
+    exactly (flopcount/exact.py)."""
     limit = exact(threshold)
-    total = 0
-    for end_time, flops in sorted(rows, key=lambda r: r[0]):
-        total += int(flops)
+    ordered = sorted(rows, key=lambda r: r[0])
+    for (end_time, _), total in zip(ordered, running_sums(flops for _, flops in ordered)):
         if total >= limit:
             return float(end_time)
     return None

@@ -37,13 +37,10 @@ class LazyWriterMeter(Meter):
 
     def _close(self, *args, **kwargs):
         if self.writer is None and self.lazy_out is not None:
-            from ..trace.writer import open_writer
-
             self.rank, self.world_size = rank_and_world_size()
-            self.rollup.world_size, self.rollup.ranks = self.world_size, {self.rank}
             self.out, self.lazy_out = self.lazy_out, None
             try:  # inside the training loop now: a storage fault must not end the program
-                self.writer = open_writer(self, first_free=True)  # its own writer slot: r00000, r00000-p1, ...
+                self.writer = self.open_writer(first_free=True)  # its own writer slot: r00000, r00000-p1, ...
             except Exception as e:
                 sys.stderr.write(f"flopcount: NOT writing a trace for pid {os.getpid()} to {self.out}: {e}\n")
         return super()._close(*args, **kwargs)

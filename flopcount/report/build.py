@@ -10,6 +10,7 @@ import datetime as dt
 from ..compliance.check import check_traces
 from ..compliance.thresholds import DEFAULT_APPROACHING
 from ..errors import findings_first
+from ..exact import running_sums
 from ..summary import step_series
 from ..trace.integrity import check_integrity
 from ..trace.reader import open_traces
@@ -92,10 +93,8 @@ def build_report(location, *, base_model=None, base_model_flops=None, systemic_r
 
 def _cumulative(series, max_points: int = 2000) -> list[list]:
     """[[index, run_id, step, cumulative training FLOPs]] over the project's steps, thinned for plots."""
-    total, points = 0, []
-    for index, (run_id, step, flops) in enumerate(series):
-        total += flops
-        points.append([index, run_id, step, total])
+    totals = running_sums(flops for _, _, flops in series)
+    points = [[index, run_id, step, total] for index, ((run_id, step, _), total) in enumerate(zip(series, totals))]
     if len(points) > max_points:
         stride = -(-len(points) // max_points)
         points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])

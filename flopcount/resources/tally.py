@@ -12,12 +12,14 @@ import pyarrow.compute as pc
 from ..hardware import ASSUMED_UTILISATION, DEFAULT_DTYPE, cross_check, quantiles
 from .counters import NO_DEVICE, RAPL, RAPL_OTHER_RANK, UNAVAILABLE
 from .prose import TIME_SOURCE, TIME_SOURCE_WITHOUT_DEVICES, coverage_text
-from .sampler import EnergyMeter, StepEnergy
+from ..trace.schema import STEPS_SCHEMA
+from .rows import RESOURCE_COLUMNS
 
 J_PER_MWH = 3.6e9
 J_PER_KWH = 3.6e6
 SECONDS_PER_DAY = 86_400.0
 RATE_SAMPLE = 50_000  # per-step MFU: a uniform sample of at most this many step rows per device type
+_ROW_SCHEMA = pa.schema([STEPS_SCHEMA.field(c) for c in RESOURCE_COLUMNS])  # ResourceTally.add's one row
 
 
 class _Sample:
@@ -30,7 +32,6 @@ class _Sample:
         self.values = np.empty(0)
         self.keys = np.empty(0)
         self.threshold = 1.0  # keys at or above it can no longer enter the bottom-k
-        self.pending: list[float] = []
 
     def add(self, values) -> None:
         values = np.asarray(values, dtype=np.float64)
@@ -50,18 +51,7 @@ class _Sample:
             self.values, self.keys = self.values[keep], self.keys[keep]
             self.threshold = float(self.keys.max())
 
-    def add_one(self, value: float) -> None:
-        self.pending.append(value)
-        if len(self.pending) >= 4096:
-            self.flush()
-
-    def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        if pending:
-            self.add(pending)
-
     def tolist(self) -> list[float]:
-        self.flush()
         self._trim()
         return self.values.tolist()
 
@@ -79,8 +69,8 @@ class _RankTime:
 class ResourceTally:
     """Training time, device time and energy over step rows of any number of ranks and runs.
 
-    Fed one row per step per rank by the live Meter (``add``), or record batches of a trace's
-    ``steps`` table (``add_batch``, vectorised). Memory grows with ranks x runs, not with steps."""
+    Fed record batches of the ``steps`` table (``add_batch``): the live meter's and the written
+    traces' alike (summary.summarize_batches). Memory grows with ranks x runs, not with steps."""
 
     ranks: dict = field(default_factory=dict)                 # (run_id, rank) -> _RankTime
     device_seconds: defaultdict = field(default_factory=lambda: defaultdict(float))
@@ -110,43 +100,17 @@ class ResourceTally:
     def add(self, run_id: str, rank: int, start: float, end: float, training_flops: int, *,
             device_name: str | None, device_count: int | None, gpu_j: float | None, gpu_source: str | None,
             gpu_devices: int | None, cpu_j: float | None, cpu_source: str | None, trailing: bool = False) -> None:
-        """One step row of one rank. A ``trailing`` row (work after the last optimizer step) counts
-        in time, device time and energy, but is no step: it gives no per-step FLOP/s sample."""
-        duration = max(end - start, 0.0)
-        self._rank(run_id, rank, start, end, duration, device_name, device_count)
-        self.rows += 1
-        known = device_name is not None and bool(device_count)
-        if not known:
-            self.rows_without_devices += 1  # a trace written before the device columns existed
-        else:
-            self.device_seconds[device_name] += device_count * duration
-            if duration > 0 and not trailing:
-                self._sample(device_name).add_one(training_flops / (device_count * duration))
-        gpu_source = gpu_source or UNAVAILABLE
-        cpu_source = cpu_source or UNAVAILABLE
-        self.gpu_sources[gpu_source] += 1
-        self.cpu_sources[cpu_source] += 1
-        if gpu_j is not None:
-            self.gpu_j += gpu_j
-        short = known and (gpu_devices or 0) < device_count
-        if gpu_source != NO_DEVICE and (gpu_j is None or short):
-            self.gpu_rows_missing += 1
-        if cpu_j is not None:
-            self.cpu_j += cpu_j
-        elif cpu_source != RAPL_OTHER_RANK:
-            self.cpu_rows_missing += 1
-
-    def add_step(self, run_id: str, rank: int, record, energy: StepEnergy | None, meter: EnergyMeter | None) -> None:
-        """One closed StepRecord of the live Meter."""
-        self.add(run_id, rank, record.start_time, record.end_time, record.training_flops,
-                 device_name=meter.device_name if meter else None, device_count=meter.device_count if meter else None,
-                 gpu_j=energy.gpu_j if energy else None, gpu_source=energy.gpu_source if energy else None,
-                 gpu_devices=energy.gpu_devices if energy else None, cpu_j=energy.cpu_j if energy else None,
-                 cpu_source=energy.cpu_source if energy else None, trailing=bool(getattr(record, "trailing", False)))
+        """One step row of one rank, as a one-row batch through ``add_batch`` (the one arithmetic)."""
+        row = {"run_id": run_id, "rank": rank, "start_time": start, "end_time": end, "training_flops": training_flops,
+               "device_name": device_name, "device_count": device_count, "gpu_energy_j": gpu_j,
+               "gpu_energy_source": gpu_source, "gpu_energy_devices": gpu_devices, "cpu_energy_j": cpu_j,
+               "cpu_energy_source": cpu_source, "trailing": trailing}
+        self.add_batch(pa.RecordBatch.from_pylist([row], schema=_ROW_SCHEMA))
 
     def add_batch(self, batch) -> None:
-        """A record batch of the steps table with ``RESOURCE_COLUMNS`` (absent columns as nulls):
-        the same arithmetic as ``add``, vectorised (a batch is usually one rank of one run)."""
+        """A record batch of the steps table with ``RESOURCE_COLUMNS`` (absent columns as nulls; a
+        batch is usually one rank of one run). A trailing row (work after the last optimizer step)
+        counts in time, device time and energy, but is no step: it gives no per-step FLOP/s sample."""
         n = batch.num_rows
         if n == 0:
             return

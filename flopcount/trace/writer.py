@@ -16,34 +16,41 @@ import socket
 import time
 import uuid
 import warnings
-from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..accounting import StepRecord, StepWindow
 from ..compliance.method import hardware_description
-from ..conventions import BUILTIN_PHASES
 from ..distributed import rank_identity
 from ..errors import BadInput
-from ..resources import energy_row
-from . import keys, lease, ledger
+from . import keys, lease
+from . import ledger as ledger_mod
 from . import manifest as mf
 from .reader import open_traces
-from .schema import (BREAKDOWN_SCHEMA, CATEGORY_COLUMNS, INT64_MAX, MANIFEST_DIR, PHASE_COLUMNS,
-                     LEASE_DIR, STEPS_SCHEMA, TRACE_SCHEMA, manifest_path, part_path, writer_name)
+from .schema import LEASE_DIR, MANIFEST_DIR, TRACE_SCHEMA, manifest_path, part_path, writer_name
 from .spool import PendingPart, Spool, max_unwritten_steps
 from .storage import check_writable, open_storage
 
 
-def open_writer(meter, *, first_free: bool = False):
-    """A writer for ``meter.out`` with ``write(record)`` and ``close(summary)``, or None.
+@dataclass(frozen=True)
+class WriterIdentity:
+    """Who writes (the run, the rank and its devices) and what the segment entry records about
+    the run. ``run_id`` None: the run the dir records, else the dir's name; ``first_step``: the
+    writer's first step number at the earliest (a resumed trace continues after its last step)."""
 
-    It holds the lease of its (trace dir, rank, process) from here to ``close`` (trace/lease.py): a
-    second writer of the same rank fails here, before any step. ``first_free``: take the first free
-    process slot of the rank instead (``flopcount run``: every metered process writes as its own)."""
-    if meter.out is None:
-        return None
-    return TraceWriter(meter, first_free=first_free)
+    rank: int = 0
+    world_size: int = 1
+    run_id: str | None = None
+    first_step: int = 0
+    device_name: str | None = None
+    device_count: int | None = None
+    energy: dict | None = None  # what is metered (resources EnergyMeter.describe())
+    backend: str | None = None
+    base_model: str | None = None
+    base_model_flops: float | None = None
+    module_depth: int | None = None
 
 
 def default_run_id(location) -> str:
@@ -52,13 +59,25 @@ def default_run_id(location) -> str:
 
 
 class TraceWriter:
-    def __init__(self, meter, *, first_free: bool = False) -> None:
-        check_writable(meter.out)  # one line naming the path, before any training step
-        self.storage = open_storage(meter.out)
-        self.rank, self.world_size = int(meter.rank), int(meter.world_size)
-        self.signer = keys.signer_from(getattr(meter, "signing_key", None))  # bad key: an error at entry
-        ledger_location = getattr(meter, "ledger", None)
-        self.ledger = ledger.check_location(ledger_location) if ledger_location is not None else None
+    """Writes one (trace dir, rank, process): ``write`` closed steps, ``flush`` parts, ``close``.
+
+    ``location``: the trace dir (a path or an fsspec URI), checked writable here. It holds the
+    lease of its (trace dir, rank, process) from here to ``close`` (trace/lease.py): a second
+    writer of the same rank fails here, before any step. ``first_free``: take the first free
+    process slot of the rank instead (``flopcount run``: every metered process writes as its own).
+    ``signing_key``: an Ed25519 private key that signs every manifest entry; ``ledger``: where
+    the closing digest is appended. After construction, ``run_id`` and ``first_step`` are the
+    run and the first step number this writer writes."""
+
+    def __init__(self, location, identity: WriterIdentity, flush_every: int, *, first_free: bool = False,
+                 signing_key=None, ledger=None) -> None:
+        check_writable(location)  # one line naming the path, before any training step
+        self.storage = open_storage(location)
+        self.identity = identity
+        self.rank, self.world_size = int(identity.rank), int(identity.world_size)
+        self.flush_every = flush_every
+        self.signer = keys.signer_from(signing_key)  # bad key: an error at entry
+        self.ledger = ledger_mod.check_location(ledger) if ledger is not None else None
         for rel in ("steps", "breakdown", MANIFEST_DIR, LEASE_DIR):
             self.storage.makedirs(rel)
         if first_free:
@@ -66,21 +85,20 @@ class TraceWriter:
         else:
             self.process, self.lease = 0, lease.acquire(self.storage, self.rank, 0)
         try:
-            self._open(meter)
+            self._open(location)
         except BaseException:
             self.lease.release()
             raise
 
-    def _open(self, meter) -> None:
+    def _open(self, location) -> None:
         from .. import __version__
 
-        self.flush_every = meter.flush_every
-        self.energy = getattr(meter, "energy", None)  # devices and energy readers (flopcount.resources)
+        identity = self.identity
         self.key = mf.hmac_key()
         self.name = writer_name(self.rank, self.process)
         self._remove_leftover_temp_files()
         manifests = mf.load_manifests(self.storage)
-        self.run_id = _resolve_run_id(meter.run_id, manifests, meter.out)
+        self.run_id = _resolve_run_id(identity.run_id, manifests, location)
         own = manifests.get(manifest_path(self.rank, self.process), [])
         self.entries = list(own)
         self.lines = [mf.dumps([e]) for e in own]  # serialized once: each flush rewrites the whole file
@@ -92,28 +110,30 @@ class TraceWriter:
         self.seq = sum(e["type"] == "part" for e in own)
         # Resume: this writer's steps continue after the last step it committed (rows are keyed by rank).
         last_steps = [e["last_step"] for e in own if e["type"] == "part"]
-        self.first_step = max(last_steps) + 1 if last_steps else 0
-        meter.run_id = self.run_id
-        meter.step_index = max(meter.step_index, self.first_step)
+        self.first_step = max([identity.first_step] + [s + 1 for s in last_steps])
+        # The values of this writer's columns in every row it writes (trace/schema.py).
+        self.constants = {"run_id": self.run_id, "rank": self.rank, "world_size": self.world_size,
+                          "segment": self.segment, "device_name": identity.device_name,
+                          "device_count": identity.device_count}
         self.steps_written = 0
         self.closed = False
         self._digest = None
         # Parts not written yet (a storage fault): retried at each flush, bounded (spool.py).
         self.spool = Spool(self._commit, max_unwritten_steps(self.flush_every), self.storage.describe(), self.rank)
-        self._reset_buffers()
-        identity = rank_identity()
+        self.window = StepWindow(self.flush_every, self.flush)
+        ranks = rank_identity()
         self.segment_id = uuid.uuid4().hex
         self._append({
             "type": "segment", "manifest": mf.MANIFEST_SCHEMA, "schema": TRACE_SCHEMA, "run_id": self.run_id,
             "rank": self.rank, "process": self.process, "world_size": self.world_size, "segment": self.segment,
-            "segment_id": self.segment_id, "first_step": meter.step_index, "started": time.time(),
+            "segment_id": self.segment_id, "first_step": self.first_step, "started": time.time(),
             "host": socket.gethostname(), "pid": os.getpid(), "takeover": _takeover(self.lease.takeover),
             "flopcount_version": __version__, "torch_version": _torch_version(),
             "python_version": platform.python_version(), "hardware": hardware_description(),
-            "local_rank": identity["local_rank"], "job_id": identity["job_id"],
-            "backend": meter.backend, "base_model": meter.base_model, "base_model_flops": meter.base_model_flops,
-            "module_depth": meter.module_depth, "flush_every": self.flush_every,
-            "energy": self.energy.describe() if self.energy is not None else None,
+            "local_rank": ranks["local_rank"], "job_id": ranks["job_id"],
+            "backend": identity.backend, "base_model": identity.base_model,
+            "base_model_flops": identity.base_model_flops, "module_depth": identity.module_depth,
+            "flush_every": self.flush_every, "energy": identity.energy,
         })
 
     def _remove_leftover_temp_files(self) -> None:
@@ -132,50 +152,11 @@ class TraceWriter:
             self._digest = open_traces(self.storage.location).digest
         return self._digest
 
-    def _reset_buffers(self) -> None:
-        self.rows: list[tuple] = []
-        self.window_flops: defaultdict = defaultdict(int)   # (phase, category, module, op) -> FLOPs
-        self.window_calls: Counter = Counter()              # (op, phase) -> calls
-        self.window_uncounted: Counter = Counter()
-        self.window_dark: Counter = Counter()  # (module, class) -> steps in which it was dark
-        self.window_collectives: Counter = Counter()
-        self.window_collective_bytes: Counter = Counter()
-        self.window_training: dict[str, bool] = {}
-        self.window_hardware = 0
-
     # ---- the Meter's interface -------------------------------------------------------------
-    def write(self, record) -> None:
-        hardware = record.hardware_flops
-        if hardware > INT64_MAX:
-            raise BadInput(f"flopcount: step {record.step} of rank {self.rank} has {hardware} FLOPs, "
-                             "more than a trace column holds (2**63-1); close steps more often")
-        if self.window_hardware + hardware > INT64_MAX:
-            self.flush()  # keep every breakdown sum inside int64
-        phases = record.phase_totals()
-        categories = record.category_totals()
-        self.rows.append((
-            self.run_id, self.rank, self.world_size, self.segment, record.step, record.start_time,
-            record.end_time, record.tokens, record.samples, record.training_flops, hardware,
-            *[phases.get(phase, 0) for phase in PHASE_COLUMNS],
-            sum(f for phase, f in phases.items() if phase not in BUILTIN_PHASES),
-            *[categories.get(category, 0) for category in CATEGORY_COLUMNS],
-            sum(record.uncounted.values()),
-            sum(getattr(record, "collectives", {}).values()), sum(getattr(record, "collective_bytes", {}).values()),
-            *energy_row(getattr(record, "energy", None), self.energy),
-            bool(getattr(record, "trailing", False)),
-        ))
-        for key, flops in record.flops.items():
-            self.window_flops[key] += flops
-        for phase in phases:
-            self.window_training[phase] = phase in record.training_phases
-        self.window_calls.update(record.calls)
-        self.window_uncounted.update(record.uncounted)
-        self.window_dark.update(getattr(record, "dark_modules", {}).items())
-        self.window_collectives.update(getattr(record, "collectives", {}))
-        self.window_collective_bytes.update(getattr(record, "collective_bytes", {}))
-        self.window_hardware += hardware
-        if len(self.rows) >= self.flush_every:
-            self.flush()
+    def write(self, step) -> None:
+        """Buffer one closed step: a StepRecord or its ``to_batches()``; every ``flush_every``
+        steps (sooner if a breakdown sum would leave int64) they are flushed."""
+        self.window.add(step.to_batches() if isinstance(step, StepRecord) else step)
 
     def close(self, summary: dict) -> None:
         """Flush, then append the close entry; never raises a storage fault (the missing close is
@@ -202,7 +183,7 @@ class TraceWriter:
     def _record_in_ledger(self) -> None:
         """Append the closing digest to the ledger; a ledger fault warns, never breaks the run."""
         try:
-            ledger.append(self.ledger, {"dir": _location(self.storage), "run_id": self.run_id, "rank": self.rank,
+            ledger_mod.append(self.ledger, {"dir": _location(self.storage), "run_id": self.run_id, "rank": self.rank,
                                         "process": self.process, "segment_id": self.segment_id,
                                         "digest": self.digest, "time": time.time()})
         except Exception as e:
@@ -212,15 +193,13 @@ class TraceWriter:
     def flush(self) -> None:
         """Hand the buffered steps to the spool and write every part it holds. Never raises a
         storage fault: failed parts stay in memory (bounded) and are retried (spool.py)."""
-        if self.rows:
-            first, last = self.rows[0][4], self.rows[-1][4]
-            steps = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(zip(*self.rows), STEPS_SCHEMA)],
-                                         schema=STEPS_SCHEMA)
-            breakdown = self._breakdown_table(first, last)
-            files = {name: (_parquet_bytes(table), table.num_rows)
-                     for name, table in (("steps", steps), ("breakdown", breakdown))}
-            self.spool.add(PendingPart(first, last, len(self.rows), files))
-            self._reset_buffers()
+        if len(self.window):
+            rows = len(self.window)
+            tables = self.window.batches(self.constants)
+            first, last = tables["steps"].column("step")[0].as_py(), tables["steps"].column("step")[-1].as_py()
+            files = {name: (_parquet_bytes(pa.Table.from_batches([batch])), batch.num_rows)
+                     for name, batch in tables.items()}
+            self.spool.add(PendingPart(first, last, rows, files))
         self.spool.drain()
 
     def _commit(self, part: PendingPart) -> None:
@@ -235,22 +214,6 @@ class TraceWriter:
         self._append(entry)
         self.steps_written += part.rows
         self.seq += 1
-
-    def _breakdown_table(self, first: int, last: int) -> pa.Table:
-        rows = [("flops", phase, category, module, op, self.window_training.get(phase, False), flops)
-                for (phase, category, module, op), flops in self.window_flops.items()]
-        rows += [("calls", phase, None, None, op, None, n) for (op, phase), n in self.window_calls.items()]
-        rows += [("uncounted", None, None, None, op, None, n) for op, n in self.window_uncounted.items()]
-        rows += [("dark_module", None, None, module, cls, None, n) for (module, cls), n in self.window_dark.items()]
-        rows += [("collective_calls", None, None, None, op, None, n) for op, n in self.window_collectives.items()]
-        rows += [("collective_bytes", None, None, None, op, None, n)
-                 for op, n in self.window_collective_bytes.items()]
-        n = len(rows)
-        kind, phase, category, module, op, training, value = zip(*rows) if rows else ([],) * 7
-        columns = [[self.run_id] * n, [self.rank] * n, [self.segment] * n, [first] * n, [last] * n,
-                   kind, phase, category, module, op, training, value]
-        return pa.Table.from_arrays([pa.array(list(c), type=f.type) for c, f in zip(columns, BREAKDOWN_SCHEMA)],
-                                    schema=BREAKDOWN_SCHEMA)
 
     def _append(self, entry: dict) -> None:
         t_us = max(int(time.time() * 1e6), self.last_t_us + 1)  # strictly increasing along the chain
