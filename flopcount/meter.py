@@ -11,10 +11,11 @@ from ._torch import require_torch
 require_torch()  # one line saying how to install PyTorch >= 2.5, not a ModuleNotFoundError from below
 import torch  # noqa: E402
 
-from .accounting import Rollup, StepAccumulator, StepRecord
+from .accounting import Rollup, StepRecord
 from .budget import DEFAULT_WARN_AT, STOP, BudgetGuard
 from .capture import compile as compiled_regions
-from .capture.context import MODULE_HOOKS, Context, HookGuard, settle_phase
+from .capture.active import MODULE_HOOKS
+from .capture.context import Context, HookGuard, settle_phase
 from .capture.counter import Counter, UncountedOpError
 from .capture.dark import DarkModuleWatch
 from .conventions import BACKWARD, BUILTIN_PHASES, EVAL, NO_GRAD_TRAINING_PHASES, PROVISIONAL_NO_GRAD, TRAINING_PHASES
@@ -102,7 +103,8 @@ class Meter:
         self.guard = HookGuard(warn=self.warn)  # failures inside hooks: recorded, never raised
         self.context = Context(on_optimizer_step=self._on_optimizer_step, track_modules=self.track_modules,
                                guard=self.guard)
-        self.counter = Counter(self.context, strict=self.strict, warn=self.warn, on_work=self._on_work)
+        # The Counter reports the first work after optimizer.step() to the step clock (dispatch).
+        self.counter = Counter(self.context, strict=self.strict, warn=self.warn, on_work=self._step_boundary)
         self.capture = self._make_capture()
         self.rank, self.world_size = rank_and_world_size()
         self.rollup.world_size, self.rollup.ranks = self.world_size, {self.rank}
@@ -157,7 +159,7 @@ class Meter:
             lib = native.load()
             if self.requested_backend == "native" or lib is not None:
                 self.backend = "native"  # raises a one-line error if it is not available
-                return native.NativeCapture(self.counter, self.context, self._on_work, lib)
+                return native.NativeCapture(self.counter, self.context, self._step_boundary, lib)
             if lib is None:
                 warnings.warn(f"flopcount: native backend unavailable ({native.load_error()}); "
                               f"using the dispatch backend", stacklevel=3)
@@ -183,16 +185,27 @@ class Meter:
         steps = self.context.optimizer_steps
         return not self._caller_counts_steps and steps > 0 and steps == self._optimizer_steps_closed
 
+    # ---- the step clock: the one place where steps close ---------------------------------------
+    # Automatic steps: optimizer.step() ends the open step (``_on_optimizer_step``), which closes
+    # before the next op with FLOPs: the capture reports that point (``_step_boundary``: the
+    # dispatch backend's Counter at that op, the native backend's flush at the extension's mark).
+    # Explicit steps: ``step()``. Either way a step closes in ``_close_step``, which never flushes;
+    # ``_close`` flushes the capture first (capture/protocol.py).
     def _on_optimizer_step(self) -> None:
         if not self._explicit_steps:
-            native = getattr(self.capture, "flush", None) is not None
-            if native and self.budget is not None:  # the budget check needs this step's FLOPs booked
+            if self.budget is not None:  # the budget check needs this step's FLOPs booked
                 self.capture.flush()
             self._pending_end = time.time()
-            if native:  # the extension splits the step off at the next op with a formula
-                self.capture.mark_step_end()
+            self.capture.mark_step_end()  # the step closes before the next op with FLOPs
             if self.budget is not None:  # decide before the next step runs, this open step included
                 self._enforce_budget(pending=self._open_training_flops())
+
+    def _step_boundary(self) -> None:
+        """The next step's first work arrived: close the step that optimizer.step() ended, with
+        the work booked so far (the capture calling this is the one booking: no flush)."""
+        if self._pending_end is not None:
+            end, self._pending_end = self._pending_end, None
+            self._close_step(end=end)
 
     def _open_training_flops(self) -> int:
         acc = self.counter.acc
@@ -205,21 +218,20 @@ class Meter:
         BudgetExceeded when the next step would reach the budget."""
         if self.budget.check(self, pending) != STOP:
             return
-        self._on_work()  # the step the optimizer just finished (implicit steps)
+        self.capture.flush()
+        self._step_boundary()  # the step the optimizer just finished (implicit steps)
         if self.writer is not None:
             self.writer.flush()
         raise self.budget.exceeded(self.step_index - 1)
 
-    def _on_work(self) -> None:
-        if self._pending_end is not None:
-            end, self._pending_end = self._pending_end, None
-            self._close(end=end)
-
     def _close(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
-        flush = getattr(self.capture, "flush", None)
-        if flush is not None:  # native backend: book what it aggregated (a no-op while it books)
-            flush()
-        acc, self.counter.acc = self.counter.acc, StepAccumulator()
+        """Close the open step with everything the capture saw (it books what it holds back first)."""
+        self.capture.flush()
+        return self._close_step(tokens=tokens, samples=samples, end=end, trailing=trailing)
+
+    def _close_step(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
+        """Close the open step with the work booked so far: the record, live totals, the writer."""
+        acc = self.counter.take_step()
         with acc.lock:
             flops, calls = _settled(acc.flops, acc.calls)
             record = StepRecord(
@@ -316,18 +328,13 @@ class Meter:
     @contextlib.contextmanager
     def _unmetered(self):
         """The meter's own work (its all-reduce) is not the job's: neither backend records it."""
-        capture = getattr(self, "capture", None) if self._active else None
-        suspendable = hasattr(capture, "suspended")  # the dispatch backend
-        if suspendable:
-            capture.suspended += 1
-        # The native backend's observer is a RecordFunction callback: off in this thread.
-        torch._C._autograd._enable_record_function(False)
-        try:
-            yield
-        finally:
-            torch._C._autograd._enable_record_function(True)
-            if suspendable:
-                capture.suspended -= 1
+        with self.capture.suspend() if self._active else contextlib.nullcontext():
+            # RecordFunction observers (the native backend's, other meters') are off in this thread.
+            torch._C._autograd._enable_record_function(False)
+            try:
+                yield
+            finally:
+                torch._C._autograd._enable_record_function(True)
 
     def summary(self) -> dict:
         """Totals over the closed steps (the open step is included once it closes)."""
