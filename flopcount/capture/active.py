@@ -13,7 +13,9 @@ its own (Context, Counter, Capture).
   (integrations/tags.py). Added by ``Context.install`` (``Meter.__enter__``), removed by
   ``Context.remove`` (``Meter.__exit__``), with the Context's other hooks.
 ``HOOKS.local``: per thread, how deep the thread is inside compiled regions (``enter_region`` /
-  ``leave_region``, around each call of a compiled region); 0 outside them.
+  ``leave_region``, around each call of a compiled region; 0 outside them) and inside library
+  calls counted at their Python API (``enter_api`` / ``leave_api``, integrations/kernels.py: their
+  Triton launches are that call's work, capture/triton.py).
 ``MODULE_HOOKS``: the one pair of global module forward hooks, registered once per process and
   never removed (Dynamo guards on them); a Context subscribes while its meter is active
   (``Context.install`` / ``remove``), so do the integrations' module watches.
@@ -54,6 +56,15 @@ class Hooks:
 
     def region_depth(self) -> int:
         return getattr(self.local, "depth", 0)
+
+    def api_depth(self) -> int:
+        return getattr(self.local, "api_depth", 0)
+
+    def enter_api(self) -> None:
+        self.local.api_depth = self.api_depth() + 1
+
+    def leave_api(self) -> None:
+        self.local.api_depth = max(self.api_depth() - 1, 0)
 
     def enter_region(self) -> tuple:
         """A compiled region starts: the meters' captures step aside. Returns what to undo."""
