@@ -213,3 +213,9 @@ def test_active_registries_live_in_one_module(backend):
         assert m.context in MODULE_HOOKS.contexts
     assert m not in HOOKS.meters and m.context not in active_contexts()
     assert m.context not in MODULE_HOOKS.contexts
+
+
+def test_library_counters_are_registered_with_the_meter(backend):
+    with flopcount.meter(backend=backend) as m:
+        assert HOOKS.api_counters[-1] is m.counter
+    assert m.counter not in HOOKS.api_counters

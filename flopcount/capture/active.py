@@ -12,6 +12,10 @@ its own (Context, Counter, Capture).
 ``HOOKS.contexts``: the Contexts of the active meters, for the framework tags
   (integrations/tags.py). Added by ``Context.install`` (``Meter.__enter__``), removed by
   ``Context.remove`` (``Meter.__exit__``), with the Context's other hooks.
+``HOOKS.api_counters``: the Counters of the active meters, for libraries counted at their Python
+  API (integrations/kernels.py). Added by ``watch_api_kernels`` (``Meter.__enter__``; the first
+  one wraps the libraries' functions), removed with the meter's Context handles at ``__exit__``
+  (the last one restores them).
 ``HOOKS.local``: per thread, how deep the thread is inside compiled regions (``enter_region`` /
   ``leave_region``, around each call of a compiled region; 0 outside them) and inside library
   calls counted at their Python API (``enter_api`` / ``leave_api``, integrations/kernels.py: their
@@ -40,6 +44,7 @@ class Hooks:
     def __init__(self) -> None:
         self.meters: list = []
         self.contexts: list = []
+        self.api_counters: list = []
         self.local = threading.local()
 
     def add(self, meter) -> None:
