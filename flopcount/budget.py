@@ -134,9 +134,5 @@ def job_training_flops(meter, pending: int = 0) -> int:
     from .distributed import all_reduce_totals, local_totals
 
     totals = {**local_totals(meter.rollup), "training_flops": local}
-    counter = meter.counter
-    open_step, counter.acc = counter.acc, StepAccumulator()
-    try:
+    with meter.counter.redirect(StepAccumulator()):
         return int(all_reduce_totals(totals)["training_flops"])
-    finally:
-        counter.acc = open_step

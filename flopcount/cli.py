@@ -421,20 +421,17 @@ def budget_value(text: str) -> float:
 
 
 def add_run(parser) -> None:
-    from .budget import DEFAULT_WARN_AT
+    from .config import cli_options  # the meter's options, listed once (MeterConfig)
 
-    parser.add_argument("--out", metavar="DIR", help="trace dir (default: flopcount-run-<UTC time>)")
-    parser.add_argument("--base-model", metavar="NAME", help="base model id or alias from the registry")
-    parser.add_argument("--base-model-flops", metavar="X", type=flop_count,
-                        help="the base model's training compute in FLOP, when it is not in the registry")
-    parser.add_argument("--strict", action="store_true", help="fail on any op without a formula")
-    parser.add_argument("--backend", choices=("auto", "dispatch", "native"), default="auto",
-                        help="capture backend (default auto)")
-    parser.add_argument("--budget", metavar="B", type=budget_value,
-                        help="stop before training compute would reach B: a fraction of the threshold "
-                             "(0.5) or FLOP (1e21)")
-    parser.add_argument("--budget-warn-at", metavar="F", type=fraction, default=DEFAULT_WARN_AT,
-                        help=f"warn when compute reaches this share of the budget (default {DEFAULT_WARN_AT})")
+    kinds = {"flops": flop_count, "budget": budget_value, "fraction": fraction}
+    for name, default, spec in cli_options():
+        spec = dict(spec)
+        kind = spec.pop("kind", None)
+        if kind is not None:
+            spec["type"] = kinds[kind]
+        if spec.get("action") is None and default is not None:
+            spec["default"] = default
+        parser.add_argument("--" + name.replace("_", "-"), **spec)
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                         help="the program to meter, e.g. -- python train.py, -- torchrun ..., -- accelerate launch ...")
 
@@ -450,8 +447,9 @@ def cmd_run(args) -> int:
         from .compliance.registry import lookup
 
         lookup(args.base_model)
-    options = {"backend": args.backend, "base_model": args.base_model, "base_model_flops": args.base_model_flops,
-               "strict": args.strict, "budget": args.budget, "budget_warn_at": args.budget_warn_at}
+    from .config import cli_options
+
+    options = {name: getattr(args, name) for name, _, _ in cli_options() if name != "out"}
     return run(command, out, options)
 
 

@@ -11,12 +11,14 @@ from ._torch import require_torch
 require_torch()  # one line saying how to install PyTorch >= 2.5, not a ModuleNotFoundError from below
 import torch  # noqa: E402
 
-from .accounting import StepAccumulator, StepRecord
-from .budget import DEFAULT_WARN_AT, STOP, BudgetGuard
+from .accounting import StepRecord
+from .budget import STOP, BudgetGuard, job_training_flops
 from .capture import compile as compiled_regions
-from .capture.context import MODULE_HOOKS, Context, HookGuard, settle_phase
+from .capture.active import MODULE_HOOKS
+from .capture.context import Context, HookGuard, settle_phase
 from .capture.counter import Counter, UncountedOpError
 from .capture.dark import DarkModuleWatch
+from .config import BACKENDS, MeterConfig, init_signature  # noqa: F401  (BACKENDS: also imported from here)
 from .conventions import BACKWARD, BUILTIN_PHASES, EVAL, NO_GRAD_TRAINING_PHASES, PROVISIONAL_NO_GRAD, TRAINING_PHASES
 from .distributed import rank_and_world_size
 from .errors import BadInput
@@ -26,7 +28,6 @@ from .trace.writer import TraceWriter, WriterIdentity
 
 compiled_regions.install()  # before any torch.compile, so that compiled regions are countable
 
-BACKENDS = ("auto", "dispatch", "native")
 _PHASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -39,8 +40,9 @@ class Meter:
     ``steps`` counts optimizer steps: work after the last one (a final evaluation, a trailing
     zero_grad, a save) is counted in its phases in a record marked ``trailing``, not a step.
     ``budget``: a fraction of the threshold in (0, 1] or FLOP above 1; a ``BudgetWarning`` at
-    ``budget_warn_at`` of it, and ``BudgetExceeded`` (traces flushed) from ``step()`` or
-    ``optimizer.step()`` when the next step would reach it (budget.py).
+    ``budget_warn_at`` of it, and, when the next step would reach it (budget.py), by
+    ``budget_action``: ``BudgetExceeded`` (traces flushed) from ``step()`` or ``optimizer.step()``
+    ("raise"), or ``should_stop`` set for the caller to stop ("stop", the framework callbacks).
     ``energy``: read the GPUs' NVML energy counters and the host's RAPL counters at every step
     boundary (docs/energy.md); ``devices``: the CUDA devices this process trains on (default:
     the rank's device under a launcher, else those holding its memory).
@@ -49,38 +51,34 @@ class Meter:
     digest (docs/traces.md, "Integrity").
     """
 
-    def __init__(self, out=None, *, backend: str = "auto", base_model: str | None = None,
-                 base_model_flops: float | None = None, strict: bool = False,
-                 module_depth: int | None = None, run_id: str | None = None, flush_every: int = 50,
-                 track_modules: bool = True, warn: bool = True, sync_every: int | None = None,
-                 auto_steps: bool = True, budget=None, budget_warn_at: float = DEFAULT_WARN_AT,
-                 energy: bool = True, devices: list[int] | None = None, signing_key=None,
-                 ledger=None) -> None:
-        if backend not in BACKENDS:
-            raise BadInput(f"flopcount: backend={backend!r} is not one of {', '.join(BACKENDS)}")
-        if module_depth is not None and (not isinstance(module_depth, int) or module_depth < 1):
-            raise BadInput(f"flopcount: module_depth={module_depth!r} must be a positive integer or None")
-        if not isinstance(flush_every, int) or flush_every < 1:
-            raise BadInput(f"flopcount: flush_every={flush_every!r} must be a positive integer")
-        if sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1):
-            raise BadInput(f"flopcount: sync_every={sync_every!r} must be a positive integer or None")
-        self.out = out
-        self.requested_backend = backend
-        self.base_model = base_model
-        self.base_model_flops = base_model_flops
-        self.strict = strict
-        self.module_depth = module_depth
-        self.run_id = run_id
-        self.flush_every = flush_every
-        self.track_modules = track_modules
-        self.warn = warn
-        self.sync_every = sync_every  # steps between automatic job-wide totals (one all-reduce)
+    def __init__(self, out=None, *, config: MeterConfig | None = None, **options) -> None:
+        """``Meter(out, **options)`` or ``Meter(config=MeterConfig(...))``: the options, their
+        defaults and their checks are MeterConfig's (config.py), raised here as one-line errors."""
+        if config is None:
+            config = MeterConfig(out=out, **options)
+        elif out is not None or options:
+            config = config.replace(**({"out": out} if out is not None else {}), **options)
+        self.config = config
+        self.out = config.out
+        self.requested_backend = config.backend
+        self.base_model = config.base_model
+        self.base_model_flops = config.base_model_flops
+        self.strict = config.strict
+        self.module_depth = config.module_depth
+        self.run_id = config.run_id
+        self.flush_every = config.flush_every
+        self.track_modules = config.track_modules
+        self.warn = config.warn
+        self.sync_every = config.sync_every  # steps between automatic job-wide totals (one all-reduce)
         self.job_totals: dict | None = None  # the latest job-wide totals (all ranks)
-        self.budget = None if budget is None else BudgetGuard.create(
-            budget, budget_warn_at, base_model=base_model, base_model_flops=base_model_flops)
+        self.budget = None if config.budget is None else BudgetGuard.create(
+            config.budget, config.budget_warn_at, base_model=config.base_model,
+            base_model_flops=config.base_model_flops)
+        self.should_stop = False  # budget_action="stop": the budget guard asks the caller to stop
         self.rollup = LiveTotals()  # the live totals of the closed steps (summary.py)
-        self.energy_enabled, self.devices = bool(energy), devices  # docs/energy.md
-        self.signing_key, self.ledger = signing_key, ledger  # the trace writer uses them (trace/writer.py)
+        self.energy_enabled, self.devices = bool(config.energy), config.devices  # docs/energy.md
+        # The trace writer uses them (trace/writer.py).
+        self.signing_key, self.ledger = config.signing_key, config.ledger
         self.energy = None  # the EnergyMeter while active: devices, NVML / RAPL readers
         self.training_phases = set(TRAINING_PHASES)
         self.user_phases: dict[str, bool] = {}
@@ -90,8 +88,8 @@ class Meter:
         self.rank, self.world_size = 0, 1
         self.writer = None
         self._active = False
-        self._explicit_steps = not auto_steps  # auto_steps=False: only step() closes steps
-        self._caller_counts_steps = not auto_steps  # a framework callback: each step() is a trainer step
+        self._explicit_steps = not config.auto_steps  # auto_steps=False: only step() closes steps
+        self._caller_counts_steps = not config.auto_steps  # a framework callback: each step() is a trainer step
         self._optimizer_steps_closed = 0  # optimizer steps seen when the last step closed
         self._pending_end: float | None = None
         self._step_start = 0.0
@@ -103,7 +101,8 @@ class Meter:
         self.guard = HookGuard(warn=self.warn)  # failures inside hooks: recorded, never raised
         self.context = Context(on_optimizer_step=self._on_optimizer_step, track_modules=self.track_modules,
                                guard=self.guard)
-        self.counter = Counter(self.context, strict=self.strict, warn=self.warn, on_work=self._on_work)
+        # The Counter reports the first work after optimizer.step() to the step clock (dispatch).
+        self.counter = Counter(self.context, strict=self.strict, warn=self.warn, on_work=self._step_boundary)
         self.capture = self._make_capture()
         self.rank, self.world_size = rank_and_world_size()
         self.energy = open_energy_meter(self.world_size, devices=self.devices, enabled=self.energy_enabled)
@@ -155,7 +154,7 @@ class Meter:
             lib = native.load()
             if self.requested_backend == "native" or lib is not None:
                 self.backend = "native"  # raises a one-line error if it is not available
-                return native.NativeCapture(self.counter, self.context, self._on_work, lib)
+                return native.NativeCapture(self.counter, self.context, self._step_boundary, lib)
             if lib is None:
                 warnings.warn(f"flopcount: native backend unavailable ({native.load_error()}); "
                               f"using the dispatch backend", stacklevel=3)
@@ -181,16 +180,27 @@ class Meter:
         steps = self.context.optimizer_steps
         return not self._caller_counts_steps and steps > 0 and steps == self._optimizer_steps_closed
 
+    # ---- the step clock: the one place where steps close ---------------------------------------
+    # Automatic steps: optimizer.step() ends the open step (``_on_optimizer_step``), which closes
+    # before the next op with FLOPs: the capture reports that point (``_step_boundary``: the
+    # dispatch backend's Counter at that op, the native backend's flush at the extension's mark).
+    # Explicit steps: ``step()``. Either way a step closes in ``_close_step``, which never flushes;
+    # ``_close`` flushes the capture first (capture/protocol.py).
     def _on_optimizer_step(self) -> None:
         if not self._explicit_steps:
-            native = getattr(self.capture, "flush", None) is not None
-            if native and self.budget is not None:  # the budget check needs this step's FLOPs booked
+            if self.budget is not None:  # the budget check needs this step's FLOPs booked
                 self.capture.flush()
             self._pending_end = time.time()
-            if native:  # the extension splits the step off at the next op with a formula
-                self.capture.mark_step_end()
+            self.capture.mark_step_end()  # the step closes before the next op with FLOPs
             if self.budget is not None:  # decide before the next step runs, this open step included
                 self._enforce_budget(pending=self._open_training_flops())
+
+    def _step_boundary(self) -> None:
+        """The next step's first work arrived: close the step that optimizer.step() ended, with
+        the work booked so far (the capture calling this is the one booking: no flush)."""
+        if self._pending_end is not None:
+            end, self._pending_end = self._pending_end, None
+            self._close_step(end=end)
 
     def _open_training_flops(self) -> int:
         acc = self.counter.acc
@@ -199,25 +209,28 @@ class Meter:
             return sum(f for (phase, _, _, _), f in acc.flops.items() if phase in counted)
 
     def _enforce_budget(self, pending: int = 0) -> None:
-        """Budget guard (budget.py): warn, or close the step, flush the traces and raise
-        BudgetExceeded when the next step would reach the budget."""
+        """Budget guard (budget.py), the one place that decides: warn, or, when the next step would
+        reach the budget, set ``should_stop`` (budget_action="stop": the caller stops its loop) or
+        close the step, flush the traces and raise BudgetExceeded ("raise")."""
         if self.budget.check(self, pending) != STOP:
             return
-        self._on_work()  # the step the optimizer just finished (implicit steps)
+        if self.config.budget_action == "stop":
+            self.should_stop = True
+            return
+        self.capture.flush()
+        self._step_boundary()  # the step the optimizer just finished (implicit steps)
         if self.writer is not None:
             self.writer.flush()
         raise self.budget.exceeded(self.step_index - 1)
 
-    def _on_work(self) -> None:
-        if self._pending_end is not None:
-            end, self._pending_end = self._pending_end, None
-            self._close(end=end)
-
     def _close(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
-        flush = getattr(self.capture, "flush", None)
-        if flush is not None:  # native backend: book what it aggregated (a no-op while it books)
-            flush()
-        acc, self.counter.acc = self.counter.acc, StepAccumulator()
+        """Close the open step with everything the capture saw (it books what it holds back first)."""
+        self.capture.flush()
+        return self._close_step(tokens=tokens, samples=samples, end=end, trailing=trailing)
+
+    def _close_step(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
+        """Close the open step with the work booked so far: the record, live totals, the writer."""
+        acc = self.counter.take_step()
         with acc.lock:
             flops, calls = _settled(acc.flops, acc.calls)
             record = StepRecord(
@@ -297,6 +310,13 @@ class Meter:
     def hardware_flops(self) -> int:
         return self.rollup.hardware_flops
 
+    def job_training_flops(self) -> int:
+        """The job's training FLOPs (all ranks) of the closed steps: the budget guard's total from
+        its check at the last step, else one all-reduce (every rank must call it, as a collective)."""
+        if self.budget is not None:
+            return self.budget.last_total
+        return job_training_flops(self)
+
     def global_totals(self, group=None) -> dict:
         """Job-wide totals over every rank's closed steps: training_flops, hardware_flops, tokens,
         samples, steps, collective_calls, collective_bytes (sums) and ranks (how many took part).
@@ -314,18 +334,13 @@ class Meter:
     @contextlib.contextmanager
     def _unmetered(self):
         """The meter's own work (its all-reduce) is not the job's: neither backend records it."""
-        capture = getattr(self, "capture", None) if self._active else None
-        suspendable = hasattr(capture, "suspended")  # the dispatch backend
-        if suspendable:
-            capture.suspended += 1
-        # The native backend's observer is a RecordFunction callback: off in this thread.
-        torch._C._autograd._enable_record_function(False)
-        try:
-            yield
-        finally:
-            torch._C._autograd._enable_record_function(True)
-            if suspendable:
-                capture.suspended -= 1
+        with self.capture.suspend() if self._active else contextlib.nullcontext():
+            # RecordFunction observers (the native backend's, other meters') are off in this thread.
+            torch._C._autograd._enable_record_function(False)
+            try:
+                yield
+            finally:
+                torch._C._autograd._enable_record_function(True)
 
     def summary(self) -> dict:
         """Totals over the closed steps (the open step is included once it closes)."""
@@ -362,6 +377,9 @@ class Meter:
     def _require_active(self, what: str) -> None:
         if not self._active:
             raise RuntimeError(f"flopcount: Meter.{what} needs an active meter: use it inside `with meter:`")
+
+
+Meter.__init__.__signature__ = init_signature()  # the options as MeterConfig lists them
 
 
 def _settled(flops: dict, calls: dict) -> tuple[dict, dict]:

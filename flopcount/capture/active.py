@@ -1,75 +1,172 @@
-"""The process-wide registry of active meters: the one piece of global state of the capture side.
+"""The process-wide registries of the capture side: the one home of its global state.
 
-Compiled regions (capture/compile.py), CUDA graph replays (capture/cudagraphs.py) and Triton
-launches (capture/triton.py) are seen by hooks that torch or Triton call, not by a meter's own
-capture, so they find the meters to book into here.
+Some work is seen by hooks that torch, Triton or the framework integrations call, not by a
+meter's own capture; those hooks find the active meters here. Everything else a meter holds is
+its own (Context, Counter, Capture).
 
-Lifetime: a meter is in ``HOOKS.meters`` from its ``__enter__`` (``compile.attach``) to its
-``__exit__`` (``compile.detach``), in entering order; nested and concurrent meters each book the
-same work. ``HOOKS.local`` holds, per thread, how deep the thread is inside compiled regions;
-it is 0 outside them. The hooks installed into torch / Triton stay for the process (they are
-no-ops while no meter is active); the global module hooks are ``context.MODULE_HOOKS``.
+``HOOKS.meters``: the active meters, in entering order. Added by ``Meter.__enter__`` (through
+  ``capture/compile.py`` ``attach``, after the meter's capture started), removed by
+  ``Meter.__exit__`` (``detach``, before its capture stops). Compiled regions
+  (capture/compile.py), CUDA graph replays (capture/cudagraphs.py) and Triton launches
+  (capture/triton.py) book into each of them: nested and concurrent meters each book the same work.
+``HOOKS.contexts``: the Contexts of the active meters, for the framework tags
+  (integrations/tags.py). Added by ``Context.install`` (``Meter.__enter__``), removed by
+  ``Context.remove`` (``Meter.__exit__``), with the Context's other hooks.
+``HOOKS.api_counters``: the Counters of the active meters, for libraries counted at their Python
+  API (integrations/kernels.py). Added by ``watch_api_kernels`` (``Meter.__enter__``; the first
+  one wraps the libraries' functions), removed with the meter's Context handles at ``__exit__``
+  (the last one restores them).
+``HOOKS.local``: per thread, how deep the thread is inside compiled regions (``enter_region`` /
+  ``leave_region``, around each call of a compiled region; 0 outside them) and inside library
+  calls counted at their Python API (``enter_api`` / ``leave_api``, integrations/kernels.py: their
+  Triton launches are that call's work, capture/triton.py).
+``MODULE_HOOKS``: the one pair of global module forward hooks, registered once per process and
+  never removed (Dynamo guards on them); a Context subscribes while its meter is active
+  (``Context.install`` / ``remove``), so do the integrations' module watches.
+``MODEL_PHASES``: models whose every call is one phase (a DPO reference model -> ``reference``),
+  filled by integrations/tags.py; weak: a model's tag dies with the model.
+The hooks installed into torch and Triton stay for the process: they are no-ops while no meter
+is active. Lists are copied on write, so that hooks iterate them without a lock.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 
+import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
 
 
 class Hooks:
-    """The active meters and, per thread, how deep we are inside compiled regions."""
+    """The active meters and their Contexts and, per thread, how deep we are inside compiled regions."""
 
     def __init__(self) -> None:
         self.meters: list = []
+        self.contexts: list = []
+        self.api_counters: list = []
         self.local = threading.local()
+
+    def add(self, meter) -> None:
+        self.meters = [*self.meters, meter]
+
+    def remove(self, meter) -> None:
+        self.meters = [m for m in self.meters if m is not meter]
+
+    def add_context(self, context) -> None:
+        self.contexts = [*self.contexts, context]
+
+    def remove_context(self, context) -> None:
+        self.contexts = [c for c in self.contexts if c is not context]
 
     def region_depth(self) -> int:
         return getattr(self.local, "depth", 0)
+
+    def api_depth(self) -> int:
+        return getattr(self.local, "api_depth", 0)
+
+    def enter_api(self) -> None:
+        self.local.api_depth = self.api_depth() + 1
+
+    def leave_api(self) -> None:
+        self.local.api_depth = max(self.api_depth() - 1, 0)
 
     def enter_region(self) -> tuple:
         """A compiled region starts: the meters' captures step aside. Returns what to undo."""
         self.local.depth = self.region_depth() + 1
         meters = list(self.meters)
         popped = _pop_captures(meters)
+        suspended = contextlib.ExitStack()
         for meter in meters:
-            if getattr(meter, "capture", None) not in popped:
-                _suspend(meter, +1)
-        return meters, popped
+            if meter.capture not in popped:  # not on top of the mode stack, or not a dispatch mode
+                suspended.enter_context(meter.capture.suspend())
+        return meters, popped, suspended
 
     def leave_region(self, state: tuple) -> None:
-        meters, popped = state
+        _, popped, suspended = state
         self.local.depth = self.region_depth() - 1
         for mode in reversed(popped):
             _push_mode(mode)
-        for meter in meters:
-            if getattr(meter, "capture", None) not in popped:
-                _suspend(meter, -1)
+        suspended.close()
 
 
 def _pop_captures(meters: list) -> list:
     """Take the meters' dispatch modes off the top of the mode stack: compiled code then runs
     with no Python dispatch at all (a mode that only passes ops through still costs per op)."""
-    captures = [getattr(m, "capture", None) for m in meters]
+    captures = [m.capture for m in meters]
     popped = []
     while any(_get_current_dispatch_mode() is c for c in captures):
         popped.append(_pop_mode())
     return popped
 
 
-def _suspend(meter, delta: int) -> None:
-    """Other captures (not on top of the stack, or not a dispatch mode) skip ops while suspended:
-    a capture with an int ``suspended`` skips ops while it is positive."""
-    capture = getattr(meter, "capture", None)
-    if capture is None:
-        return
-    if hasattr(capture, "suspended"):
-        capture.suspended += delta
-    elif hasattr(getattr(capture, "lib", None), "set_paused"):
-        # The native observer (capture/native/capture.py) has no ``suspended`` yet: pause its slot.
-        depth = getattr(capture, "region_depth", 0) + delta
-        capture.region_depth = depth
-        capture.lib.set_paused(capture.slot, depth > 0)
-
-
 HOOKS = Hooks()
+
+
+def active_contexts() -> list:
+    """The Contexts of the active meters (``HOOKS.contexts``)."""
+    return HOOKS.contexts
+
+
+class ModuleHooks:
+    """One pair of global module forward hooks per process, registered once, never removed.
+
+    Dynamo guards on the global hook dicts: hooks added and removed with each meter would make
+    compiled models recompile whenever a meter starts or ends. While Dynamo traces, the hooks
+    return at once (no graph breaks); compiled regions name their modules from the graph's
+    ``nn_module_stack`` (capture/compile.py). Subscribers have ``_module_pre(module, args)`` and
+    ``_module_post(module, args, output)`` (a Context, a module watch)."""
+
+    def __init__(self) -> None:
+        self.contexts: list = []
+        self.installed = False
+        self.local = threading.local()  # muted depth per thread (muted())
+
+    def install(self) -> None:
+        if not self.installed:
+            mod = torch.nn.modules.module
+            mod.register_module_forward_pre_hook(self._pre)
+            mod.register_module_forward_hook(self._post, always_call=True)
+            self.installed = True
+
+    def subscribe(self, context) -> "ModuleHooks.Subscription":
+        self.install()
+        self.contexts = [*self.contexts, context]  # copy on write: hooks iterate without a lock
+        return self.Subscription(self, context)
+
+    class Subscription:
+        def __init__(self, hooks: "ModuleHooks", context) -> None:
+            self.hooks, self.context = hooks, context
+
+        def remove(self) -> None:
+            self.hooks.contexts = [c for c in self.hooks.contexts if c is not self.context]
+
+    @contextlib.contextmanager
+    def muted(self):
+        """No subscriber sees the module calls of this thread inside the block: flopcount's own
+        model runs (integrations/vllm.py's forward on the meta device) are not the job's modules."""
+        self.local.muted = getattr(self.local, "muted", 0) + 1
+        try:
+            yield
+        finally:
+            self.local.muted -= 1
+
+    def _pre(self, module, args) -> None:
+        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
+            return
+        for context in self.contexts:
+            context._module_pre(module, args)
+
+    def _post(self, module, args, output) -> None:
+        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
+            return
+        for context in self.contexts:
+            context._module_post(module, args, output)
+
+
+MODULE_HOOKS = ModuleHooks()
+
+# Models whose every call is one phase, e.g. a DPO reference model -> "reference", a distillation
+# teacher -> "teacher" (integrations/tags.py fills it; weak: a model's tag dies with it). Each of
+# their submodules is listed, so a call of the backbone alone is tagged too.
+MODEL_PHASES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

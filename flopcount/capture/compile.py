@@ -8,8 +8,8 @@ backward graph are ``recompute``) and which module (``nn_module_stack``). The co
 is wrapped; on every call it binds the graph's symbolic sizes to the real input sizes, evaluates
 the formulas for those sizes (cached per distinct size) and books the region's work through
 each active meter's Counter. While a compiled region runs, the capture backends step aside
-(off the dispatch mode stack, else ``suspended``), so that extern kernels called from compiled
-code are not counted twice.
+(off the dispatch mode stack, else ``Capture.suspend()``), so that extern kernels called from
+compiled code are not counted twice.
 
 How the hook gets in: ``torch._inductor.compile_fx.compile_fx`` (the entry point of the default
 ``inductor`` backend, imported by torch at compile time) is replaced by a wrapper that passes
@@ -36,8 +36,7 @@ from ..conventions import NO_MODULE, RECOMPUTE, ROOT_MODULE
 from ..formulas import KNOWN_ZERO, REGISTRY, known_zero
 from ..formulas.registry import formula, launched_kernel
 from . import cudagraphs, triton
-from .active import HOOKS
-from .context import MODULE_HOOKS
+from .active import HOOKS, MODULE_HOOKS
 from .triton import kernel_args
 
 _INDUCTOR = "torch._inductor.compile_fx"
@@ -55,12 +54,11 @@ def attach(meter) -> None:
     install()
     cudagraphs.install()
     triton.watch_kernels()
-    HOOKS.meters.append(meter)
+    HOOKS.add(meter)
 
 
 def detach(meter) -> None:
-    if meter in HOOKS.meters:
-        HOOKS.meters.remove(meter)
+    HOOKS.remove(meter)
 
 
 # ---- analysis of one aten graph ------------------------------------------------------------------

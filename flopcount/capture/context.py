@@ -26,7 +26,6 @@ several nodes, leaves, subclasses, other containers) comes back to ``_when_grads
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import warnings
@@ -40,6 +39,9 @@ from torch.autograd.graph import register_multi_grad_hook
 from ..conventions import (BACKWARD, EVAL, FORWARD, NO_GRAD_TRAINING, NO_MODULE, OPTIMIZER, PROVISIONAL_NO_GRAD,
                            RECOMPUTE, ROOT_MODULE)
 from ..errors import BudgetExceeded, UncountedOpError
+# The process-wide registries (their lifetime is documented there); MODULE_HOOKS, MODEL_PHASES and
+# active_contexts are also imported from here by the integrations.
+from .active import HOOKS, MODEL_PHASES, MODULE_HOOKS, active_contexts  # noqa: F401
 
 _graph_task_id = torch._C._current_graph_task_id
 
@@ -138,13 +140,6 @@ class Frame:
         self.module, self.name, self.grad_enabled = module, name, grad_enabled
         self.tagged = False  # this call opened its model's phase (MODEL_PHASES)
 
-
-# Models whose every call is one phase, e.g. a DPO reference model -> "reference", a distillation
-# teacher -> "teacher" (integrations/tags.py fills it; weak: a model's tag dies with it). Each of
-# their submodules is listed, so a call of the backbone alone is tagged too.
-MODEL_PHASES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# Contexts of the active meters, for framework tags (integrations/tags.py); copy on write.
-ACTIVE: list = []
 
 
 class Context:
@@ -375,20 +370,15 @@ class Context:
 
 
 class _Active:
-    """Lists a context in ACTIVE while its meter is entered (a handle, removed with the hooks)."""
+    """Lists a context in ``HOOKS.contexts`` while its meter is entered (a handle, removed with
+    the hooks; capture/active.py)."""
 
     def __init__(self, context: Context) -> None:
-        global ACTIVE
         self.context = context
-        ACTIVE = [*ACTIVE, context]
+        HOOKS.add_context(context)
 
     def remove(self) -> None:
-        global ACTIVE
-        ACTIVE = [c for c in ACTIVE if c is not self.context]
-
-
-def active_contexts() -> list:
-    return ACTIVE
+        HOOKS.remove_context(self.context)
 
 
 class BackwardModules:
@@ -428,64 +418,6 @@ class BackwardModules:
     def clear(self) -> None:
         with self.lock:
             self.stacks.clear()
-
-
-class _ModuleHooks:
-    """One pair of global module forward hooks per process, registered once, never removed.
-
-    Dynamo guards on the global hook dicts: hooks added and removed with each meter would make
-    compiled models recompile whenever a meter starts or ends. While Dynamo traces, the hooks
-    return at once (no graph breaks); compiled regions name their modules from the graph's
-    ``nn_module_stack`` (capture/compile.py)."""
-
-    def __init__(self) -> None:
-        self.contexts: list[Context] = []
-        self.installed = False
-        self.local = threading.local()  # muted depth per thread (muted())
-
-    def install(self) -> None:
-        if not self.installed:
-            mod = torch.nn.modules.module
-            mod.register_module_forward_pre_hook(self._pre)
-            mod.register_module_forward_hook(self._post, always_call=True)
-            self.installed = True
-
-    def subscribe(self, context: "Context") -> "_ModuleHooks.Subscription":
-        self.install()
-        self.contexts = [*self.contexts, context]  # copy on write: hooks iterate without a lock
-        return self.Subscription(self, context)
-
-    class Subscription:
-        def __init__(self, hooks: "_ModuleHooks", context: "Context") -> None:
-            self.hooks, self.context = hooks, context
-
-        def remove(self) -> None:
-            self.hooks.contexts = [c for c in self.hooks.contexts if c is not self.context]
-
-    @contextlib.contextmanager
-    def muted(self):
-        """No subscriber sees the module calls of this thread inside the block: flopcount's own
-        model runs (integrations/vllm.py's forward on the meta device) are not the job's modules."""
-        self.local.muted = getattr(self.local, "muted", 0) + 1
-        try:
-            yield
-        finally:
-            self.local.muted -= 1
-
-    def _pre(self, module, args) -> None:
-        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
-            return
-        for context in self.contexts:
-            context._module_pre(module, args)
-
-    def _post(self, module, args, output) -> None:
-        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
-            return
-        for context in self.contexts:
-            context._module_post(module, args, output)
-
-
-MODULE_HOOKS = _ModuleHooks()
 
 
 class _FunctionApplyHook:

@@ -1,6 +1,7 @@
 """The booking step shared by every capture path: op -> registry -> formula -> accumulator."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 from ..conventions import OPTIMIZER
@@ -17,7 +18,9 @@ class Counter:
         self.context = context
         self.strict = strict
         self.warn = warn
-        self.on_work = on_work  # called before booking non-zero, non-optimizer work (auto steps)
+        # The Meter's step clock (Meter._step_boundary): called before booking non-zero,
+        # non-optimizer work, so that a step optimizer.step() ended closes before the next one's work.
+        self.on_work = on_work
         self.acc = StepAccumulator()
         self.warned: set[str] = set()
         self.collective_ops: dict = {}  # op -> (name, Collective) or None, for known-zero ops
@@ -25,6 +28,33 @@ class Counter:
     @property
     def guard(self):
         return self.context.guard
+
+    # ---- where bookings go: only these methods change it ------------------------------------
+    def take_step(self) -> StepAccumulator:
+        """The open step's accumulator, handed to the Meter closing it; bookings go to a new one."""
+        acc, self.acc = self.acc, StepAccumulator()
+        return acc
+
+    @contextlib.contextmanager
+    def redirect(self, sink: StepAccumulator):
+        """Bookings inside the block go to ``sink`` instead of the open step, and close no step
+        (a CUDA graph's capture records into its tally; the budget's all-reduce is booked nowhere)."""
+        acc, on_work = self.acc, self.on_work
+        self.acc, self.on_work = sink, None
+        try:
+            yield sink
+        finally:
+            self.acc, self.on_work = acc, on_work
+
+    @contextlib.contextmanager
+    def detached(self):
+        """Bookings inside the block go to the open step but never tell the step clock: the
+        native backend's flush books batches and reports the step ends it holds itself."""
+        on_work, self.on_work = self.on_work, None
+        try:
+            yield
+        finally:
+            self.on_work = on_work
 
     def before(self, func):
         """Entry for an op about to run, or None when nothing is to be computed for it."""

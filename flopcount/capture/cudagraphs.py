@@ -10,12 +10,14 @@ replays are reported as uncounted (``torch.cuda.CUDAGraph.replay``).
 """
 from __future__ import annotations
 
+import contextlib
+
 from ..accounting import StepAccumulator
 from ..formulas.registry import Work
 from .active import HOOKS
 
 TALLY = "_flopcount_tally"       # list of (phase, module, op, works or None), or None
-CAPTURE = "_flopcount_capture"   # per meter: (meter, its accumulator, its on_work, recorder)
+CAPTURE = "_flopcount_capture"   # (the recorder, the meters' redirects into it, to close at capture end)
 REPLAY_NAME = "torch.cuda.CUDAGraph.replay"
 
 
@@ -49,20 +51,15 @@ def begin_capture(graph) -> None:
     if not HOOKS.meters:
         setattr(graph, TALLY, None)
         return
-    state = []
+    recorders = contextlib.ExitStack()
+    first = None
     for meter in HOOKS.meters:
-        _flush(meter)  # work seen before the capture stays in the step
-        counter = meter.counter
-        state.append((meter, counter.acc, counter.on_work, Recorder()))
-        counter.acc, counter.on_work = state[-1][3], None  # capture runs nothing: no step closes
-    setattr(graph, CAPTURE, state)
-
-
-def _flush(meter) -> None:
-    """Captures that aggregate ops before booking them (the native observer) book them now."""
-    flush = getattr(getattr(meter, "capture", None), "flush", None)
-    if callable(flush):
-        flush()
+        meter.capture.flush()  # work seen before the capture (native: aggregated, not booked yet) stays in the step
+        recorder = Recorder()
+        first = first or recorder
+        recorders.enter_context(meter.counter.redirect(recorder))  # capture runs nothing: no step closes
+        recorders.callback(meter.capture.flush)  # at capture end, first: the capture's work into the recorder
+    setattr(graph, CAPTURE, (first, recorders))
 
 
 def end_capture(graph) -> None:
@@ -70,10 +67,9 @@ def end_capture(graph) -> None:
     if state is None:
         return
     delattr(graph, CAPTURE)
-    for meter, acc, on_work, _ in state:
-        _flush(meter)  # into the recorder
-        meter.counter.acc, meter.counter.on_work = acc, on_work
-    setattr(graph, TALLY, state[0][3].bookings)
+    recorder, recorders = state
+    recorders.close()
+    setattr(graph, TALLY, recorder.bookings)
 
 
 def replay(graph) -> None:

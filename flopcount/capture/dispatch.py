@@ -1,5 +1,11 @@
-"""The Python capture backend: a TorchDispatchMode that hands every aten op to the counter."""
+"""The Python capture backend: a TorchDispatchMode that hands every aten op to the counter.
+
+It implements the Capture protocol (capture/protocol.py): it books each op as it runs, so
+``flush`` has nothing to do, and the Counter reports the step boundary (its ``on_work``, the
+first op with FLOPs after ``optimizer.step()``), so ``mark_step_end`` has nothing to do either."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -17,12 +23,28 @@ class DispatchCapture(TorchDispatchMode):
     def __init__(self, counter) -> None:
         super().__init__()
         self.counter = counter
-        self.suspended = 0  # > 0 while compiled code runs: capture/compile.py counts it from its graph
+        self.suspended = 0  # > 0 inside suspend(): compiled code (counted from its graph), the meter's own work
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
         # Let torch.compile capture with the meter on (FlopCounterMode makes Dynamo skip frames).
         return True
+
+    # ---- the Capture protocol (capture/protocol.py) -------------------------------------------
+    def flush(self) -> None:
+        """Every op is booked as it runs: nothing is held back."""
+
+    def mark_step_end(self) -> None:
+        """The Counter reports the next step's first op to the Meter itself (``on_work``)."""
+
+    @contextlib.contextmanager
+    def suspend(self):
+        """Ops inside the block pass through uncounted, on every thread."""
+        self.suspended += 1
+        try:
+            yield
+        finally:
+            self.suspended -= 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -19,14 +19,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-import threading
 
 from ..formulas import KNOWN_ZERO, REGISTRY
 from ..formulas.registry import launched_kernel
 from .active import HOOKS
 
 _HOOKED = "__flopcount_hooked__"
-_API = threading.local()  # depth of library calls counted at their Python API on this thread
 
 
 @contextlib.contextmanager
@@ -41,11 +39,11 @@ def counted_at_api():
 
 
 def enter_api() -> None:
-    _API.depth = getattr(_API, "depth", 0) + 1
+    HOOKS.enter_api()  # per thread (capture/active.py)
 
 
 def leave_api() -> None:
-    _API.depth = max(getattr(_API, "depth", 0) - 1, 0)
+    HOOKS.leave_api()
 
 
 def is_kernel(obj) -> bool:
@@ -94,7 +92,7 @@ def kernel_args(kernel, args, kwargs) -> tuple[tuple, dict]:
 
 def make_hook(kernel):
     def pre_run(*args, **kwargs):
-        if not HOOKS.meters or HOOKS.region_depth() or getattr(_API, "depth", 0):
+        if not HOOKS.meters or HOOKS.region_depth() or HOOKS.api_depth():
             return
         name, entry = REGISTRY.lookup(kernel)
         if entry is KNOWN_ZERO:

@@ -14,7 +14,9 @@
   Trainer's logs, so TensorBoard / MLflow / W&B / the console show them.
 - Without ``base_model``, the model's ``config._name_or_path`` is used when it is in the registry.
 - ``budget`` (a fraction of the threshold or FLOP): warns at ``budget_warn_at`` of it; when the
-  next step would reach it, saves a checkpoint and stops training (``should_training_stop``).
+  next step would reach it, the Meter says so (``budget_action="stop"``: ``Meter.should_stop``)
+  and the callback saves a checkpoint and stops training (``should_training_stop``).
+- The options are MeterConfig's (config.py), checked when the callback is made.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from fractions import Fraction
 
 from transformers import TrainerCallback
 
-from ..budget import DEFAULT_WARN_AT, STOP, BudgetGuard, job_training_flops, run_threshold
+from ..budget import run_threshold
+from ..config import MeterConfig
 from ..meter import Meter
 from .tags import install as install_tags
 
@@ -109,16 +112,30 @@ def move_to_front(callback, depth: int = 4) -> bool:
     return False
 
 
+def callback_config(out, **options) -> MeterConfig:
+    """The meter options of a framework callback (Trainer, Lightning), checked now: steps are
+    closed by the callback, never by optimizer hooks, and the budget guard stops training through
+    the callback (``budget_action="stop"``) instead of raising into the trainer."""
+    return MeterConfig(out=out, auto_steps=False, budget_action="stop", **options)
+
+
 def start_metering(callback, base_model: str | None) -> None:
-    """Threshold, budget guard and an entered Meter for a framework callback (Trainer, Lightning):
-    steps are closed by the callback, never by optimizer hooks."""
-    callback.threshold, _ = run_threshold(base_model, callback.base_model_flops)
-    if callback.budget is not None:
-        callback.guard = BudgetGuard.create(callback.budget, callback.budget_warn_at, base_model=base_model,
-                                            base_model_flops=callback.base_model_flops)
-    callback.meter = Meter(callback.out, base_model=base_model, base_model_flops=callback.base_model_flops,
-                           auto_steps=False, **callback.meter_options)
+    """Threshold and an entered Meter for a framework callback, with ``base_model`` as resolved
+    from the model when the callback was given none."""
+    config = callback.config.replace(base_model=base_model)
+    callback.threshold, _ = run_threshold(config.base_model, config.base_model_flops)
+    callback.meter = Meter(config=config)
     callback.meter.__enter__()
+
+
+def step_and_measure(callback, tokens, samples) -> bool:
+    """Close one trainer step; keep the job's training FLOPs for the logs. True when the Meter's
+    budget guard asks to stop (the same decision on every rank)."""
+    callback.meter.step(tokens=tokens, samples=samples)
+    callback.training_flops = callback.meter.job_training_flops()
+    if callback.meter.should_stop:
+        callback.stopped_by_budget = True
+    return callback.meter.should_stop
 
 
 class FlopMeterCallback(TrainerCallback):
@@ -126,19 +143,11 @@ class FlopMeterCallback(TrainerCallback):
 
     ``out``: trace dir (None: in memory only). ``base_model`` / ``base_model_flops``: the threshold's
     basis. ``budget``: a fraction of the threshold in (0, 1] or FLOP above 1; ``budget_warn_at``:
-    the share of the budget that warns. Other keyword arguments go to ``flopcount.meter``."""
+    the share of the budget that warns. Other keyword arguments: ``flopcount.meter``'s (MeterConfig)."""
 
-    def __init__(self, out=None, *, base_model: str | None = None, base_model_flops: float | None = None,
-                 budget=None, budget_warn_at: float = DEFAULT_WARN_AT, **meter_options) -> None:
-        self.out = out
-        self.base_model = base_model
-        self.base_model_flops = base_model_flops
-        self.budget, self.budget_warn_at = budget, budget_warn_at
-        if budget is not None:  # a bad budget is an error now, not at the first step
-            BudgetGuard.create(budget, budget_warn_at, base_model=base_model, base_model_flops=base_model_flops)
-        self.meter_options = meter_options
+    def __init__(self, out=None, **options) -> None:
+        self.config = callback_config(out, **options)  # bad options are errors now, not at the first step
         self.meter: Meter | None = None
-        self.guard: BudgetGuard | None = None
         self.tokens = TokenCounter()
         self.training_flops = 0  # job-wide (all ranks), after the latest step
         self.threshold: Fraction | None = None
@@ -157,8 +166,8 @@ class FlopMeterCallback(TrainerCallback):
         but runs before it (DPO's ``precompute_ref_log_probs`` pass in the trainer's ``__init__``)."""
         if self.meter is not None:
             return
-        base_model = self.base_model
-        if base_model is None and self.base_model_flops is None:
+        base_model = self.config.base_model
+        if base_model is None and self.config.base_model_flops is None:
             base_model = registry_name(model)
         start_metering(self, base_model)
         atexit.register(self._close)  # an exception ends train() without on_train_end
@@ -167,18 +176,11 @@ class FlopMeterCallback(TrainerCallback):
         if self.meter is None:
             return
         tokens, samples = self.tokens.take()
-        self.meter.step(tokens=tokens, samples=samples)
-        if self.guard is not None:
-            stop = self.guard.check(self.meter) == STOP  # same decision on every rank
-            self.training_flops = self.guard.last_total
-            if stop:
-                self.stopped_by_budget = True
-                control.should_save = True
-                control.should_training_stop = True
-                if state.is_world_process_zero:
-                    print(self.guard.stop_message(state.global_step), file=sys.stderr)
-        else:
-            self.training_flops = job_training_flops(self.meter)
+        if step_and_measure(self, tokens, samples):
+            control.should_save = True
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                print(self.meter.budget.stop_message(state.global_step), file=sys.stderr)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.meter is None or logs is None:

@@ -25,6 +25,7 @@ import threading
 import torch
 
 from ..capture import dark
+from ..capture.active import HOOKS
 from ..capture.triton import counted_at_api, enter_api, leave_api
 from ..formulas import fla, mamba_ssm, unsloth
 from ..formulas import kernels_api as api
@@ -278,15 +279,15 @@ for (_root, _name) in MODULES:
 # ---- booking --------------------------------------------------------------------------------------
 
 class _Active:
-    """The meters (counters) active now, and the wrappers installed for them (process-wide)."""
+    """The wrappers installed while meters are active (their counters: ``HOOKS.api_counters``,
+    capture/active.py)."""
 
-    counters: list = []
     restore: list = []  # (namespace dict or class, attribute, original)
 
 
 def _book(name: str, works, output) -> None:
     forward, backward = works
-    counters = list(_Active.counters)
+    counters = list(HOOKS.api_counters)
     for counter in counters:
         counter.book(name, forward)
     out = _first_tensor(output)
@@ -305,11 +306,11 @@ def _counting(name: str, fn, formula):
     def wrapper(*args, **kwargs):
         with counted_at_api():  # its Triton kernels are this call's work
             output = fn(*args, **kwargs)
-        if _Active.counters and not torch.compiler.is_compiling():
+        if HOOKS.api_counters and not torch.compiler.is_compiling():
             try:
                 works = formula(args, kwargs, output)
             except Exception as exc:  # a formula never breaks training: the call is reported
-                for counter in list(_Active.counters):
+                for counter in list(HOOKS.api_counters):
                     counter.uncounted(name, f"formula failed: {type(exc).__name__}: {exc}")
                 return output
             _book(name, works, output)
@@ -397,9 +398,9 @@ def watch_api_kernels(counter) -> list:
     from ..capture.context import MODULE_HOOKS
 
     with _LOCK:
-        if not _Active.counters:
+        if not HOOKS.api_counters:
             _install_functions()
-        _Active.counters = [*_Active.counters, counter]
+        HOOKS.api_counters = [*HOOKS.api_counters, counter]
     return [_Handle(counter), MODULE_HOOKS.subscribe(_ModuleWatch(counter))]
 
 
@@ -409,6 +410,6 @@ class _Handle:
 
     def remove(self) -> None:
         with _LOCK:
-            _Active.counters = [c for c in _Active.counters if c is not self.counter]
-            if not _Active.counters:
+            HOOKS.api_counters = [c for c in HOOKS.api_counters if c is not self.counter]
+            if not HOOKS.api_counters:
                 _restore()

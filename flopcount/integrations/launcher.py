@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 
+from ..config import run_options
 from ..errors import BadInput, IntegrityError, one_line
 
 ENV_VAR = "FLOPCOUNT_RUN"            # JSON: the meter's options; its presence switches metering on
@@ -33,9 +34,9 @@ PARENT_VAR = "FLOPCOUNT_RUN_PARENT"  # pid of `flopcount run`, to recognise COMM
 SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sitecustomize")
 REPORT_FORMATS = ("md", "json")
 
-# Options of the meter that `flopcount run` passes on (JSON-serialisable values only).
-METER_OPTIONS = ("backend", "base_model", "base_model_flops", "strict", "module_depth", "run_id", "flush_every",
-                 "budget", "budget_warn_at")
+# Options of the meter that `flopcount run` passes on (JSON-serialisable values only): MeterConfig's
+# fields marked ``run`` (config.py).
+METER_OPTIONS = run_options()
 
 
 # ---- parent: `flopcount run` -------------------------------------------------------------------

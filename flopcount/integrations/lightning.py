@@ -24,9 +24,8 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
-from ..budget import DEFAULT_WARN_AT, STOP, BudgetGuard, job_training_flops
 from ..meter import Meter
-from .hf import LOG_PREFIX, batch_tokens, registry_name, start_metering
+from .hf import LOG_PREFIX, batch_tokens, callback_config, registry_name, start_metering, step_and_measure
 
 
 def lightning_batch_tokens(batch) -> tuple[int | None, int | None]:
@@ -45,17 +44,10 @@ def lightning_batch_tokens(batch) -> tuple[int | None, int | None]:
 class FlopMeterCallback(Callback):
     """Meters a Lightning Trainer's fit with flopcount. Options as in the Hugging Face callback."""
 
-    def __init__(self, out=None, *, base_model: str | None = None, base_model_flops: float | None = None,
-                 budget=None, budget_warn_at: float = DEFAULT_WARN_AT, budget_checkpoint: str | None = None,
-                 **meter_options) -> None:
-        self.out = out
-        self.base_model, self.base_model_flops = base_model, base_model_flops
-        self.budget, self.budget_warn_at, self.budget_checkpoint = budget, budget_warn_at, budget_checkpoint
-        if budget is not None:  # a bad budget is an error now, not at the first step
-            BudgetGuard.create(budget, budget_warn_at, base_model=base_model, base_model_flops=base_model_flops)
-        self.meter_options = meter_options
+    def __init__(self, out=None, *, budget_checkpoint: str | None = None, **options) -> None:
+        self.config = callback_config(out, **options)  # bad options are errors now, not at the first step
+        self.budget_checkpoint = budget_checkpoint
         self.meter: Meter | None = None
-        self.guard: BudgetGuard | None = None
         self.threshold: Fraction | None = None
         self.training_flops = 0
         self.stopped_by_budget = False
@@ -65,8 +57,8 @@ class FlopMeterCallback(Callback):
         self._evaluation = None  # the open Meter.evaluating() of a validation / test / predict loop
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        base_model = self.base_model
-        if base_model is None and self.base_model_flops is None:
+        base_model = self.config.base_model
+        if base_model is None and self.config.base_model_flops is None:
             base_model = registry_name(pl_module) or registry_name(getattr(pl_module, "model", None))
         start_metering(self, base_model)
         self._global_step = trainer.global_step
@@ -82,22 +74,15 @@ class FlopMeterCallback(Callback):
         if self.meter is None or trainer.global_step == self._global_step:
             return  # gradient accumulation: the optimizer has not stepped yet
         self._global_step = trainer.global_step
-        self.meter.step(tokens=self._tokens, samples=self._samples)
+        stop = step_and_measure(self, self._tokens, self._samples)
         self._tokens = self._samples = None
-        stop = False
-        if self.guard is not None:
-            stop = self.guard.check(self.meter) == STOP  # same decision on every rank
-            self.training_flops = self.guard.last_total
-        else:
-            self.training_flops = job_training_flops(self.meter)
         self._log(trainer)
         if stop:
-            self.stopped_by_budget = True
             path = self.budget_checkpoint or os.path.join(trainer.default_root_dir, "flopcount-budget-stop.ckpt")
             trainer.save_checkpoint(path)
             trainer.should_stop = True
             if trainer.is_global_zero:
-                print(f"{self.guard.stop_message(trainer.global_step)}; checkpoint {path}", file=sys.stderr)
+                print(f"{self.meter.budget.stop_message(trainer.global_step)}; checkpoint {path}", file=sys.stderr)
 
     def _log(self, trainer) -> None:
         if not trainer.is_global_zero:

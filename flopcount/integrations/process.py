@@ -35,7 +35,7 @@ class LazyWriterMeter(Meter):
         super().__init__(None, **options)
         self.lazy_out = out
 
-    def _close(self, *args, **kwargs):
+    def _close_step(self, *args, **kwargs):
         if self.writer is None and self.lazy_out is not None:
             self.rank, self.world_size = rank_and_world_size()
             self.out, self.lazy_out = self.lazy_out, None
@@ -43,7 +43,7 @@ class LazyWriterMeter(Meter):
                 self.writer = self.open_writer(first_free=True)  # its own writer slot: r00000, r00000-p1, ...
             except Exception as e:
                 sys.stderr.write(f"flopcount: NOT writing a trace for pid {os.getpid()} to {self.out}: {e}\n")
-        return super()._close(*args, **kwargs)
+        return super()._close_step(*args, **kwargs)
 
 
 def launcher_name(argv: list[str], main_module: str | None) -> str | None:

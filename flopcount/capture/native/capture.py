@@ -17,6 +17,9 @@ are evaluated and summed one by one.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from ...accounting import StepAccumulator
@@ -34,21 +37,22 @@ ZERO, FORMULA, UNCOUNTED, FORMULA_VALUES, COLLECTIVE = range(5)
 
 
 class NativeCapture:
-    """Context manager that turns the observer on and books what it aggregated.
+    """The Capture backend (capture/protocol.py) that turns the observer on and books what it aggregated.
 
-    ``close_pending`` (Meter._on_work) closes the step that ``optimizer.step()`` ended; the
-    extension marks where that happens (the first op with a formula after the optimizer step),
-    Python learns of the mark at the next context change (a module call), and ``flush`` books
-    the parts on either side of the mark into their own steps."""
+    ``step_boundary`` is the Meter's step clock (Meter._step_boundary): it closes the step that
+    ``optimizer.step()`` ended, with what is booked so far. The extension marks where that step
+    ends (the first op with a formula after the optimizer step), Python learns of the mark at the
+    next context change (a module call), and ``flush`` books the parts on either side of the
+    mark, calling ``step_boundary`` between them: the clock never flushes, so nothing re-enters."""
 
-    def __init__(self, counter, context, close_pending, lib=None) -> None:
+    def __init__(self, counter, context, step_boundary, lib=None) -> None:
         self.lib = lib or package.load()
         if self.lib is None:
             raise RuntimeError(f"flopcount: backend='native' is not available here: {package.load_error()}; "
                                f"use backend='dispatch' or 'auto'")
         self.counter = counter
         self.context = context
-        self.close_pending = close_pending
+        self.step_boundary = step_boundary
         self.snapshot_ids: dict[tuple, int] = {}
         self.snapshots: list[tuple] = []
         self.module_ids: dict[str, int] = {}
@@ -69,8 +73,13 @@ class NativeCapture:
         self.python_hooks = self.lib.STATUS_PYTHON_HOOKS
         self.act_on = self.violation | self.boundary
         self.registry_version = -1
-        self.flushing = False
         self.slot = None  # the extension's per-meter state, while entered
+        # suspend() is the one writer of the slot's pause flag: nested blocks (a flush inside a
+        # compiled region, the meter's all-reduce inside a flush) resume when the outermost ends.
+        self.pauses = 0
+        self.pause_lock = threading.Lock()
+        # One flush at a time: a module call on another thread may ask for one while this one books.
+        self.flush_lock = threading.RLock()
         self.python_backward = None  # the Context's own BackwardModules, while ours replace them
 
     # ---- enter / exit -------------------------------------------------------------------------
@@ -92,7 +101,23 @@ class NativeCapture:
             self.flush(raise_strict=exc_type is None)
         finally:
             self.lib.release(self.slot)
+            self.slot = None  # flush() is a no-op from now on
         return False
+
+    @contextlib.contextmanager
+    def suspend(self):
+        """The observer records nothing inside the block, on any thread (the slot is paused)."""
+        self._pause(+1)
+        try:
+            yield
+        finally:
+            self._pause(-1)
+
+    def _pause(self, delta: int) -> None:
+        with self.pause_lock:
+            self.pauses += delta
+            if self.slot is not None and self.pauses == (1 if delta > 0 else 0):
+                self.lib.set_paused(self.slot, self.pauses > 0)
 
     # ---- Context listener: mirror the Python-held state in C++ --------------------------------
     def context_changed(self) -> None:
@@ -134,7 +159,7 @@ class NativeCapture:
         """What the extension asks for after a context change."""
         if status & self.violation:  # strict mode: an uncounted op ran since the last change
             self.counter.uncounted(python_name(self.lib.take_violation(self.slot)), "no formula")
-        if status & self.boundary and not self.flushing:  # the next step began: close the finished one
+        if status & self.boundary:  # the next step began: book the finished one, which closes it
             self.flush()
 
     def mark_step_end(self) -> None:
@@ -179,13 +204,12 @@ class NativeCapture:
 
     # ---- booking --------------------------------------------------------------------------------
     def flush(self, raise_strict: bool = True) -> None:
-        """Book everything the extension aggregated since the last flush."""
-        if self.flushing:  # close_pending closes a step, which flushes again
+        """Book everything the extension aggregated since the last flush; at each step end marked
+        inside it, the Meter's clock closes the step (``step_boundary``, which never flushes)."""
+        if self.slot is None:  # exited: the last flush booked everything
             return
-        self.flushing = True
-        on_work, self.counter.on_work = self.counter.on_work, None  # steps close at the marks only
-        self.lib.set_paused(self.slot, True)  # tensors built to evaluate formulas are not the job's
-        try:
+        # Steps close at the marks only; tensors built to evaluate formulas are not the job's.
+        with self.flush_lock, self.counter.detached(), self.suspend():
             generations, new_keys, values, reset = self.lib.drain(self.slot)
             if reset:  # the extension forgot its key ids (too many distinct keys): so do we
                 used = {key_id for repeated, calls, _ in generations for key_id in (*repeated, *calls)}
@@ -203,12 +227,8 @@ class NativeCapture:
             self._refresh_ops()
             for i, (repeated, calls, uncounted) in enumerate(generations):
                 if i:
-                    self.close_pending()
+                    self.step_boundary()
                 self._book(repeated, calls, uncounted, values, raise_strict)
-        finally:
-            self.lib.set_paused(self.slot, False)
-            self.counter.on_work = on_work
-            self.flushing = False
 
     def _refresh_ops(self) -> None:
         names = self.lib.op_names(len(self.ops))
