@@ -50,6 +50,7 @@ void enter_locked(Slot& s, int64_t task, int64_t module) {
   while (i > 0 && is_descendant(s, stack[i - 1], module)) --i;
   stack.insert(stack.begin() + static_cast<std::ptrdiff_t>(i), module);
   s.has_backward_modules = true;
+  s.backward_version.fetch_add(1, std::memory_order_release);
 }
 
 void leave_locked(Slot& s, int64_t task, int64_t module) {
@@ -59,6 +60,7 @@ void leave_locked(Slot& s, int64_t task, int64_t module) {
   for (size_t i = stack.size(); i > 0; --i) {
     if (stack[i - 1] == module) {
       stack.erase(stack.begin() + static_cast<std::ptrdiff_t>(i - 1));
+      s.backward_version.fetch_add(1, std::memory_order_release);
       break;
     }
   }
@@ -199,6 +201,7 @@ void clear_backward_modules(int64_t index) {
   Slot& s = slot(index);
   std::lock_guard<std::mutex> lock(s.mu);
   s.backward_stacks.clear();
+  s.backward_version.fetch_add(1, std::memory_order_release);
   s.has_backward_modules = false;
 }
 

@@ -175,6 +175,7 @@ struct Slot {
   std::atomic<bool> strict{false};
   std::atomic<bool> has_violation{false};
   std::atomic<bool> has_backward_modules{false};
+  std::atomic<int64_t> backward_version{0};  // bumped (under mu) whenever backward_stacks change
   std::atomic<bool> paused{false};  // while Python books a step (its own tensor ops are not the job's)
   std::atomic<int64_t> key_epoch{0};  // bumped when key_ids is cleared: thread caches forget theirs
   std::atomic<int64_t> incarnation{0};  // bumped per meter: hooks and tables of an earlier meter are stale

@@ -46,7 +46,66 @@ struct OpContext : at::ObserverContext {
   size_t num_returns = 0;
   int extra = kShapeOnly;
   ThreadTable* table = nullptr;
+
+  // RecordFunction owns one context per seen op and frees it at the op's end: a per-thread free
+  // list recycles them instead of a heap allocation per op. (A context may end on another thread
+  // than it began, e.g. autograd's; it then joins that thread's list.)
+  static void* operator new(size_t size);
+  static void operator delete(void* p) noexcept;
 };
+
+thread_local bool tls_contexts_gone = false;  // trivially destructible: valid while the thread exits
+struct FreeList {
+  std::vector<void*> items;
+  ~FreeList() {
+    tls_contexts_gone = true;
+    for (void* p : items) ::operator delete(p);
+    items.clear();
+  }
+};
+thread_local FreeList tls_free_contexts;
+constexpr size_t kMaxFreeContexts = 256;
+
+void* OpContext::operator new(size_t size) {
+  if (tls_contexts_gone) return ::operator new(size);
+  auto& items = tls_free_contexts.items;
+  if (size == sizeof(OpContext) && !items.empty()) {
+    void* p = items.back();
+    items.pop_back();
+    return p;
+  }
+  return ::operator new(size);
+}
+
+void OpContext::operator delete(void* p) noexcept {
+  if (tls_contexts_gone) return ::operator delete(p);
+  auto& items = tls_free_contexts.items;
+  if (items.size() < kMaxFreeContexts) {
+    items.push_back(p);
+  } else {
+    ::operator delete(p);
+  }
+}
+
+// The innermost backward module of graph task ``task``: cached per thread while the slot's stacks
+// are unchanged (hooks.cpp bumps backward_version under the lock), so ops in backward take no lock.
+struct BackwardCache {
+  int64_t incarnation = -1, version = -1, task = -1, module = -1;
+};
+thread_local BackwardCache tls_backward[kSlots];
+
+int64_t backward_module_of(Slot& s, int64_t index, int64_t task) {
+  BackwardCache& c = tls_backward[index];
+  int64_t version = s.backward_version.load(std::memory_order_acquire);
+  int64_t incarnation = s.incarnation.load(std::memory_order_relaxed);
+  if (c.version == version && c.task == task && c.incarnation == incarnation) return c.module;
+  std::lock_guard<std::mutex> lock(s.mu);
+  c.module = innermost_backward_locked(s, task);
+  c.version = s.backward_version.load(std::memory_order_relaxed);
+  c.task = task;
+  c.incarnation = incarnation;
+  return c.module;
+}
 
 // This thread's table for the slot's current meter, registered with the slot the first time.
 ThreadTable& thread_table(Slot& s, int64_t index) {
@@ -169,8 +228,7 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
   int64_t task = torch::autograd::get_current_graph_task_id();
   int64_t module = -1;
   if (task != -1 && s.has_backward_modules.load(std::memory_order_relaxed)) {
-    std::lock_guard<std::mutex> lock(s.mu);
-    module = innermost_backward_locked(s, task);
+    module = backward_module_of(s, index, task);
   }
   auto& key = tls_key[index];
   key.clear();
@@ -230,6 +288,7 @@ void reset_locked(Slot& s) {
   s.new_keys.clear();
   s.planned.clear();
   s.backward_stacks.clear();
+  s.backward_version.fetch_add(1);
   s.has_backward_modules = false;
   s.drained = 0;
   s.generation = 0;
