@@ -432,7 +432,7 @@ py::tuple drain(int64_t index) {
   }
   py::dict values;
   at::DisableRecordFunctionGuard no_observers;  // the copies below are not the job's ops
-  {
+  if (!pending.empty()) {  // (releasing the GIL costs a switch when another thread wants it)
     py::gil_scoped_release no_gil;  // event waits must not hold the GIL
     for (auto& p : pending) {
       p.ready->synchronize();
