@@ -32,7 +32,7 @@ $(DEV_STAMP): $(TORCH_STAMP) pyproject.toml setup.py
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@ $(DEMO_STAMP)
 
-$(NATIVE_STAMP): $(DEMO_STAMP) csrc/flopcount_native.cpp flopcount/capture/native/builder.py
+$(NATIVE_STAMP): $(DEMO_STAMP) $(wildcard csrc/*.cpp csrc/*.h) flopcount/capture/native/builder.py
 	$(PY) -m flopcount.cli build-native || true
 	touch $@
 

@@ -18,7 +18,7 @@ class BuildPyWithNativeSource(build_py):
         super().run()
         target = Path(self.build_lib) / "flopcount" / "capture" / "csrc"
         target.mkdir(parents=True, exist_ok=True)
-        for source in Path(__file__).parent.joinpath("csrc").glob("*.cpp"):
+        for source in [*Path(__file__).parent.joinpath("csrc").glob("*.cpp"), *Path(__file__).parent.joinpath("csrc").glob("*.h")]:
             shutil.copy2(source, target / source.name)
 
 

@@ -9,6 +9,10 @@ and keeps its traceback.
 - ``IntegrityError``: the evidence does not verify (exit 1).
 - ``UncountedOpError`` (a RuntimeError): strict mode met an op with neither a formula nor a
   known-zero entry. Asked for by the user, so it reaches the training loop.
+- ``NativeUnavailable`` (a RuntimeError): backend='native' asked for where the extension is not
+  available. ``NativeContractError``, one of them: the native extension writes another key layout than
+  the decoder reads (KEY_VERSION); backend='native' raises it at Meter.__enter__, 'auto' falls
+  back to the dispatch backend with a warning saying so.
 - ``BudgetExceeded`` (a RuntimeError): the next step would cross the compute budget. Asked for,
   so it reaches the training loop. Both stay importable from capture/counter.py and budget.py.
 
@@ -42,6 +46,16 @@ class TraceError(BadInput):
 class DuplicateFormula(BadInput):
     """An op that already has a formula (or a known-zero entry) was registered again without
     ``override=True`` (formulas/registry.py)."""
+
+
+class NativeUnavailable(FlopcountError, RuntimeError):
+    """backend='native' was asked for where the native extension is not available (the message
+    says why: not built, disabled, torch too old, refused)."""
+
+
+class NativeContractError(NativeUnavailable):
+    """The native extension's key layout (KEY_VERSION) is not the one flopcount's decoder reads
+    (capture/native/decode.py): it is refused when it loads, never misread."""
 
 
 class UncountedOpError(FlopcountError, RuntimeError):

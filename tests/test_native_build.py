@@ -1,4 +1,4 @@
-"""The native build never blocks training (capture/native_build.py), with real processes: a build
+"""The native build never blocks training (capture/native/builder.py), with real processes: a build
 killed part-way, a metered job that goes on within the wait bound, two environments sharing one
 cache without rebuilding each other's library, and `flopcount info` / `flopcount build-native`."""
 from __future__ import annotations

@@ -8,7 +8,8 @@ Three modules by concern:
   `flopcount build-native` (``build``). Set FLOPCOUNT_NATIVE=0 to never build or load it.
 - ``capture.py``: ``NativeCapture``, the Capture backend that turns the observer on, mirrors the
   Python-held context in C++ (module, gradient and backward hooks) and books what it aggregated.
-- ``decode.py``: the extension's key format (tags, as in csrc/) decoded back into op arguments.
+- ``decode.py``: the extension's keys decoded back into op arguments, with the extension's own
+  tag enum, and the check of its KEY_VERSION when it loads.
 
 This package holds the one per-process cache of the loaded extension (``load`` /
 ``load_error``); its modules read it from here at use.
@@ -17,25 +18,30 @@ from __future__ import annotations
 
 import functools
 
-from .builder import BUILD_FLAGS, EXTENSION, MIN_TORCH, SOURCE_NAME, build_state, cache_dir, describe, extension
+from ...errors import NativeContractError
+from .builder import BUILD_FLAGS, EXTENSION, HEADERS, MIN_TORCH, SOURCES, build_state, cache_dir, describe, extension
 from .builder import build_now as build
 from .builder import source_path
-from .capture import COLLECTIVE, FORMULA, FORMULA_VALUES, REPEATED_KEPT, UNCOUNTED, ZERO, NativeCapture
-from .decode import (BOOL, BOOL_LIST, DOUBLE, DOUBLE_LIST, DTYPE, INT, INT_LIST, LIST, NONE, OPAQUE, OUTPUTS,
-                     PENDING_VALUES, STRING, TENSOR, TENSOR_DTYPE, VALUES)
+from .capture import REPEATED_KEPT, NativeCapture, classify
+from .decode import KEY_VERSION, check_key_version
 
-__all__ = ["BUILD_FLAGS", "EXTENSION", "MIN_TORCH", "SOURCE_NAME", "NativeCapture", "build", "build_state",
-           "cache_dir", "describe", "load", "load_error", "source_path",
-           "BOOL", "BOOL_LIST", "DOUBLE", "DOUBLE_LIST", "DTYPE", "INT", "INT_LIST", "LIST", "NONE", "OPAQUE",
-           "OUTPUTS", "PENDING_VALUES", "STRING", "TENSOR", "TENSOR_DTYPE", "VALUES",
-           "COLLECTIVE", "FORMULA", "FORMULA_VALUES", "REPEATED_KEPT", "UNCOUNTED", "ZERO"]
+__all__ = ["BUILD_FLAGS", "EXTENSION", "HEADERS", "KEY_VERSION", "MIN_TORCH", "SOURCES", "NativeCapture", "build",
+           "build_state", "cache_dir", "check_key_version", "classify", "describe", "load", "load_error",
+           "source_path", "REPEATED_KEPT"]
 
 
 @functools.lru_cache(maxsize=1)
 def _load():
     """(extension module, None) or (None, why it is not available), once per process
-    (builder.extension: waits for a build at most FLOPCOUNT_NATIVE_WAIT seconds)."""
-    return extension()
+    (builder.extension: waits for a build at most FLOPCOUNT_NATIVE_WAIT seconds). An extension
+    whose KEY_VERSION the decoder does not read is refused here, never misread."""
+    lib, why = extension()
+    if lib is not None:
+        try:
+            check_key_version(lib)
+        except NativeContractError as exc:
+            return None, str(exc).removeprefix("flopcount: ")
+    return lib, why
 
 
 def load():

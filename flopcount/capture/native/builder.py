@@ -1,6 +1,6 @@
 """Building and loading the native extension so that no training process ever waits long for it.
 
-This module finds the C++ source, builds it into a cache keyed by everything that changes the
+This module finds the C++ sources (csrc/: ``SOURCES`` and ``HEADERS``), builds them into a cache keyed by everything that changes the
 binary, loads it with a bounded wait, and answers `flopcount info` (``describe``) and
 `flopcount build-native` (``build_now``). The one per-process cache of the loaded extension is the
 package's (``flopcount.capture.native.load``). Set FLOPCOUNT_NATIVE=0 to never build or load it.
@@ -19,7 +19,7 @@ Layout of the cache (FLOPCOUNT_NATIVE_CACHE, default ~/.cache/flopcount/native):
 
 ``<tag>`` is a digest of everything that changes the binary (``build_key``): the torch installation
 (its real path, version, git revision, CUDA / ROCm version, C++ ABI), the compiler (real path and
-version string), the flags, the source text and the Python ABI. Two environments with the same
+version string), the flags, the text of every source and header and the Python ABI. Two environments with the same
 torch version therefore never share, or rebuild, each other's library.
 
 A training process that finds no library starts one detached builder process (unless a build is
@@ -54,7 +54,9 @@ from torch.torch_version import TorchVersion
 from .. import native as package  # the package's one cached loader (_load), read at use
 
 EXTENSION = "flopcount_native"
-SOURCE_NAME = "flopcount_native.cpp"
+# The extension's sources, by responsibility (csrc/native.h says what each holds).
+SOURCES = ("observer.cpp", "keys.cpp", "hooks.cpp", "bindings.cpp")
+HEADERS = ("native.h",)
 MIN_TORCH = (2, 7)  # RecordFunction::overload_name; older torch uses the dispatch backend
 BUILD_FLAGS = ["-O2", "-DNDEBUG"]  # NDEBUG: RecordFunction's layout must match libtorch's
 CACHE_ENV = "FLOPCOUNT_NATIVE_CACHE"
@@ -87,8 +89,19 @@ def compiler() -> tuple[str, str]:
     return os.path.realpath(path), version
 
 
+def source_digest(source: Path) -> str:
+    """sha256 over the names and texts of the sources and headers in the directory ``source``."""
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        text = (source / name).read_bytes()
+        digest.update(f"{name}\0{len(text)}\0".encode())
+        digest.update(text)
+    return digest.hexdigest()
+
+
 def build_key(source: Path) -> dict:
-    """Everything that changes the built library (the cache directory is a digest of it)."""
+    """Everything that changes the built library (the cache directory is a digest of it);
+    ``source``: the directory of the C++ sources (``source_path``)."""
     compiler_path, compiler_version = compiler()
     return {
         "torch_path": os.path.realpath(os.path.dirname(torch.__file__)),
@@ -100,7 +113,8 @@ def build_key(source: Path) -> dict:
         "compiler": compiler_path,
         "compiler_version": compiler_version,
         "flags": list(BUILD_FLAGS),
-        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "sources": list(SOURCES),
+        "source_sha256": source_digest(source),
         "python_abi": sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag,
         "machine": platform.machine(),
     }
@@ -270,7 +284,7 @@ def _compile(source: Path, directory: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        load(name=EXTENSION, sources=[str(source)], extra_cflags=BUILD_FLAGS, build_directory=str(directory),
+        load(name=EXTENSION, sources=[str(source / name) for name in SOURCES], extra_cflags=BUILD_FLAGS, build_directory=str(directory),
              verbose=False)
 
 
@@ -426,10 +440,11 @@ def state(source: Path) -> dict:
 # ---- the source, loading, `flopcount info` and `flopcount build-native` -----------------------------
 
 def source_path() -> Path | None:
-    """The C++ source: csrc/ of a source checkout, or the copy installed inside the package."""
+    """The directory of the C++ sources: csrc/ of a source checkout, or the copy installed inside
+    the package; None when either lacks one of them."""
     here = Path(__file__).resolve()
-    for candidate in (here.parents[3] / "csrc" / SOURCE_NAME, here.parents[1] / "csrc" / SOURCE_NAME):
-        if candidate.is_file():
+    for candidate in (here.parents[3] / "csrc", here.parents[1] / "csrc"):
+        if all((candidate / name).is_file() for name in (*SOURCES, *HEADERS)):
             return candidate
     return None
 
@@ -448,7 +463,7 @@ def unsupported() -> str | None:
         return (f"it needs torch >= {'.'.join(map(str, MIN_TORCH))} "
                 f"(RecordFunction::overload_name); this is torch {torch.__version__}")
     if source_path() is None:
-        return f"the C++ source {SOURCE_NAME} is not installed"
+        return f"the C++ sources ({', '.join((*SOURCES, *HEADERS))}) are not installed"
     return None
 
 

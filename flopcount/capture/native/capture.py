@@ -2,7 +2,10 @@
 
 The extension aggregates one compact key per distinct call (op, argument shapes and scalars,
 output shapes, the context id, grad mode, whether autograd's backward is running and the
-backward module). When a step closes, NativeCapture evaluates the one Python formula registry
+backward module). The registry's rules stay here: the extension only learns each op's class
+(``classify``, from ``REGISTRY.lookup``) the first time it sees the op, at the next context change
+or drain (STATUS_NEW_OPS; until then it keeps everything any formula could read). When a step
+closes, NativeCapture evaluates the one Python formula registry
 once per distinct key (``Formula.works``, on the key decoded by decode.py) and books the result
 through the Counter, so both backends share every rule: the phase and module rules are
 ``context.resolve_phase`` and ``context.resolve_module``, fed with the Python-held state that
@@ -20,20 +23,28 @@ from __future__ import annotations
 import contextlib
 import threading
 
-import torch
-
 from ...accounting import StepAccumulator
 from ...conventions import ROOT_MODULE
-from ...distributed import COLLECTIVE_NAMESPACES, NOT_COMMUNICATION, collective_entry
+from ...distributed import collective_entry
+from ...errors import NativeUnavailable
 from ...formulas import KNOWN_ZERO, REGISTRY
 from ...formulas.registry import op_name
 from ..context import resolve_module, resolve_phase
 from .. import native as package  # the package's one cached loader (load, load_error), read at use
-from .decode import Decoder, args_kwargs, dtype_codes, overload_of, python_name
+from .decode import Decoder, args_kwargs, canonical_arguments, check_key_version, dtype_codes, overload_of, python_name, tags
 
 REPEATED_KEPT = 4  # recent booked-key totals reused whole (NativeCapture._book)
-# Registry classes, as in the extension.
-ZERO, FORMULA, UNCOUNTED, FORMULA_VALUES, COLLECTIVE = range(5)
+
+
+def classify(lib, op, entry):
+    """How the extension's observer treats an op (its enum ``Klass``), from the registry's entry
+    for it (``REGISTRY.lookup(op)[1]``): the one place where that is decided."""
+    klass = lib.Klass
+    if entry is None:
+        return klass.UNCOUNTED
+    if entry is KNOWN_ZERO:  # the observer records only communication among known-zero ops
+        return klass.COLLECTIVE if collective_entry(op) is not None else klass.ZERO
+    return klass.FORMULA_VALUES if entry.needs_values else klass.FORMULA
 
 
 class NativeCapture:
@@ -48,8 +59,10 @@ class NativeCapture:
     def __init__(self, counter, context, step_boundary, lib=None) -> None:
         self.lib = lib or package.load()
         if self.lib is None:
-            raise RuntimeError(f"flopcount: backend='native' is not available here: {package.load_error()}; "
-                               f"use backend='dispatch' or 'auto'")
+            raise NativeUnavailable(f"flopcount: backend='native' is not available here: {package.load_error()}; "
+                                    f"use backend='dispatch' or 'auto'")
+        check_key_version(self.lib)  # never misread another layout's keys
+        self.tags = tags(self.lib)
         self.counter = counter
         self.context = context
         self.step_boundary = step_boundary
@@ -57,7 +70,7 @@ class NativeCapture:
         self.snapshots: list[tuple] = []
         self.module_ids: dict[str, int] = {}
         self.module_names: list[str] = []
-        self.ops: list[tuple] = []  # by op id: (display name, OpOverload or None, registry entry)
+        self.ops: list[tuple] = []  # by op id: (display name, OpOverload or None, registry entry), as classified
         self.keys: dict[int, tuple] = {}  # key id -> key (the extension sends each key once)
         self.bookings: dict[int, tuple] = {}  # key id -> what it books (see _booking)
         # (op id, arguments part of a key) -> works: keys that differ only in phase or module
@@ -70,8 +83,8 @@ class NativeCapture:
         self.dtypes = dtype_codes(self.lib)
         # The bits set_context / module_call return (csrc: kViolation, kBoundary, kPythonHooks).
         self.violation, self.boundary = self.lib.STATUS_VIOLATION, self.lib.STATUS_BOUNDARY
-        self.python_hooks = self.lib.STATUS_PYTHON_HOOKS
-        self.act_on = self.violation | self.boundary
+        self.python_hooks, self.new_ops = self.lib.STATUS_PYTHON_HOOKS, self.lib.STATUS_NEW_OPS
+        self.act_on = self.violation | self.boundary | self.new_ops
         self.registry_version = -1
         self.slot = None  # the extension's per-meter state, while entered
         # suspend() is the one writer of the slot's pause flag: nested blocks (a flush inside a
@@ -84,8 +97,8 @@ class NativeCapture:
 
     # ---- enter / exit -------------------------------------------------------------------------
     def __enter__(self) -> "NativeCapture":
-        self._push_registry()
         self.slot = self.lib.enable(bool(self.counter.strict))
+        self._registry_changed()
         for ident, name in enumerate(self.module_names):  # the slot starts without names
             self.lib.set_module_name(self.slot, ident, name, name == ROOT_MODULE)
         self.context.listener = self
@@ -152,13 +165,21 @@ class NativeCapture:
             ident = self.snapshot_ids[snapshot] = len(self.snapshots)
             self.snapshots.append(snapshot)
         if REGISTRY.version != self.registry_version:  # a formula was registered meanwhile
-            self._push_registry()
+            self._registry_changed()
         return ident, snapshot[0]
 
     def _act(self, status: int) -> None:
         """What the extension asks for after a context change."""
         if status & self.violation:  # strict mode: an uncounted op ran since the last change
             self.counter.uncounted(python_name(self.lib.take_violation(self.slot)), "no formula")
+        if status & self.new_ops:
+            # Ops seen for the first time: classify them (under the flush lock: another thread may
+            # be booking). In strict mode one without a formula may have run unclassified:
+            # booking now raises for it as promptly as for a known one.
+            with self.flush_lock:
+                unformulated = self._refresh_ops()
+            if unformulated and self.counter.strict:
+                self.flush()
         if status & self.boundary:  # the next step began: book the finished one, which closes it
             self.flush()
 
@@ -174,33 +195,16 @@ class NativeCapture:
             self.lib.set_module_name(self.slot, ident, name, name == ROOT_MODULE)
         return ident
 
-    def _push_registry(self) -> None:
-        entries = []
-        for op, entry in REGISTRY.items():
-            klass = ZERO if entry is KNOWN_ZERO else FORMULA_VALUES if entry.needs_values else FORMULA
-            if isinstance(op, torch._ops.OpOverload):
-                entries.append((op._schema.name, op._overloadname, klass))
-            elif isinstance(op, torch._ops.OpOverloadPacket):
-                entries.append((op._qualified_op_name, "*", klass))
-            elif isinstance(op, str):  # registered by name: 'ns::op' or 'ns::op.overload'
-                name, _, overload = op.partition(".")
-                entries.append((name, overload or "*", klass))
-        # Non-aten ops with a formula in torch's own flop registry (Registry.lookup reuses those).
-        from torch.utils.flop_counter import flop_registry
-
-        for packet in list(flop_registry):
-            namespace = getattr(packet, "_qualified_op_name", "aten::").split("::")[0]
-            if namespace != "aten" and namespace not in REGISTRY._zero_namespaces and packet not in REGISTRY._table:
-                entries.append((packet._qualified_op_name, "*", FORMULA_VALUES))
-        self.lib.set_registry(entries, sorted(REGISTRY._zero_namespaces), list(COLLECTIVE_NAMESPACES),
-                              sorted(NOT_COMMUNICATION))
+    def _registry_changed(self) -> None:
+        """The registry is new or changed: every op is classified afresh, every booking dropped."""
         self.registry_version = REGISTRY.version
-        self.ops.clear()  # entries may have changed
+        self.ops.clear()
         self.bookings.clear()
         self.repeated = []
         if self.slot is not None:
             self.lib.set_planned(self.slot, [], False)
         self.works_by_arguments.clear()
+        self._refresh_ops()
 
     # ---- booking --------------------------------------------------------------------------------
     def flush(self, raise_strict: bool = True) -> None:
@@ -220,7 +224,7 @@ class NativeCapture:
             self.keys.update(new_keys)
             stale = reset
             if self.registry_version != REGISTRY.version:
-                self._push_registry()
+                self._registry_changed()
                 stale = True
             if stale:  # the plans were dropped: every key is booked afresh
                 generations = [({}, {**repeated, **calls}, uncounted) for repeated, calls, uncounted in generations]
@@ -230,20 +234,28 @@ class NativeCapture:
                     self.step_boundary()
                 self._book(repeated, calls, uncounted, values, raise_strict)
 
-    def _refresh_ops(self) -> None:
-        names = self.lib.op_names(len(self.ops))
-        for name, overload in names:
+    def _refresh_ops(self) -> bool:
+        """Classify the ops the extension has seen since the last call (REGISTRY.lookup) and push
+        their classes; True when one of them has no formula."""
+        start = len(self.ops)
+        classes, uncounted = [], False
+        for name, overload in self.lib.op_names(start):
             op = overload_of(name, overload)
             entry = REGISTRY.lookup(op)[1] if op is not None else None
             self.ops.append((op_name(op) if op is not None else python_name(name), op, entry))
+            classes.append(int(classify(self.lib, op, entry)))
+            uncounted = uncounted or entry is None
+        if classes:
+            self.lib.set_op_classes(start, classes)
         self.strings.extend(self.lib.strings(len(self.strings)))
+        return uncounted
 
     def _book(self, repeated, calls, uncounted, values, raise_strict: bool) -> None:
         """Book one generation: ``repeated`` holds the calls of keys booked before with a plan
         (the extension tells them apart, see ``set_planned``), ``calls`` those of the other keys."""
         counter = self.counter
-        for op_id, count in uncounted.items():
-            self._uncounted(self.ops[op_id][0], "no formula", count, raise_strict)
+        # Uncounted calls are reported once everything else is booked (strict mode raises there).
+        lost = [(self.ops[op_id][0], "no formula", count) for op_id, count in uncounted.items()]
         bookings = self.bookings
         booked = []  # (accumulator entries, calls key, calls): see StepAccumulator.add_repeated
         planned = []  # key ids booked with a plan for the first time
@@ -261,8 +273,10 @@ class NativeCapture:
             name, entry, works, plan = booking
             if plan is not None:
                 booked.append((*plan, count))
-            elif isinstance(works, str):  # the formula failed
-                self._uncounted(name, works, count, raise_strict)
+            elif works is None:  # a known-zero op recorded before the extension knew its class
+                continue
+            elif isinstance(works, str):  # no formula, or the formula failed
+                lost.append((name, works, count))
             else:  # communication: calls and payload bytes
                 for _ in range(count):
                     counter.acc.add_collective(name, works)
@@ -277,6 +291,8 @@ class NativeCapture:
         counter.acc.add_repeated(booked)
         if planned:
             self.lib.set_planned(self.slot, planned, True)
+        for name, why, count in lost:
+            self._uncounted(name, why, count, raise_strict)
 
     def _totals(self, repeated: dict) -> tuple[dict, dict]:
         """(FLOPs by accumulator key, calls by (op, phase)) of keys with plans, ``repeated``: key id -> calls."""
@@ -289,10 +305,14 @@ class NativeCapture:
         the key holds everything they read, so later steps reuse it (steps of a training loop
         repeat the same keys). ``plan``: the accumulator's (phase, category, module, op) keys and
         FLOPs per call, and its (op, phase) calls key; None for communication and failed
-        formulas. Keys holding device values reference this drain's copies: not kept."""
+        formulas. ``works`` None: a known-zero op that is not communication (it books nothing).
+        Keys holding device values reference this drain's copies: not kept."""
         key = self.keys[key_id]
         op_id, snapshot_id, flags, backward_module = key[:4]
         name, op, entry = self.ops[op_id]
+        if entry is KNOWN_ZERO and collective_entry(op) is None:
+            booking = self.bookings[key_id] = (name, entry, None, None)
+            return booking
         optimizer, user_phase, outer_grad, forward_module = self.snapshots[snapshot_id]
         in_backward = bool(flags & 2)
         phase = resolve_phase(optimizer, in_backward, bool(flags & 1), user_phase, outer_grad)
@@ -302,7 +322,7 @@ class NativeCapture:
         if needs_values:  # the key may reference this drain's values
             works = self._works(key, op, entry, values)
         else:
-            arguments = (op_id, key[4:])
+            arguments = (op_id, canonical_arguments(key, self.tags, keep_dtype=entry is KNOWN_ZERO))
             works = self.works_by_arguments.get(arguments)
             if works is None:
                 works = self.works_by_arguments[arguments] = self._works(key, op, entry, values)
@@ -320,11 +340,11 @@ class NativeCapture:
         """Work items for one distinct key (Formula.works), payload bytes for a communication op,
         or a string saying why the formula failed."""
         decoder = Decoder(key, self.strings, self.dtypes, values,
-                           as_tensors=entry is KNOWN_ZERO or getattr(entry, "needs_values", False))
+                          as_tensors=entry is KNOWN_ZERO or getattr(entry, "needs_values", False), tags=self.tags)
         inputs, outputs = decoder.decode()
         args, kwargs = args_kwargs(op, inputs)
         out = outputs[0] if len(outputs) == 1 else (tuple(outputs) if outputs else None)
-        if entry is None:  # the registry changed since the extension classified the op
+        if entry is None:  # no formula (the extension recorded it before knowing, or the registry changed)
             return "no formula"
         if entry is KNOWN_ZERO:  # communication (the extension records no other known-zero op)
             collective = collective_entry(op)

@@ -1,8 +1,10 @@
 """Decoding the native extension's keys (csrc/): a key back into the op and its argument values.
 
 A key is the op id, the context (snapshot) id, flags, the backward module, then each argument
-(a default flag and a tagged value) and, after ``OUTPUTS``, the output values. The tags are those
-of csrc/flopcount_native.cpp. Tensors decode to their shapes (or meta tensors, or integer tensors
+(a default flag and a tagged value) and, after ``OUTPUTS``, the output values. The tags are the
+extension's own enum ``Tag`` (csrc/native.h, bound in csrc/bindings.cpp), read from the loaded
+module (``Tags``): there is no second copy here. ``KEY_VERSION`` is the key layout this decoder
+reads; ``check_key_version`` refuses an extension of another layout when it loads. Tensors decode to their shapes (or meta tensors, or integer tensors
 where the values were recorded, for formulas that read tensors); NativeCapture (capture.py) books
 what decodes through the one formula registry.
 """
@@ -14,24 +16,48 @@ import warnings
 
 import torch
 
-# Key tags, as in csrc/flopcount_native.cpp.
-(NONE, TENSOR, INT, DOUBLE, BOOL, STRING, INT_LIST, DOUBLE_LIST, BOOL_LIST, LIST, DTYPE, OPAQUE,
- VALUES, PENDING_VALUES, TENSOR_DTYPE) = range(15)
-OUTPUTS = -1
+from ...errors import NativeContractError
+
+KEY_VERSION = 2  # the key layout this decoder reads (csrc/native.h kKeyVersion)
+
+
+def check_key_version(lib, expected: int | None = None) -> None:
+    """Refuse an extension whose keys this decoder would misread (NativeContractError)."""
+    expected = KEY_VERSION if expected is None else expected
+    found = getattr(lib, "KEY_VERSION", None)
+    if found != expected:
+        raise NativeContractError(
+            f"flopcount: the native extension writes keys of version {found}, this flopcount reads version "
+            f"{expected}; rebuild it with `flopcount build-native` (or use backend='dispatch')")
+
+
+class Tags:
+    """The extension's key tags as plain ints (its enum ``Tag``), read once per loaded module."""
+
+    def __init__(self, lib) -> None:
+        for name, member in lib.Tag.__members__.items():
+            setattr(self, name, int(member))
+        self.OUTPUTS = int(lib.OUTPUTS)
+        self.AFTER_TENSOR = (self.VALUES, self.PENDING_VALUES, self.TENSOR_DTYPE)
+
+
+@functools.lru_cache(maxsize=4)
+def tags(lib) -> Tags:
+    return Tags(lib)
 
 
 class Decoder:
     """Turns a key back into argument values: shapes in place of tensors (meta tensors, or real
     integer tensors where values were recorded, for formulas that need tensors)."""
 
-    def __init__(self, key, strings, dtypes, values, as_tensors: bool) -> None:
-        self.key, self.pos = key, 4
+    def __init__(self, key, strings, dtypes, values, as_tensors: bool, tags: Tags) -> None:
+        self.key, self.pos, self.t = key, 4, tags
         self.strings, self.dtypes, self.values, self.as_tensors = strings, dtypes, values, as_tensors
 
     def decode(self):
         key = self.key
         inputs, outputs = [], []
-        while self.pos < len(key) and key[self.pos] != OUTPUTS:
+        while self.pos < len(key) and key[self.pos] != self.t.OUTPUTS:
             is_default = bool(key[self.pos])
             self.pos += 1
             inputs.append((is_default, self.value()))
@@ -47,48 +73,101 @@ class Decoder:
 
     def value(self):
         (tag,) = self.take()
-        if tag == TENSOR:
+        t = self.t
+        if tag == t.TENSOR:
             return self.tensor()
-        if tag in (NONE, OPAQUE):
+        if tag in (t.NONE, t.OPAQUE):
             return None
-        if tag == INT:
+        if tag == t.INT:
             return self.take()[0]
-        if tag == DOUBLE:
+        if tag == t.DOUBLE:
             return bits_to_float(self.take()[0])
-        if tag == BOOL:
+        if tag == t.BOOL:
             return bool(self.take()[0])
-        if tag == STRING:
+        if tag == t.STRING:
             return self.strings[self.take()[0]]
-        if tag == DTYPE:
+        if tag == t.DTYPE:
             return self.dtypes.get(self.take()[0])
-        if tag in (INT_LIST, DOUBLE_LIST, BOOL_LIST):
+        if tag in (t.INT_LIST, t.DOUBLE_LIST, t.BOOL_LIST):
             items = list(self.take(self.take()[0]))
-            if tag == DOUBLE_LIST:
+            if tag == t.DOUBLE_LIST:
                 return [bits_to_float(v) for v in items]
-            return [bool(v) for v in items] if tag == BOOL_LIST else items
-        if tag == LIST:
+            return [bool(v) for v in items] if tag == t.BOOL_LIST else items
+        if tag == t.LIST:
             return [self.value() for _ in range(self.take()[0])]
         raise ValueError(f"flopcount: corrupt native key (tag {tag})")
 
     def tensor(self):
         (dim,) = self.take()
         shape = tuple(self.take(dim))
-        key = self.key
+        key, t = self.key, self.t
         data, dtype = None, torch.float32
-        if self.pos < len(key) and key[self.pos] == VALUES:
+        # What follows the shape (values, a device copy's slot, the dtype): an op not classified
+        # when it ran keeps both values and dtype (csrc/observer.cpp).
+        while self.pos < len(key) and key[self.pos] in t.AFTER_TENSOR:
+            tag = key[self.pos]
             self.pos += 1
-            data = list(self.take(self.take()[0]))
-        elif self.pos < len(key) and key[self.pos] == PENDING_VALUES:
-            self.pos += 1
-            data = self.values[self.take()[0]]
-        elif self.pos < len(key) and key[self.pos] == TENSOR_DTYPE:
-            self.pos += 1
-            dtype = self.dtypes.get(self.take()[0], torch.float32)
+            if tag == t.VALUES:
+                data = list(self.take(self.take()[0]))
+            elif tag == t.PENDING_VALUES:
+                data = self.values[self.take()[0]]
+            else:
+                dtype = self.dtypes.get(self.take()[0], torch.float32)
         if not self.as_tensors:
             return shape
         if data is not None:
             return torch.tensor(data, dtype=torch.int64).reshape(shape)
         return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def canonical_arguments(key, t: Tags, keep_dtype: bool) -> tuple:
+    """The arguments part of a key (``key[4:]``) as the extension encodes it for an op that needs
+    shapes only (and, with ``keep_dtype``, tensor dtypes): an op recorded before it was classified
+    also carries integer tensors' values and dtypes, which are dropped here, so that its calls
+    share one formula evaluation with the later ones."""
+    out, n = [], len(key)
+
+    def value(pos: int) -> int:
+        tag = key[pos]
+        out.append(tag)
+        pos += 1
+        if tag == t.TENSOR:
+            dim = key[pos]
+            out.extend(key[pos:pos + 1 + dim])
+            pos += 1 + dim
+            while pos < n and key[pos] in t.AFTER_TENSOR:
+                span = 2 + key[pos + 1] if key[pos] == t.VALUES else 2
+                if key[pos] == t.TENSOR_DTYPE and keep_dtype:
+                    out.extend(key[pos:pos + span])
+                pos += span
+            return pos
+        if tag in (t.NONE, t.OPAQUE):
+            return pos
+        if tag in (t.INT, t.DOUBLE, t.BOOL, t.STRING, t.DTYPE):
+            out.append(key[pos])
+            return pos + 1
+        if tag in (t.INT_LIST, t.DOUBLE_LIST, t.BOOL_LIST):
+            out.extend(key[pos:pos + 1 + key[pos]])
+            return pos + 1 + key[pos]
+        if tag == t.LIST:
+            count = key[pos]
+            out.append(count)
+            pos += 1
+            for _ in range(count):
+                pos = value(pos)
+            return pos
+        raise ValueError(f"flopcount: corrupt native key (tag {tag})")
+
+    pos = 4
+    while pos < n and key[pos] != t.OUTPUTS:
+        out.append(key[pos])  # the default flag
+        pos = value(pos + 1)
+    if pos < n:
+        out.append(t.OUTPUTS)
+        pos += 1
+        while pos < n:
+            pos = value(pos)
+    return tuple(out)
 
 
 def bits_to_float(bits: int) -> float:

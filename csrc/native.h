@@ -1,0 +1,227 @@
+// flopcount native capture: an at::RecordFunction observer that sees every aten op at the
+// dispatcher without running Python, and aggregates one compact key per distinct call:
+//   [op id, context id, flags (grad mode, in backward), backward module id, inputs..., outputs...]
+// The FLOP formulas and the registry's rules stay in Python: flopcount/capture/native/capture.py
+// classifies each op the first time it is seen (REGISTRY.lookup, pushed back with set_op_classes)
+// and evaluates the formulas once per distinct key when a step closes; decode.py reads the keys.
+// Compile with -DNDEBUG, like libtorch: without it the RecordFunction layout differs from
+// libtorch's and inputs() fails a debug assertion.
+//
+// The sources, by responsibility (flopcount/capture/native/builder.py lists them):
+//   native.h      the shared contract: tags, registry classes, the per-op and per-meter state
+//   keys.cpp      op descriptions and the key encoder
+//   observer.cpp  the RecordFunction callbacks, per-thread key tables, enable / drain
+//   hooks.cpp     backward modules: gradient hooks and the module-call fast path
+//   bindings.cpp  the Python module (enums, functions, KEY_VERSION)
+
+#pragma once
+
+#include <torch/extension.h>
+#include <torch/version.h>
+
+// RecordFunction::overload_name() and FunctionPreHook's const compiled_args() came with torch 2.7
+// (capture/native/builder.py checks this before building; older torch uses the dispatch backend).
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 7)
+#error "flopcount's native backend needs torch >= 2.7"
+#endif
+
+#include <ATen/record_function.h>
+#include <c10/core/Event.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace flopcount_native {
+
+// The key format's version: decode.py checks it when the extension loads. Bump it with any change
+// to the tags or the key layout.
+constexpr int64_t kKeyVersion = 2;
+
+// Key tags (bound as the Python enum ``Tag``; decode.py reads them from there).
+enum Tag : int64_t {
+  kNone = 0, kTensor = 1, kInt = 2, kDouble = 3, kBool = 4, kString = 5, kIntList = 6,
+  kDoubleList = 7, kBoolList = 8, kList = 9, kDtype = 10, kOpaque = 11, kValues = 12,
+  kPendingValues = 13, kTensorDtype = 14,
+};
+constexpr int64_t kOutputs = -1;       // separates inputs from outputs in a key
+constexpr int64_t kMaxValues = 65536;  // larger integer tensors are not read (shapes only)
+
+// What a key keeps of a tensor beyond its shape (bits): small integer tensors' values
+// (value-dependent formulas), its dtype (communication payload bytes).
+enum Extra : int { kShapeOnly = 0, kWithValues = 1, kWithDtype = 2 };
+
+// How the registry classifies an op (bound as the Python enum ``Klass``): Python decides it with
+// REGISTRY.lookup and pushes it (set_op_classes); kUnknown until then.
+enum Klass : int8_t {
+  kUnknown = -1, kZero = 0, kFormula = 1, kUncounted = 2, kFormulaValues = 3, kCollective = 4,
+};
+
+// What set_context / module_call return (bits; bound as STATUS_*): strict mode found an uncounted
+// op, an automatic step boundary was crossed since the last drain, Python must place the module's
+// gradient hooks itself, ops were seen that Python has not classified yet.
+constexpr int64_t kViolation = 1, kBoundary = 2, kPythonHooks = 4, kNewOps = 8;
+
+struct OpInfo {
+  std::string name, overload;
+  int64_t id = 0;
+  bool is_op = false;                  // a dispatcher op (not a named range such as autograd's)
+  bool implicit = false;               // CompositeImplicitAutograd without an overriding kernel
+  size_t num_returns = 0;
+  std::vector<uint8_t> dtype_arg;      // argument i is a ScalarType (IValue holds an int)
+  std::vector<uint8_t> no_values;      // argument i is an RNG seed/offset: never read its values
+  std::vector<c10::optional<c10::IValue>> defaults;
+  std::atomic<int8_t> klass{kUnknown};  // written by set_op_classes, read by the observer
+};
+
+struct KeyHash {
+  size_t operator()(const std::vector<int64_t>& k) const noexcept {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t v : k) {
+      h ^= static_cast<uint64_t>(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    }
+    return static_cast<size_t>(h);
+  }
+};
+
+using Table = std::unordered_map<std::vector<int64_t>, int64_t, KeyHash>;
+
+struct Generation {
+  std::unordered_map<int64_t, int64_t> calls;      // key id -> calls
+  std::unordered_map<int64_t, int64_t> uncounted;  // op id -> calls
+};
+
+struct PendingValues {  // a device tensor's values on their way to pinned host memory
+  at::Tensor host;
+  std::unique_ptr<c10::Event> ready;
+};
+
+// Shared by every meter: op descriptions and interned strings.
+struct State {
+  std::mutex mu;
+  std::vector<std::unique_ptr<OpInfo>> ops;                  // by id; never freed
+  std::unordered_map<const char*, OpInfo*> ops_by_name_ptr;  // fast path
+  std::unordered_map<std::string, OpInfo*> ops_by_name;      // "name.overload"
+  std::unordered_map<std::string, int64_t> string_ids;
+  std::vector<std::string> strings;
+  std::atomic<int64_t> described{0};  // ops.size()
+  std::atomic<int64_t> classified{0};  // ops [0, classified) have a class pushed from Python
+};
+
+State& state();
+
+// The calls one thread recorded for one meter since the last drain, by generation (automatic step
+// boundaries). Written by its thread only; drain swaps it out (see ThreadTable).
+struct Counts {
+  int64_t first = 0;  // the slot's generation number of gens[0]
+  std::deque<Generation> gens;
+  Generation& at(int64_t generation) {
+    if (gens.empty()) first = generation;
+    if (generation < first) generation = first;  // a boundary raced with a drain: the oldest kept
+    while (first + static_cast<int64_t>(gens.size()) <= generation) gens.emplace_back();
+    return gens[static_cast<size_t>(generation - first)];
+  }
+};
+
+// One thread's key table for one meter, merged at drain (like torch's profiler, which gives each
+// thread its own queue): the recording thread takes no lock. It marks itself ``busy`` while it
+// writes to ``active``; drain swaps ``active`` for the spare and waits until the writer is not busy
+// on the old one before reading it.
+struct ThreadTable {
+  int64_t incarnation = 0;  // the meter (Slot::incarnation) this table belongs to
+  int64_t key_epoch = 0;    // Slot::key_epoch when ``ids`` was filled
+  Table ids;                // key -> id, as interned in the slot (the owner thread's cache)
+  std::unordered_map<std::string, int64_t> string_ids;  // the owner thread's cache of interned strings
+  Counts buffers[2];
+  std::atomic<Counts*> active{&buffers[0]};
+  std::atomic<bool> busy{false};
+};
+
+// One per active meter (nested meters each count their block). The callback is thread-local,
+// like a TorchDispatchMode: it follows the meter's thread and autograd's workers for it (they
+// inherit the thread-local state), not threads the program starts itself.
+struct Slot {
+  std::mutex mu;  // guards everything below except the atomics; never taken per recorded op
+  std::vector<std::shared_ptr<ThreadTable>> tables;  // every thread's table for this meter
+  // Keys get ids that stay valid across drains, so that Python sees each distinct key once and
+  // afterwards only (id, calls). Keys naming device-value copies are per drain: never interned.
+  Table key_ids;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> new_keys;  // since the last drain
+  int64_t next_key_id = 0;
+  bool keys_reset = false;  // key_ids was cleared (too many distinct keys): Python forgets ids
+  int64_t drained = 0;      // the generation number the next drain starts with
+  // By key id: Python has booked the key with a plan it keeps (set_planned), so drain hands its
+  // calls over apart from the rest: a steady step's planned calls repeat and are reused whole.
+  std::vector<uint8_t> planned;
+  std::vector<PendingValues> pending_values;
+  // Backward modules, per autograd graph task: module ids, innermost last (see hooks.cpp).
+  std::unordered_map<int64_t, std::vector<int64_t>> backward_stacks;
+  std::vector<std::string> module_names;  // by module id, as Python names them
+  int64_t root_module = -1;               // the id of the outermost module's name, once named
+  std::string violation;                  // strict mode: first uncounted op
+  c10::optional<at::CallbackHandle> handle;
+  bool in_use = false;
+
+  std::atomic<int64_t> context{0};
+  std::atomic<bool> optimizer{false};
+  std::atomic<bool> pending_boundary{false};
+  std::atomic<bool> boundary_crossed{false};  // a step boundary was opened since the last drain
+  std::atomic<int64_t> generation{0};         // the open generation's number (boundaries crossed)
+  std::atomic<bool> strict{false};
+  std::atomic<bool> has_violation{false};
+  std::atomic<bool> has_backward_modules{false};
+  std::atomic<int64_t> backward_version{0};  // bumped (under mu) whenever backward_stacks change
+  std::atomic<bool> paused{false};  // while Python books a step (its own tensor ops are not the job's)
+  std::atomic<int64_t> key_epoch{0};  // bumped when key_ids is cleared: thread caches forget theirs
+  std::atomic<int64_t> incarnation{0};  // bumped per meter: hooks and tables of an earlier meter are stale
+};
+
+constexpr int kSlots = 8;
+constexpr size_t kMaxKeys = 100000;  // distinct keys remembered across drains
+
+Slot& slot(int64_t i);
+
+// ---- keys.cpp ---------------------------------------------------------------------------------
+// The op description for a call (cached per thread; never null: named ranges get a non-op).
+OpInfo* op_info(const at::RecordFunction& fn);
+// Append argument ``i`` of ``info`` to ``key``: its default flag and its tagged value.
+// ``per_drain`` is set when the key references this drain's device-value copies.
+void encode_input(Slot& s, ThreadTable& table, const OpInfo& info, size_t i, const c10::IValue& v,
+                  std::vector<int64_t>& key, int extra, bool& per_drain);
+void encode_output(Slot& s, ThreadTable& table, const c10::IValue& v, std::vector<int64_t>& key, int extra,
+                   bool& per_drain);
+std::vector<std::pair<std::string, std::string>> op_names(int64_t start);
+std::vector<std::string> strings(int64_t start);
+void set_op_classes(int64_t start, const std::vector<int64_t>& classes);
+
+// ---- hooks.cpp --------------------------------------------------------------------------------
+// The innermost backward module of graph task ``task``, or -1; s.mu held.
+int64_t innermost_backward_locked(const Slot& s, int64_t task);
+int64_t set_context(int64_t index, int64_t context, bool optimizer);
+
+// ---- observer.cpp -----------------------------------------------------------------------------
+int64_t enable(bool strict);
+void disable(int64_t index);
+void release(int64_t index);
+py::tuple drain(int64_t index);
+void set_planned(int64_t index, const std::vector<int64_t>& ids, bool planned);
+void set_paused(int64_t index, bool paused);
+void mark_pending_boundary(int64_t index, bool pending);
+std::string take_violation(int64_t index);
+void floor_enable();
+void floor_disable();
+
+// ---- bindings.cpp: the hooks' Python interface (defined in hooks.cpp) -------------------------
+void backward_event(int64_t index, int64_t module, bool enter);
+bool add_module_hook(int64_t index, const at::Tensor& tensor, int64_t module, bool enter);
+int64_t module_call(int64_t index, int64_t context, bool optimizer, int64_t module, py::handle value, bool enter);
+int64_t backward_module(int64_t index, int64_t task);
+void set_module_name(int64_t index, int64_t module, const std::string& name, bool root);
+void clear_backward_modules(int64_t index);
+
+}  // namespace flopcount_native

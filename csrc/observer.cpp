@@ -1,0 +1,488 @@
+// The RecordFunction observer: one per active meter (a slot), registered as a thread-local callback.
+// Like a TorchDispatchMode it follows the meter's thread and the autograd work it starts
+// (autograd's worker threads inherit the thread-local state), and nested meters each count their
+// block. Each thread aggregates its calls in its own key table (ThreadTable); drain merges them.
+//
+// Which ops are counted mirrors what a TorchDispatchMode (the dispatch backend) sees:
+//   * an op is "seen" when it reaches a kernel below autograd. CompositeImplicitAutograd ops
+//     decompose above that point while an autograd key is active (so their parts are seen
+//     instead); under inference mode they are seen themselves.
+//   * ops called from inside a seen op's kernel (autocast's re-call, native kernels calling other
+//     ops) are not seen: a thread-local depth counts open seen ops.
+//   * tensor-subclass wrappers (Python dispatch key, e.g. DTensor) are transparent: the subclass
+//     runs its local ops, which are seen with local shapes; the wrapper op with global shapes not.
+
+#include "native.h"
+
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/graph_task.h>
+
+#include <array>
+#include <thread>
+#include <utility>
+
+namespace flopcount_native {
+
+Slot& slot(int64_t i) {
+  static Slot* slots = new Slot[kSlots];  // leaked on purpose, as state()
+  TORCH_CHECK(i >= 0 && i < kSlots, "flopcount: no native meter slot ", i);
+  return slots[i];
+}
+
+namespace {
+
+thread_local int64_t tls_depth[kSlots] = {};
+// The key being built. Seen ops do not nest (ops inside one are not seen), so one buffer per
+// thread and meter suffices; it keeps its capacity, so building a key allocates nothing.
+thread_local std::vector<int64_t> tls_key[kSlots];
+thread_local std::shared_ptr<ThreadTable> tls_tables[kSlots];
+std::mutex drain_mu[kSlots];  // one drain at a time per slot (drain swaps the tables' buffers)
+
+struct OpContext : at::ObserverContext {
+  int64_t index = 0;  // meter slot
+  bool record = false;
+  bool per_drain = false;  // the key names this drain's device-value copies
+  size_t num_returns = 0;
+  int extra = kShapeOnly;
+  ThreadTable* table = nullptr;
+
+  // RecordFunction owns one context per seen op and frees it at the op's end: a per-thread free
+  // list recycles them instead of a heap allocation per op. (A context may end on another thread
+  // than it began, e.g. autograd's; it then joins that thread's list.)
+  static void* operator new(size_t size);
+  static void operator delete(void* p) noexcept;
+};
+
+thread_local bool tls_contexts_gone = false;  // trivially destructible: valid while the thread exits
+struct FreeList {
+  std::vector<void*> items;
+  ~FreeList() {
+    tls_contexts_gone = true;
+    for (void* p : items) ::operator delete(p);
+    items.clear();
+  }
+};
+thread_local FreeList tls_free_contexts;
+constexpr size_t kMaxFreeContexts = 256;
+
+void* OpContext::operator new(size_t size) {
+  if (tls_contexts_gone) return ::operator new(size);
+  auto& items = tls_free_contexts.items;
+  if (size == sizeof(OpContext) && !items.empty()) {
+    void* p = items.back();
+    items.pop_back();
+    return p;
+  }
+  return ::operator new(size);
+}
+
+void OpContext::operator delete(void* p) noexcept {
+  if (tls_contexts_gone) return ::operator delete(p);
+  auto& items = tls_free_contexts.items;
+  if (items.size() < kMaxFreeContexts) {
+    items.push_back(p);
+  } else {
+    ::operator delete(p);
+  }
+}
+
+// The innermost backward module of graph task ``task``: cached per thread while the slot's stacks
+// are unchanged (hooks.cpp bumps backward_version under the lock), so ops in backward take no lock.
+struct BackwardCache {
+  int64_t incarnation = -1, version = -1, task = -1, module = -1;
+};
+thread_local BackwardCache tls_backward[kSlots];
+
+int64_t backward_module_of(Slot& s, int64_t index, int64_t task) {
+  BackwardCache& c = tls_backward[index];
+  int64_t version = s.backward_version.load(std::memory_order_acquire);
+  int64_t incarnation = s.incarnation.load(std::memory_order_relaxed);
+  if (c.version == version && c.task == task && c.incarnation == incarnation) return c.module;
+  std::lock_guard<std::mutex> lock(s.mu);
+  c.module = innermost_backward_locked(s, task);
+  c.version = s.backward_version.load(std::memory_order_relaxed);
+  c.task = task;
+  c.incarnation = incarnation;
+  return c.module;
+}
+
+// This thread's table for the slot's current meter, registered with the slot the first time.
+ThreadTable& thread_table(Slot& s, int64_t index) {
+  auto& table = tls_tables[index];
+  int64_t incarnation = s.incarnation.load(std::memory_order_relaxed);
+  if (!table || table->incarnation != incarnation) {
+    table = std::make_shared<ThreadTable>();
+    table->incarnation = incarnation;
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.tables.push_back(table);
+  }
+  return *table;
+}
+
+// The table's counts, written while ``busy`` (see ThreadTable): drain waits for the flag to drop.
+struct Writing {
+  explicit Writing(ThreadTable& t) : table(t) {
+    table.busy.store(true);
+    counts = table.active.load();
+  }
+  ~Writing() { table.busy.store(false); }
+  ThreadTable& table;
+  Counts* counts;
+};
+
+// The key's id: from the thread's cache, else interned in the slot (once per distinct key and
+// thread, under the slot's lock).
+int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, bool per_drain) {
+  int64_t epoch = s.key_epoch.load(std::memory_order_relaxed);
+  if (table.key_epoch != epoch) {
+    table.ids.clear();
+    table.key_epoch = epoch;
+  }
+  if (!per_drain) {
+    auto it = table.ids.find(key);
+    if (it != table.ids.end()) return it->second;
+  }
+  std::lock_guard<std::mutex> lock(s.mu);
+  int64_t id;
+  if (per_drain) {
+    id = s.next_key_id++;
+    s.new_keys.emplace_back(id, key);
+    return id;
+  }
+  auto it = s.key_ids.find(key);
+  if (it != s.key_ids.end()) {
+    id = it->second;
+  } else {
+    if (s.key_ids.size() >= kMaxKeys) {  // shapes that never repeat: start afresh
+      s.key_ids.clear();
+      s.keys_reset = true;
+      s.planned.clear();
+      s.key_epoch.fetch_add(1);
+      table.ids.clear();
+      table.key_epoch = s.key_epoch.load();
+    }
+    id = s.next_key_id++;
+    s.key_ids.emplace(key, id);
+    s.new_keys.emplace_back(id, key);
+  }
+  table.ids.emplace(key, id);
+  return id;
+}
+
+std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFunction& fn) {
+  int64_t& depth = tls_depth[index];
+  if (depth > 0) return nullptr;  // inside a seen op's kernel
+  Slot& s = slot(index);
+  if (s.paused.load(std::memory_order_relaxed)) return nullptr;
+  OpInfo* info = op_info(fn);
+  if (!info->is_op) return nullptr;
+  auto inputs = fn.inputs();
+  c10::DispatchKeySet keys;
+  for (const auto& v : inputs) {
+    if (v.isTensor()) {
+      const auto& t = v.toTensor();
+      if (t.defined()) keys = keys | t.key_set();
+    } else if (v.isTensorList()) {
+      for (const auto& t : v.toTensorList()) keys = keys | static_cast<at::Tensor>(t).key_set();
+    } else if (v.isList()) {
+      for (const auto& e : v.toListRef()) {
+        if (e.isTensor() && e.toTensor().defined()) keys = keys | e.toTensor().key_set();
+      }
+    }
+  }
+  if (keys.has(c10::DispatchKey::Python)) return nullptr;  // subclass wrapper: transparent
+  if (keys.has(c10::DispatchKey::Meta)) return nullptr;    // shape propagation: nothing computed
+  if (info->implicit) {
+    auto tls = c10::impl::tls_local_dispatch_key_set();
+    auto effective = (keys | tls.included_) - tls.excluded_;
+    if (effective.has_any(c10::autograd_dispatch_keyset)) return nullptr;  // decomposes
+  }
+  ++depth;
+  auto ctx = std::make_unique<OpContext>();
+  ctx->index = index;
+  int8_t klass = info->klass.load(std::memory_order_relaxed);
+  if (klass == kZero) return ctx;
+  ThreadTable& table = thread_table(s, index);
+  if (klass == kUncounted) {
+    {
+      Writing w(table);
+      w.counts->at(s.generation.load()).uncounted[info->id] += 1;
+    }
+    if (s.strict.load() && !s.has_violation.load()) {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.violation = info->name + (info->overload.empty() ? "" : "." + info->overload);
+      s.has_violation.store(true);
+    }
+    return ctx;
+  }
+  bool optimizer = s.optimizer.load(std::memory_order_relaxed);
+  // Auto steps: the first op with a formula after optimizer.step() opens the next step. (An op
+  // not classified yet, first seen just there, does not: Python classifies ops at the next
+  // context change, and optimizer.step() is one.)
+  if ((klass == kFormula || klass == kFormulaValues) && !optimizer &&
+      s.pending_boundary.load(std::memory_order_relaxed) && s.pending_boundary.exchange(false)) {
+    s.generation.fetch_add(1);
+    s.boundary_crossed.store(true);
+  }
+  int64_t task = torch::autograd::get_current_graph_task_id();
+  int64_t module = -1;
+  if (task != -1 && s.has_backward_modules.load(std::memory_order_relaxed)) {
+    module = backward_module_of(s, index, task);
+  }
+  auto& key = tls_key[index];
+  key.clear();
+  key.push_back(info->id);
+  key.push_back(s.context.load(std::memory_order_relaxed));
+  key.push_back((c10::GradMode::is_enabled() ? 1 : 0) | (task != -1 ? 2 : 0));
+  key.push_back(module);
+  // Not classified yet: keep all that any formula could read (Python books it once it knows).
+  ctx->extra = klass == kFormulaValues ? kWithValues
+               : klass == kCollective  ? kWithDtype
+               : klass == kUnknown     ? (kWithValues | kWithDtype)
+                                       : kShapeOnly;
+  bool per_drain = false;
+  for (size_t i = 0; i < inputs.size(); ++i) encode_input(s, table, *info, i, inputs[i], key, ctx->extra, per_drain);
+  ctx->record = true;
+  ctx->per_drain = per_drain;
+  ctx->num_returns = info->num_returns;
+  ctx->table = &table;
+  return ctx;
+}
+
+void on_end(const at::RecordFunction& fn, at::ObserverContext* observer_ctx) {
+  if (observer_ctx == nullptr) return;
+  auto* ctx = static_cast<OpContext*>(observer_ctx);
+  --tls_depth[ctx->index];
+  if (!ctx->record) return;
+  // No outputs from an op that returns something: it threw before its kernel ran (e.g.
+  // non-reentrant checkpoint stops recomputing from autograd's saved-tensor hook). Not counted.
+  if (ctx->num_returns > 0 && fn.outputs().empty()) return;
+  Slot& s = slot(ctx->index);
+  ThreadTable& table = *ctx->table;
+  auto& key = tls_key[ctx->index];
+  key.push_back(kOutputs);
+  bool per_drain = ctx->per_drain;
+  for (const auto& out : fn.outputs()) encode_output(s, table, out, key, ctx->extra, per_drain);
+  int64_t id = key_id(s, table, key, per_drain);
+  Writing w(table);
+  w.counts->at(s.generation.load()).calls[id] += 1;
+}
+
+// RecordFunction takes plain function pointers: one start function per slot.
+template <int64_t I>
+std::unique_ptr<at::ObserverContext> on_start_slot(const at::RecordFunction& fn) {
+  return on_start(I, fn);
+}
+
+template <size_t... I>
+constexpr std::array<at::RecordFunctionCallback::StartCallback, sizeof...(I)> start_table(
+    std::index_sequence<I...>) {
+  return {&on_start_slot<static_cast<int64_t>(I)>...};
+}
+
+void reset_locked(Slot& s) {
+  s.tables.clear();
+  s.pending_values.clear();
+  s.key_ids.clear();
+  s.new_keys.clear();
+  s.planned.clear();
+  s.backward_stacks.clear();
+  s.backward_version.fetch_add(1);
+  s.has_backward_modules = false;
+  s.drained = 0;
+  s.generation = 0;
+  s.key_epoch.fetch_add(1);
+  s.incarnation.fetch_add(1);
+}
+
+// Take one thread's counts (see ThreadTable) and add them to ``out`` (generation ``first`` first).
+void merge(ThreadTable& table, int64_t first, std::vector<Generation>& out) {
+  Counts* old = table.active.load();
+  table.active.store(old == &table.buffers[0] ? &table.buffers[1] : &table.buffers[0]);
+  while (table.busy.load()) std::this_thread::yield();  // a writer finishing one entry
+  for (size_t g = 0; g < old->gens.size(); ++g) {
+    int64_t number = std::max(old->first + static_cast<int64_t>(g), first);
+    size_t at = static_cast<size_t>(number - first);
+    if (out.size() <= at) out.resize(at + 1);
+    for (const auto& [id, calls] : old->gens[g].calls) out[at].calls[id] += calls;
+    for (const auto& [id, calls] : old->gens[g].uncounted) out[at].uncounted[id] += calls;
+  }
+  old->gens.clear();
+}
+
+}  // namespace
+
+// Turn a meter's observer on for this thread (and autograd work it starts); returns its slot.
+int64_t enable(bool strict) {
+  static const auto starts = start_table(std::make_index_sequence<kSlots>{});
+  for (int64_t i = 0; i < kSlots; ++i) {
+    Slot& s = slot(i);
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.in_use) continue;
+    s.in_use = true;
+    reset_locked(s);
+    s.next_key_id = 0;
+    s.keys_reset = false;
+    s.module_names.clear();
+    s.root_module = -1;
+    s.violation.clear();
+    s.has_violation = false;
+    s.pending_boundary = false;
+    s.boundary_crossed = false;
+    s.optimizer = false;
+    s.context = 0;
+    s.strict = strict;
+    s.handle = at::addThreadLocalCallback(at::RecordFunctionCallback(starts[i], on_end)
+                                              .needsInputs(true)
+                                              .needsOutputs(true)
+                                              .scopes({at::RecordScope::FUNCTION}));
+    return i;
+  }
+  TORCH_CHECK(false, "flopcount: more than ", kSlots, " nested native meters");
+}
+
+// Turn the observer off (on the thread that enabled it); drain() still returns what it holds.
+void disable(int64_t index) {
+  Slot& s = slot(index);
+  c10::optional<at::CallbackHandle> handle;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    handle.swap(s.handle);
+  }
+  if (handle.has_value()) at::removeCallback(*handle);
+}
+
+void release(int64_t index) {
+  disable(index);
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> lock(s.mu);
+  reset_locked(s);
+  s.in_use = false;
+}
+
+void set_paused(int64_t index, bool paused) { slot(index).paused.store(paused); }
+
+void mark_pending_boundary(int64_t index, bool pending) { slot(index).pending_boundary.store(pending); }
+
+std::string take_violation(int64_t index) {
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> lock(s.mu);
+  std::string out;
+  out.swap(s.violation);
+  s.has_violation = false;
+  return out;
+}
+
+// Python keeps a plan for these key ids (or, with ``planned`` false, for none of its keys anymore).
+void set_planned(int64_t index, const std::vector<int64_t>& ids, bool planned) {
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!planned) {
+    s.planned.clear();
+    return;
+  }
+  for (int64_t id : ids) {
+    if (id < 0) continue;
+    if (s.planned.size() <= static_cast<size_t>(id)) s.planned.resize(static_cast<size_t>(id) + 1, 0);
+    s.planned[static_cast<size_t>(id)] = 1;
+  }
+}
+
+// Everything aggregated since the last drain: one entry per generation (auto-step boundaries),
+// ({planned key id: calls}, {other key id: calls}, {op id: uncounted calls}), planned keys being
+// those of set_planned; the keys first seen since the last drain ({key id: key}); the values of
+// device tensors copied for value-dependent formulas ({slot: [values]}); whether earlier key ids
+// were forgotten. Waiting on a copy's event blocks only until that copy is done (the copies are
+// queued early in the step); it does not synchronise the device.
+py::tuple drain(int64_t index) {
+  Slot& s = slot(index);
+  std::lock_guard<std::mutex> one_drain(drain_mu[index]);
+  std::vector<std::shared_ptr<ThreadTable>> tables;
+  int64_t first;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    tables = s.tables;
+    first = s.drained;
+  }
+  std::vector<Generation> generations;
+  for (auto& table : tables) merge(*table, first, generations);
+  std::vector<PendingValues> pending;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> new_keys;
+  bool reset = false;
+  std::vector<std::vector<uint8_t>> is_planned;  // per generation, in its calls' iteration order
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    int64_t last = s.generation.load();  // every write merged above was of a generation <= last
+    if (last < first) last = first;
+    generations.resize(static_cast<size_t>(last - first + 1));
+    s.drained = last;
+    for (const auto& gen : generations) {
+      auto& flags = is_planned.emplace_back();
+      flags.reserve(gen.calls.size());
+      for (const auto& entry : gen.calls) {
+        auto id = static_cast<size_t>(entry.first);
+        flags.push_back(id < s.planned.size() ? s.planned[id] : 0);
+      }
+    }
+    pending.swap(s.pending_values);
+    new_keys.swap(s.new_keys);
+    std::swap(reset, s.keys_reset);
+    s.boundary_crossed = false;
+  }
+  py::dict values;
+  at::DisableRecordFunctionGuard no_observers;  // the copies below are not the job's ops
+  if (!pending.empty()) {  // (releasing the GIL costs a switch when another thread wants it)
+    py::gil_scoped_release no_gil;  // event waits must not hold the GIL
+    for (auto& p : pending) {
+      p.ready->synchronize();
+    }
+  }
+  for (size_t slot = 0; slot < pending.size(); ++slot) {
+    auto host = pending[slot].host.to(at::kLong).contiguous();
+    const int64_t* data = host.const_data_ptr<int64_t>();
+    values[py::int_(slot)] = std::vector<int64_t>(data, data + host.numel());
+  }
+  py::list out;
+  for (size_t g = 0; g < generations.size(); ++g) {
+    py::dict repeated, other;
+    size_t i = 0;
+    for (const auto& [id, calls] : generations[g].calls) {  // the order in which is_planned was filled
+      (is_planned[g][i++] ? repeated : other)[py::int_(id)] = py::int_(calls);
+    }
+    out.append(py::make_tuple(repeated, other, py::cast(generations[g].uncounted)));
+  }
+  py::dict keys;
+  for (auto& [id, key] : new_keys) keys[py::int_(id)] = py::tuple(py::cast(key));
+  return py::make_tuple(out, keys, values, reset);
+}
+
+// ---- benchmark instrument: the RecordFunction machinery alone ----------------------------------
+// An observer registered like a meter's (thread-local, inputs and outputs, aten ops) whose
+// callbacks do nothing: what any RecordFunction-based capture pays before it does any work
+// (benchmarks/interleaved_step_overhead.py, variant observer_floor).
+namespace {
+std::unique_ptr<at::ObserverContext> floor_start(const at::RecordFunction&) { return nullptr; }
+void floor_end(const at::RecordFunction&, at::ObserverContext*) {}
+
+c10::optional<at::CallbackHandle>& floor_handle() {
+  static c10::optional<at::CallbackHandle> handle;
+  return handle;
+}
+}  // namespace
+
+void floor_enable() {
+  TORCH_CHECK(!floor_handle().has_value(), "flopcount: the observer floor is already on");
+  floor_handle() = at::addThreadLocalCallback(at::RecordFunctionCallback(floor_start, floor_end)
+                                                  .needsInputs(true)
+                                                  .needsOutputs(true)
+                                                  .scopes({at::RecordScope::FUNCTION}));
+}
+
+void floor_disable() {
+  if (!floor_handle().has_value()) return;
+  at::removeCallback(*floor_handle());
+  floor_handle().reset();
+}
+
+}  // namespace flopcount_native
