@@ -32,7 +32,7 @@ import functools
 import importlib
 import sys
 
-from ..capture.context import MODEL_PHASES, active_contexts
+from ..capture.active import MODEL_PHASES, active_contexts
 from ..conventions import EVAL, GENERATION, REFERENCE, REWARD, TEACHER
 from . import vllm
 
