@@ -29,14 +29,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .value("OPAQUE", kOpaque)
       .value("VALUES", kValues)
       .value("PENDING_VALUES", kPendingValues)
-      .value("TENSOR_DTYPE", kTensorDtype);
+      .value("TENSOR_DTYPE", kTensorDtype)
+      .value("SCALAR_NOT_KEPT", kScalarNotKept);
   py::enum_<Klass>(m, "Klass", "How the registry classifies an op (pushed with set_op_classes)")
       .value("UNKNOWN", kUnknown)
       .value("ZERO", kZero)
       .value("FORMULA", kFormula)
       .value("UNCOUNTED", kUncounted)
       .value("FORMULA_VALUES", kFormulaValues)
-      .value("COLLECTIVE", kCollective);
+      .value("COLLECTIVE", kCollective)
+      .value("FORMULA_SHAPES", kFormulaShapes);
   m.attr("KEY_VERSION") = kKeyVersion;
   m.attr("OUTPUTS") = kOutputs;
   m.attr("STATUS_VIOLATION") = kViolation;

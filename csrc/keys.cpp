@@ -175,8 +175,12 @@ void encode(Slot& s, ThreadTable& table, const c10::IValue& v, std::vector<int64
     key.push_back(dtype ? kDtype : kInt);
     key.push_back(v.toInt());
   } else if (v.isDouble()) {
-    key.push_back(kDouble);
-    push_double(key, v.toDouble());
+    if (extra & kNoScalars) {
+      key.push_back(kScalarNotKept);
+    } else {
+      key.push_back(kDouble);
+      push_double(key, v.toDouble());
+    }
   } else if (v.isBool()) {
     key.push_back(kBool);
     key.push_back(v.toBool());

@@ -41,25 +41,29 @@ namespace flopcount_native {
 
 // The key format's version: decode.py checks it when the extension loads. Bump it with any change
 // to the tags or the key layout.
-constexpr int64_t kKeyVersion = 2;
+constexpr int64_t kKeyVersion = 3;
 
 // Key tags (bound as the Python enum ``Tag``; decode.py reads them from there).
 enum Tag : int64_t {
   kNone = 0, kTensor = 1, kInt = 2, kDouble = 3, kBool = 4, kString = 5, kIntList = 6,
   kDoubleList = 7, kBoolList = 8, kList = 9, kDtype = 10, kOpaque = 11, kValues = 12,
-  kPendingValues = 13, kTensorDtype = 14,
+  kPendingValues = 13, kTensorDtype = 14, kScalarNotKept = 15,
 };
 constexpr int64_t kOutputs = -1;       // separates inputs from outputs in a key
 constexpr int64_t kMaxValues = 65536;  // larger integer tensors are not read (shapes only)
 
-// What a key keeps of a tensor beyond its shape (bits): small integer tensors' values
-// (value-dependent formulas), its dtype (communication payload bytes).
-enum Extra : int { kShapeOnly = 0, kWithValues = 1, kWithDtype = 2 };
+// What a key keeps beyond tensor shapes (bits): small integer tensors' values (value-dependent
+// formulas), tensor dtypes (communication payload bytes); kNoScalars: float scalar arguments are
+// not kept (kScalarNotKept instead), for formulas that never read them, so that calls differing
+// only in such a scalar (an optimizer's changing step size) share one key.
+enum Extra : int { kShapeOnly = 0, kWithValues = 1, kWithDtype = 2, kNoScalars = 4 };
 
 // How the registry classifies an op (bound as the Python enum ``Klass``): Python decides it with
 // REGISTRY.lookup and pushes it (set_op_classes); kUnknown until then.
+// kFormulaShapes: a formula that reads no float scalar argument (Formula.reads_scalars False).
 enum Klass : int8_t {
   kUnknown = -1, kZero = 0, kFormula = 1, kUncounted = 2, kFormulaValues = 3, kCollective = 4,
+  kFormulaShapes = 5,
 };
 
 // What set_context / module_call return (bits; bound as STATUS_*): strict mode found an uncounted

@@ -220,7 +220,7 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
   // Auto steps: the first op with a formula after optimizer.step() opens the next step. (An op
   // not classified yet, first seen just there, does not: Python classifies ops at the next
   // context change, and optimizer.step() is one.)
-  if ((klass == kFormula || klass == kFormulaValues) && !optimizer &&
+  if ((klass == kFormula || klass == kFormulaShapes || klass == kFormulaValues) && !optimizer &&
       s.pending_boundary.load(std::memory_order_relaxed) && s.pending_boundary.exchange(false)) {
     s.generation.fetch_add(1);
     s.boundary_crossed.store(true);
@@ -240,6 +240,7 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
   ctx->extra = klass == kFormulaValues ? kWithValues
                : klass == kCollective  ? kWithDtype
                : klass == kUnknown     ? (kWithValues | kWithDtype)
+               : klass == kFormulaShapes ? kNoScalars
                                        : kShapeOnly;
   bool per_drain = false;
   for (size_t i = 0; i < inputs.size(); ++i) encode_input(s, table, *info, i, inputs[i], key, ctx->extra, per_drain);

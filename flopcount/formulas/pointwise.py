@@ -66,11 +66,12 @@ def _variants(name: str):
             yield getattr(aten, candidate)
 
 
+# The table's formulas read shapes only: float scalars (alpha, value, weight, p) never change them.
 for _name, _row in PER_ELEMENT.items():
     if _row.counts in _MAKERS:
         _fn = _MAKERS[_row.counts](_row.flops)
         for _op in _variants(_name):
-            REGISTRY.add(_op, Formula(_fn, _row.category))
+            REGISTRY.add(_op, Formula(_fn, _row.category, reads_scalars=False))
 
 
 _ADD_SUB = [op for name in ("add", "sub") for op in _variants(name)]

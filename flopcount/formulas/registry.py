@@ -41,6 +41,10 @@ class Formula:
     fn: Callable[..., Any]
     category: str
     needs_values: bool = False
+    # False: ``fn`` never reads a float scalar argument (the per-element table's formulas). The
+    # native backend then keeps no float scalar in the op's key (it decodes as NaN), so that calls
+    # differing only in one (AdamW's step size, changing every step) share one key and one booking.
+    reads_scalars: bool = True
 
     def works(self, args, kwargs, out) -> list[Work]:
         """Evaluate the formula for one call and return its work items."""
@@ -99,7 +103,7 @@ class Registry:
     def add(self, op, entry: Formula | KnownZero, *, override: bool = False) -> None:
         """Register ``entry`` for ``op``. An op that already has another entry keeps it and
         ``DuplicateFormula`` is raised, unless ``override=True`` asks to replace it; registering
-        the very same entry again (the same function, category and ``needs_values``) changes
+        the very same entry again (the same function, category and flags) changes
         nothing and is allowed."""
         if isinstance(entry, Formula) and entry.category not in CATEGORIES:
             raise BadInput(f"flopcount: category {entry.category!r} is not one of {', '.join(CATEGORIES)}")

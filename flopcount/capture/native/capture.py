@@ -44,7 +44,9 @@ def classify(lib, op, entry):
         return klass.UNCOUNTED
     if entry is KNOWN_ZERO:  # the observer records only communication among known-zero ops
         return klass.COLLECTIVE if collective_entry(op) is not None else klass.ZERO
-    return klass.FORMULA_VALUES if entry.needs_values else klass.FORMULA
+    if entry.needs_values:
+        return klass.FORMULA_VALUES
+    return klass.FORMULA if entry.reads_scalars else klass.FORMULA_SHAPES  # see Formula.reads_scalars
 
 
 class NativeCapture:
@@ -322,7 +324,8 @@ class NativeCapture:
         if needs_values:  # the key may reference this drain's values
             works = self._works(key, op, entry, values)
         else:
-            arguments = (op_id, canonical_arguments(key, self.tags, keep_dtype=entry is KNOWN_ZERO))
+            arguments = (op_id, canonical_arguments(key, self.tags, keep_dtype=entry is KNOWN_ZERO,
+                                                    keep_scalars=getattr(entry, "reads_scalars", True)))
             works = self.works_by_arguments.get(arguments)
             if works is None:
                 works = self.works_by_arguments[arguments] = self._works(key, op, entry, values)

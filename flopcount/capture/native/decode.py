@@ -11,6 +11,7 @@ what decodes through the one formula registry.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 import warnings
 
@@ -18,7 +19,7 @@ import torch
 
 from ...errors import NativeContractError
 
-KEY_VERSION = 2  # the key layout this decoder reads (csrc/native.h kKeyVersion)
+KEY_VERSION = 3  # the key layout this decoder reads (csrc/native.h kKeyVersion)
 
 
 def check_key_version(lib, expected: int | None = None) -> None:
@@ -82,6 +83,8 @@ class Decoder:
             return self.take()[0]
         if tag == t.DOUBLE:
             return bits_to_float(self.take()[0])
+        if tag == t.SCALAR_NOT_KEPT:  # a float its formula does not read (Formula.reads_scalars)
+            return math.nan
         if tag == t.BOOL:
             return bool(self.take()[0])
         if tag == t.STRING:
@@ -120,11 +123,12 @@ class Decoder:
         return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def canonical_arguments(key, t: Tags, keep_dtype: bool) -> tuple:
+def canonical_arguments(key, t: Tags, keep_dtype: bool, keep_scalars: bool = True) -> tuple:
     """The arguments part of a key (``key[4:]``) as the extension encodes it for an op that needs
-    shapes only (and, with ``keep_dtype``, tensor dtypes): an op recorded before it was classified
-    also carries integer tensors' values and dtypes, which are dropped here, so that its calls
-    share one formula evaluation with the later ones."""
+    shapes only (and, with ``keep_dtype``, tensor dtypes; without ``keep_scalars``, no float
+    scalars: Formula.reads_scalars): an op recorded before it was classified also carries integer
+    tensors' values, dtypes and float scalars, which are dropped here, so that its calls share one
+    formula evaluation with the later ones."""
     out, n = [], len(key)
 
     def value(pos: int) -> int:
@@ -141,8 +145,11 @@ def canonical_arguments(key, t: Tags, keep_dtype: bool) -> tuple:
                     out.extend(key[pos:pos + span])
                 pos += span
             return pos
-        if tag in (t.NONE, t.OPAQUE):
+        if tag in (t.NONE, t.OPAQUE, t.SCALAR_NOT_KEPT):
             return pos
+        if tag == t.DOUBLE and not keep_scalars:
+            out[-1] = t.SCALAR_NOT_KEPT
+            return pos + 1
         if tag in (t.INT, t.DOUBLE, t.BOOL, t.STRING, t.DTYPE):
             out.append(key[pos])
             return pos + 1
