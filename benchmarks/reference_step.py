@@ -50,9 +50,10 @@ def train_step(model, optimizer, ids) -> None:
 def metering(kind: str):
     """Context for one measured variant: 'baseline' (nothing), 'flopcountermode' (torch's
     counter), a flopcount backend name ('dispatch', 'native'), 'native_untracked' (native with
-    track_modules=False), or 'observer_floor': the native
-    extension's RecordFunction observer registered as a meter registers it, doing nothing (what
-    the RecordFunction machinery alone costs)."""
+    track_modules=False), 'observer_floor': the native extension's RecordFunction observer
+    registered as a meter registers it, doing nothing (what the RecordFunction machinery alone
+    costs), or 'dispatch_floor': a do-nothing boxed fallback on a dispatch mode key (what a
+    capture at the dispatcher would cost at least)."""
     import contextlib
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -65,6 +66,8 @@ def metering(kind: str):
         return FlopCounterMode(display=False)
     if kind == "observer_floor":
         return _observer_floor()
+    if kind == "dispatch_floor":
+        return _dispatch_floor()
     if kind == "native_untracked":
         return flopcount.meter(backend="native", warn=False, track_modules=False)
     return flopcount.meter(backend=kind, warn=False)
@@ -86,6 +89,28 @@ def _observer_floor():
             yield None
         finally:
             lib.floor_disable()
+
+    return floor()
+
+
+def _dispatch_floor():
+    """A boxed fallback on a dispatch mode key that only passes each op on: what a capture at the
+    dispatcher (instead of RecordFunction) would cost at least."""
+    import contextlib
+
+    from flopcount.capture import native
+
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"dispatch_floor needs the native extension: {native.load_error()}")
+
+    @contextlib.contextmanager
+    def floor():
+        lib.dispatch_floor_enable(True)
+        try:
+            yield None
+        finally:
+            lib.dispatch_floor_enable(False)
 
     return floor()
 

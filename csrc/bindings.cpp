@@ -66,5 +66,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("strings", &strings, py::arg("start") = 0);
   m.def("dtype_code", &dtype_code);
   m.def("floor_enable", &floor_enable);
+  m.def("dispatch_floor_enable", &dispatch_floor_enable);
   m.def("floor_disable", &floor_disable);
 }

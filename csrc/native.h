@@ -219,6 +219,7 @@ void mark_pending_boundary(int64_t index, bool pending);
 std::string take_violation(int64_t index);
 void floor_enable();
 void floor_disable();
+void dispatch_floor_enable(bool enabled);
 
 // ---- bindings.cpp: the hooks' Python interface (defined in hooks.cpp) -------------------------
 void backward_event(int64_t index, int64_t module, bool enter);

@@ -17,6 +17,7 @@
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/library.h>
 
 #include <array>
 #include <thread>
@@ -484,6 +485,27 @@ void floor_disable() {
   if (!floor_handle().has_value()) return;
   at::removeCallback(*floor_handle());
   floor_handle().reset();
+}
+
+// The same for a capture at the dispatcher instead of RecordFunction: a boxed fallback on a mode
+// key, switched on per thread, that only passes each op on (variant dispatch_floor). Registered
+// at its first use, never at load: the key is torch's TESTING_ONLY_GenericMode.
+namespace {
+void dispatch_floor_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER,
+                                                c10::DispatchKey::TESTING_ONLY_GenericMode),
+                     stack);
+}
+}  // namespace
+
+void dispatch_floor_enable(bool enabled) {
+  static std::unique_ptr<torch::Library> fallback;
+  if (enabled && !fallback) {
+    fallback = std::make_unique<torch::Library>(torch::Library::IMPL, "_", c10::DispatchKey::TESTING_ONLY_GenericMode,
+                                                __FILE__, __LINE__);
+    fallback->fallback(torch::CppFunction::makeFromBoxedFunction<&dispatch_floor_fallback>());
+  }
+  c10::impl::tls_set_dispatch_key_included(c10::DispatchKey::TESTING_ONLY_GenericMode, enabled);
 }
 
 }  // namespace flopcount_native
