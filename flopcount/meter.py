@@ -5,6 +5,7 @@ import contextlib
 import re
 import time
 import warnings
+from operator import itemgetter
 
 from ._torch import require_torch
 
@@ -242,7 +243,9 @@ class Meter:
                 trailing=trailing)
         record.dark_modules = self.dark.take(record.flops)  # capture/dark.py
         record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
-        batches = record.to_batches()  # the step's trace rows, for the live totals and the writer
+        # The step's trace rows, for the live totals and the writer; the previous step's when
+        # they derive from the same content (a steady loop), the same breakdown lists included.
+        batches = record.to_batches(previous=self.last_step)
         self.rollup.add(batches)
         if self.writer is not None:
             self.writer.write(batches)
@@ -384,6 +387,9 @@ Meter.__init__.__signature__ = init_signature()  # the options as MeterConfig li
 
 def _settled(flops: dict, calls: dict) -> tuple[dict, dict]:
     """A closed step's FLOPs and calls with its provisional no-grad work settled (settle_phase)."""
+    if PROVISIONAL_NO_GRAD not in set(map(itemgetter(0), flops)) and \
+            PROVISIONAL_NO_GRAD not in set(map(itemgetter(1), calls)):
+        return dict(flops), dict(calls)  # nothing to settle (the phases found at C speed): copies
     backward = any(f for (phase, _, _, _), f in flops.items() if phase == BACKWARD)
     settled_flops: dict = {}
     for (phase, category, module, op), f in flops.items():

@@ -65,6 +65,7 @@ class DarkModuleWatch:
         self.kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.ran: dict[str, str] = {}
         self.always_dark: dict[str, str] = {}
+        self.last: tuple | None = None  # take's last step: (ran, always_dark, flops, its dark modules)
 
     def _module_pre(self, module, args) -> None:
         entry = self.kind.get(module)
@@ -85,13 +86,18 @@ class DarkModuleWatch:
         pass
 
     def take(self, flops) -> dict[str, str]:
-        """Dark modules of the step whose FLOPs are ``flops``; starts the next step's record."""
-        if not self.ran and not self.always_dark:
+        """Dark modules of the step whose FLOPs are ``flops``; starts the next step's record. A
+        step that repeats the last one's FLOPs and modules (a steady loop) repeats its answer."""
+        ran, always_dark = self.ran, self.always_dark
+        if not ran and not always_dark:
             return {}
-        keys = [k for k, f in flops.items() if f]
-        dark = dark_in_step(self.ran, self.always_dark, keys)
         self.ran, self.always_dark = {}, {}
-        return dark
+        last = self.last
+        if last is not None and last[0] == ran and last[1] == always_dark and last[2] == flops:
+            return dict(last[3])
+        dark = dark_in_step(ran, always_dark, [k for k, f in flops.items() if f])
+        self.last = (dict(ran), dict(always_dark), dict(flops), dark)  # copies: never written to
+        return dict(dark)
 
 
 def _kind(module) -> int:
