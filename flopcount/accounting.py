@@ -31,7 +31,12 @@ _KIND = KEY_COLUMNS.index("kind")
 
 
 class StepAccumulator:
-    """FLOPs and call counts of the step being recorded. Safe to update from autograd threads."""
+    """FLOPs and call counts of the step being recorded. Safe to update from autograd threads.
+
+    ``recipe`` lists what was booked into ``flops`` and ``calls``, in order, while all of it came
+    whole from the native backend (``add_totals``: its reused totals; ``add_repeated``: the sums
+    of its plans), else it is None: two steps with equal recipes hold equal ``flops`` and
+    ``calls``, in the same order (``same_recipe``)."""
 
     def __init__(self) -> None:
         self.flops: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
@@ -39,6 +44,7 @@ class StepAccumulator:
         self.uncounted: Counter[str] = Counter()
         self.collectives: Counter[str] = Counter()  # communication op -> calls
         self.collective_bytes: Counter[str] = Counter()  # communication op -> bytes moved
+        self.recipe: list | None = []
         self.lock = threading.Lock()
 
     def add(self, phase: str, module: str, op: str, works) -> None:
@@ -46,24 +52,28 @@ class StepAccumulator:
             for category, flops, phase_override in works:
                 self.flops[(phase_override or phase, category, module, op)] += flops
             self.calls[(op, phase)] += 1
+            self.recipe = None
 
     def add_repeated(self, booked) -> None:
         """Many calls at once (the native backend): ``booked`` holds (entries, calls key, calls),
         where entries are ((phase, category, module, op), FLOPs of one call) and the calls key
         (op, phase): what ``add`` books for one call, times the calls."""
-        flops, calls = self.flops, self.calls
-        with self.lock:
-            for entries, calls_key, count in booked:
-                for flops_key, per_call in entries:
-                    flops[flops_key] += per_call * count
-                calls[calls_key] += count
+        if booked:
+            self._add(*_sums(booked), ("added",))
 
     def add_totals(self, flops: dict, calls: dict) -> None:
         """Totals of many calls summed elsewhere (the native backend's repeated keys): FLOPs by
-        (phase, category, module, op) and calls by (op, phase), added as they are."""
+        (phase, category, module, op) and calls by (op, phase), added as they are. The recipe
+        keeps the two dicts themselves: the caller never changes them afterwards."""
+        if flops or calls:
+            self._add(flops, calls, ("totals",))
+
+    def _add(self, flops: dict, calls: dict, kind: tuple) -> None:
         with self.lock:
             _add_at_c_speed(self.flops, flops)
             _add_at_c_speed(self.calls, calls)
+            if self.recipe is not None:
+                self.recipe.append((*kind, flops, calls))
 
     def add_uncounted(self, op: str) -> None:
         with self.lock:
@@ -76,6 +86,34 @@ class StepAccumulator:
 
     def empty(self) -> bool:
         return not (self.flops or self.uncounted or self.collectives)
+
+    def same_recipe(self, other: "StepAccumulator") -> bool:
+        """Whether ``flops`` and ``calls`` were booked as ``other``'s were: then they hold the same,
+        in the same order, known without reading them. Totals by identity (their order is the
+        keys' order, which equal dicts need not share), the sums of plans by value, in order."""
+        mine, theirs = self.recipe, other.recipe
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            return False
+        return all(a[0] == b[0] and (a[1] is b[1] and a[2] is b[2] if a[0] == "totals" else
+                                     same_in_order(a[1], b[1]) and same_in_order(a[2], b[2]))
+                   for a, b in zip(mine, theirs))
+
+
+def _sums(booked) -> tuple[dict, dict]:
+    """What ``add_repeated(booked)`` adds, by FLOPs key and by calls key, keys in the order first
+    booked (the order in which adding them appends the step's new keys)."""
+    flops: dict = defaultdict(int)
+    calls: dict = defaultdict(int)
+    for entries, calls_key, count in booked:
+        for flops_key, per_call in entries:
+            flops[flops_key] += per_call * count
+        calls[calls_key] += count
+    return flops, calls
+
+
+def same_in_order(a: dict, b: dict) -> bool:
+    """Equal dicts with their keys in the same order (dict equality ignores the order)."""
+    return a == b and list(a) == list(b)
 
 
 def _add_at_c_speed(into: dict, totals: dict) -> None:
@@ -117,25 +155,15 @@ class StepRecord:
     def hardware_flops(self) -> int:
         return sum(self.flops.values())
 
-    # Set by to_batches: what it derived from this step's content, for the next step to reuse.
-    rows: "StepRows | None" = field(default=None, repr=False, compare=False)
-
-    def content(self) -> tuple:
-        """What the trace rows derive from besides the step's time, tokens, samples and energy:
-        the booked dicts (their order is the rows' order), dark modules and training phases."""
-        return (self.flops, self.calls, self.uncounted, self.collectives, self.collective_bytes, self.dark_modules,
-                self.training_phases)
-
-    def to_batches(self, previous: "StepRecord | None" = None) -> dict[str, dict[str, list]]:
+    def to_batches(self, rows: "StepRows | None" = None) -> dict[str, dict[str, list]]:
         """This step as the rows of the trace tables, column name -> values (trace/schema.py):
         ``steps``, one row without the writer's columns (run_id, rank, world_size, segment and the
         devices, which ``StepWindow.batches`` adds), and ``breakdown``, one row per key
         (KEY_COLUMNS and ``value``). Raises BadInput when the step's FLOPs do not fit an int64 column.
 
-        ``previous``: the step closed before this one; when its content is the same (a steady
-        training loop), its ``StepRows`` are reused whole, the same breakdown lists included."""
-        last = previous.rows if previous is not None else None
-        self.rows = rows = last if last is not None and last.derived_from(self) else StepRows.of(self)
+        ``rows``: ``StepRows.of`` a step with the same content, when known (the Meter's steps
+        that book what the previous one booked: StepAccumulator.repeats); else derived here."""
+        rows = rows if rows is not None else StepRows.of(self)
         steps = {"step": self.step, "start_time": self.start_time, "end_time": self.end_time,
                  "tokens": self.tokens, "samples": self.samples, **rows.sums,
                  **energy_columns(self.energy), "trailing": bool(self.trailing)}
@@ -144,20 +172,13 @@ class StepRecord:
 
 @dataclass(frozen=True, eq=False)
 class StepRows:
-    """What ``StepRecord.to_batches`` derives from a step's content (``StepRecord.content``): the
-    sums of its ``steps`` row (totals, phases, categories, counts) and its ``breakdown`` rows,
-    which nobody changes once made. ``content`` holds copies of what they were derived from."""
+    """What ``StepRecord.to_batches`` derives from a step's content (its FLOPs, calls, uncounted
+    and communication counts, dark modules and training phases; not its time, tokens, samples or
+    energy): the sums of its ``steps`` row and its ``breakdown`` rows. Steps with the same content
+    share one (and a StepWindow sums a shared breakdown once): nobody changes them once made."""
 
-    content: tuple
     sums: dict[str, int]
     breakdown: dict[str, list]
-
-    def derived_from(self, record: StepRecord) -> bool:
-        """Whether ``record``'s content equals this one's, in order: then so are its rows. Dict
-        equality ignores order, so the keys' order is compared as well (C speed, no per-key Python)."""
-        content = record.content()
-        return content == self.content and all(
-            list(mine) == list(theirs) for mine, theirs in zip(self.content, content) if isinstance(mine, dict))
 
     @classmethod
     def of(cls, record: StepRecord) -> "StepRows":
@@ -190,9 +211,7 @@ class StepRows:
             _kind_rows("collective_bytes", list(record.collective_bytes.values()), op=list(record.collective_bytes)),
             _kind_rows("dark_module", [1] * len(dark), module=list(dark), op=list(dark.values())),  # one step in which each was dark
         ]
-        breakdown = {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS}
-        content = tuple(dict(part) if isinstance(part, dict) else part for part in record.content())
-        return cls(content, sums, breakdown)
+        return cls(sums, {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS})
 
 
 def _kind_rows(kind: str, values: list, **keys: list) -> dict[str, list]:
