@@ -33,25 +33,52 @@ _KIND = KEY_COLUMNS.index("kind")
 class StepAccumulator:
     """FLOPs and call counts of the step being recorded. Safe to update from autograd threads.
 
-    ``recipe`` lists what was booked into ``flops`` and ``calls``, in order, while all of it came
-    whole from the native backend (``add_totals``: its reused totals; ``add_repeated``: the sums
-    of its plans), else it is None: two steps with equal recipes hold equal ``flops`` and
-    ``calls``, in the same order (``same_recipe``)."""
+    Totals added whole (``add_totals``, ``add_repeated``: the native backend) wait in ``pending``
+    and join ``flops`` and ``calls`` in order when those are read: a step whose ``recipe`` repeats
+    the last one's need never merge them. ``recipe`` lists what was booked into ``flops`` and
+    ``calls``, in order, while all of it came whole (the reused totals themselves; the sums of
+    plans), else it is None: two steps with equal recipes hold equal ``flops`` and ``calls``, in
+    the same order (``same_recipe``)."""
 
     def __init__(self) -> None:
-        self.flops: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
-        self.calls: Counter[tuple[str, str]] = Counter()  # (op, phase) -> calls
+        self._flops: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
+        self._calls: Counter[tuple[str, str]] = Counter()  # (op, phase) -> calls
         self.uncounted: Counter[str] = Counter()
         self.collectives: Counter[str] = Counter()  # communication op -> calls
         self.collective_bytes: Counter[str] = Counter()  # communication op -> bytes moved
+        self.pending: list[tuple[dict, dict]] = []  # (FLOPs, calls) added whole, not yet in flops and calls
         self.recipe: list | None = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # reentrant: a reader holding it merges the pending totals
+
+    @property
+    def flops(self) -> defaultdict[tuple[str, str, str, str], int]:
+        """FLOPs by (phase, category, module, op)."""
+        with self.lock:
+            if self.pending:
+                self._merge()
+            return self._flops
+
+    @property
+    def calls(self) -> Counter[tuple[str, str]]:
+        """Calls by (op, phase)."""
+        with self.lock:
+            if self.pending:
+                self._merge()
+            return self._calls
+
+    def _merge(self) -> None:
+        for flops, calls in self.pending:
+            _add_at_c_speed(self._flops, flops)
+            _add_at_c_speed(self._calls, calls)
+        self.pending = []
 
     def add(self, phase: str, module: str, op: str, works) -> None:
         with self.lock:
+            if self.pending:
+                self._merge()  # keys in the order booked
             for category, flops, phase_override in works:
-                self.flops[(phase_override or phase, category, module, op)] += flops
-            self.calls[(op, phase)] += 1
+                self._flops[(phase_override or phase, category, module, op)] += flops
+            self._calls[(op, phase)] += 1
             self.recipe = None
 
     def add_repeated(self, booked) -> None:
@@ -59,21 +86,20 @@ class StepAccumulator:
         where entries are ((phase, category, module, op), FLOPs of one call) and the calls key
         (op, phase): what ``add`` books for one call, times the calls."""
         if booked:
-            self._add(*_sums(booked), ("added",))
+            self._add(*_sums(booked), "added")
 
     def add_totals(self, flops: dict, calls: dict) -> None:
         """Totals of many calls summed elsewhere (the native backend's repeated keys): FLOPs by
-        (phase, category, module, op) and calls by (op, phase), added as they are. The recipe
-        keeps the two dicts themselves: the caller never changes them afterwards."""
+        (phase, category, module, op) and calls by (op, phase), added as they are. They are kept
+        as they are (pending, recipe): the caller never changes them afterwards."""
         if flops or calls:
-            self._add(flops, calls, ("totals",))
+            self._add(flops, calls, "totals")
 
-    def _add(self, flops: dict, calls: dict, kind: tuple) -> None:
+    def _add(self, flops: dict, calls: dict, kind: str) -> None:
         with self.lock:
-            _add_at_c_speed(self.flops, flops)
-            _add_at_c_speed(self.calls, calls)
+            self.pending.append((flops, calls))
             if self.recipe is not None:
-                self.recipe.append((*kind, flops, calls))
+                self.recipe.append((kind, flops, calls))
 
     def add_uncounted(self, op: str) -> None:
         with self.lock:
@@ -94,9 +120,15 @@ class StepAccumulator:
         mine, theirs = self.recipe, other.recipe
         if mine is None or theirs is None or len(mine) != len(theirs):
             return False
-        return all(a[0] == b[0] and (a[1] is b[1] and a[2] is b[2] if a[0] == "totals" else
-                                     same_in_order(a[1], b[1]) and same_in_order(a[2], b[2]))
-                   for a, b in zip(mine, theirs))
+        for (kind, flops, calls), (their_kind, their_flops, their_calls) in zip(mine, theirs):
+            if kind != their_kind:
+                return False
+            if kind == "totals":
+                if flops is not their_flops or calls is not their_calls:
+                    return False
+            elif not (same_in_order(flops, their_flops) and same_in_order(calls, their_calls)):
+                return False
+        return True
 
 
 def _sums(booked) -> tuple[dict, dict]:
