@@ -160,7 +160,8 @@ def _add_at_c_speed(into: dict, totals: dict) -> None:
 
 @dataclass
 class StepRecord:
-    """One closed step of one rank."""
+    """One closed step of one rank. The Meter's records of steps that book the same (a steady
+    loop) share their ``flops`` and ``calls`` dicts: read them, copy them to change them."""
 
     step: int
     start_time: float

@@ -233,8 +233,9 @@ class Meter:
 
     def _close_step(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
         """Close the open step with the work booked so far: the record, live totals, the writer.
-        A step that books what the previous one booked (``StepAccumulator.repeats``: a steady
-        loop) reuses what was derived from it: settled FLOPs and calls, dark modules, trace rows."""
+        A step that books what the previous one booked (``_Derived.booked_by``: a steady loop)
+        reuses what was derived from it: its settled FLOPs and calls (the records share them),
+        dark modules and trace rows."""
         acc = self.counter.take_step()
         training_phases = frozenset(self.training_phases)
         last, self._derived = self._derived, None  # set again once this step is derived whole
@@ -245,7 +246,7 @@ class Meter:
             record = StepRecord(
                 step=self.step_index, start_time=self._step_start, end_time=end or time.time(),
                 tokens=_as_int(tokens, "tokens"), samples=_as_int(samples, "samples"),
-                flops=dict(flops), calls=dict(calls), uncounted=dict(acc.uncounted),  # the record's own copies
+                flops=flops, calls=calls, uncounted=dict(acc.uncounted),  # shared by the steps that repeat it
                 training_phases=training_phases,
                 collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes),
                 trailing=trailing)
@@ -403,8 +404,8 @@ BOOKED = ("flops", "calls", "uncounted", "collectives", "collective_bytes")  # w
 class _Derived:
     """What ``Meter._close_step`` derived from a step's accumulator ``acc``, for the next step to
     reuse when it books the same: ``booked``, copies of what ``acc`` held (BOOKED), its settled
-    ``flops`` and ``calls`` (never handed out: records get copies), its dark modules, training
-    phases and trace rows."""
+    ``flops`` and ``calls`` (its record's, and those of the records that repeat it), its dark
+    modules, training phases and trace rows. The trace rows never read the records' dicts again."""
 
     acc: StepAccumulator
     booked: tuple[dict, ...]
