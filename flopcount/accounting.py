@@ -30,6 +30,9 @@ _KIND_ORDER = {kind: i for i, kind in enumerate(BREAKDOWN_KINDS)}
 _KIND = KEY_COLUMNS.index("kind")
 
 
+RECIPE_MAX = 64  # totals a step holds unmerged, and the longest recipe kept (a steady step has a few)
+
+
 class StepAccumulator:
     """FLOPs and call counts of the step being recorded. Safe to update from autograd threads.
 
@@ -98,8 +101,12 @@ class StepAccumulator:
     def _add(self, flops: dict, calls: dict, kind: str) -> None:
         with self.lock:
             self.pending.append((flops, calls))
+            if len(self.pending) > RECIPE_MAX:  # a step of many flushes holds its sums, not each flush's
+                self._merge()
             if self.recipe is not None:
                 self.recipe.append((kind, flops, calls))
+                if len(self.recipe) > RECIPE_MAX:
+                    self.recipe = None
 
     def add_uncounted(self, op: str) -> None:
         with self.lock:
