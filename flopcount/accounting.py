@@ -201,8 +201,8 @@ class StepRecord:
         devices, which ``StepWindow.batches`` adds), and ``breakdown``, one row per key
         (KEY_COLUMNS and ``value``). Raises BadInput when the step's FLOPs do not fit an int64 column.
 
-        ``rows``: ``StepRows.of`` a step with the same content, when known (the Meter's steps
-        that book what the previous one booked: StepAccumulator.repeats); else derived here."""
+        ``rows``: ``StepRows.of`` a step with the same content, when known (Meter._close_step:
+        a step that books what the previous one booked); else derived here."""
         rows = rows if rows is not None else StepRows.of(self)
         steps = {"step": self.step, "start_time": self.start_time, "end_time": self.end_time,
                  "tokens": self.tokens, "samples": self.samples, **rows.sums,
@@ -222,6 +222,7 @@ class StepRows:
 
     @classmethod
     def of(cls, record: StepRecord) -> "StepRows":
+        """The rows of ``record``'s content; BadInput when its FLOPs do not fit an int64 column."""
         phases: dict[str, int] = defaultdict(int)
         categories: dict[str, int] = defaultdict(int)
         for (phase, category, _, _), f in record.flops.items():
@@ -249,7 +250,8 @@ class StepRows:
             _kind_rows("uncounted", list(record.uncounted.values()), op=list(record.uncounted)),
             _kind_rows("collective_calls", list(record.collectives.values()), op=list(record.collectives)),
             _kind_rows("collective_bytes", list(record.collective_bytes.values()), op=list(record.collective_bytes)),
-            _kind_rows("dark_module", [1] * len(dark), module=list(dark), op=list(dark.values())),  # one step in which each was dark
+            _kind_rows("dark_module", [1] * len(dark), module=list(dark),
+                       op=list(dark.values())),  # one step in which each was dark
         ]
         return cls(sums, {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS})
 

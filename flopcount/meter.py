@@ -397,13 +397,13 @@ class Meter:
 Meter.__init__.__signature__ = init_signature()  # the options as MeterConfig lists them
 
 
-BOOKED = ("flops", "calls", "uncounted", "collectives", "collective_bytes")  # what a StepAccumulator holds
+_BOOKED = ("flops", "calls", "uncounted", "collectives", "collective_bytes")  # what a StepAccumulator holds
 
 
 @dataclass(frozen=True)
 class _Derived:
     """What ``Meter._close_step`` derived from a step's accumulator ``acc``, for the next step to
-    reuse when it books the same: ``booked``, copies of what ``acc`` held (BOOKED), its settled
+    reuse when it books the same: ``booked``, copies of what ``acc`` held (_BOOKED), its settled
     ``flops`` and ``calls`` (its record's, and those of the records that repeat it), its dark
     modules, training phases and trace rows. The trace rows never read the records' dicts again."""
 
@@ -420,12 +420,13 @@ class _Derived:
         communication counts, and FLOPs and calls booked the same way (the native backend's
         reused totals: nothing to read) or found equal (C speed)."""
         flops, calls, *counts = self.booked
-        return (all(same_in_order(getattr(acc, name), held) for name, held in zip(BOOKED[2:], counts))
-                and (acc.same_recipe(self.acc) or (same_in_order(acc.flops, flops) and same_in_order(acc.calls, calls))))
+        if not all(same_in_order(getattr(acc, name), held) for name, held in zip(_BOOKED[2:], counts)):
+            return False
+        return acc.same_recipe(self.acc) or (same_in_order(acc.flops, flops) and same_in_order(acc.calls, calls))
 
 
 def _copies(acc: StepAccumulator) -> tuple[dict, ...]:
-    return tuple(dict(getattr(acc, name)) for name in BOOKED)
+    return tuple(dict(getattr(acc, name)) for name in _BOOKED)
 
 
 def _settled(flops: dict, calls: dict) -> tuple[dict, dict]:

@@ -110,7 +110,8 @@ def test_steady_steps_keep_every_number(backend, tmp_path):
             for key, f in expected(batch, extra).items():
                 flops[key] = flops.get(key, 0) + f
                 calls[(key[3], key[0])] = calls.get((key[3], key[0]), 0) + 1
-        assert {(r["phase"], r["category"], r["module"], r["op"]): r["value"] for r in rows if r["kind"] == "flops"} == flops
+        keyed = {(r["phase"], r["category"], r["module"], r["op"]): r["value"] for r in rows if r["kind"] == "flops"}
+        assert keyed == flops
         assert {(r["op"], r["phase"]): r["value"] for r in rows if r["kind"] == "calls"} == calls
         assert all(r["training"] == (r["phase"] != "eval") for r in rows if r["kind"] == "flops")
         assert len(rows) == len(flops) + len(calls)
