@@ -30,44 +30,83 @@ _KIND_ORDER = {kind: i for i, kind in enumerate(BREAKDOWN_KINDS)}
 _KIND = KEY_COLUMNS.index("kind")
 
 
+RECIPE_MAX = 64  # totals a step holds unmerged, and the longest recipe kept (a steady step has a few)
+
+
 class StepAccumulator:
-    """FLOPs and call counts of the step being recorded. Safe to update from autograd threads."""
+    """FLOPs and call counts of the step being recorded. Safe to update from autograd threads.
+
+    Totals added whole (``add_totals``, ``add_repeated``: the native backend) wait in ``pending``
+    and join ``flops`` and ``calls`` in order when those are read: a step whose ``recipe`` repeats
+    the last one's need never merge them. ``recipe`` lists what was booked into ``flops`` and
+    ``calls``, in order, while all of it came whole (the reused totals themselves; the sums of
+    plans), else it is None: two steps with equal recipes hold equal ``flops`` and ``calls``, in
+    the same order (``same_recipe``)."""
 
     def __init__(self) -> None:
-        self.flops: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
-        self.calls: Counter[tuple[str, str]] = Counter()  # (op, phase) -> calls
+        self._flops: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
+        self._calls: Counter[tuple[str, str]] = Counter()  # (op, phase) -> calls
         self.uncounted: Counter[str] = Counter()
         self.collectives: Counter[str] = Counter()  # communication op -> calls
         self.collective_bytes: Counter[str] = Counter()  # communication op -> bytes moved
-        self.lock = threading.Lock()
+        self.pending: list[tuple[dict, dict]] = []  # (FLOPs, calls) added whole, not yet in flops and calls
+        self.recipe: list | None = []
+        self.lock = threading.RLock()  # reentrant: a reader holding it merges the pending totals
+
+    @property
+    def flops(self) -> defaultdict[tuple[str, str, str, str], int]:
+        """FLOPs by (phase, category, module, op)."""
+        with self.lock:
+            if self.pending:
+                self._merge()
+            return self._flops
+
+    @property
+    def calls(self) -> Counter[tuple[str, str]]:
+        """Calls by (op, phase)."""
+        with self.lock:
+            if self.pending:
+                self._merge()
+            return self._calls
+
+    def _merge(self) -> None:
+        for flops, calls in self.pending:
+            _add_at_c_speed(self._flops, flops)
+            _add_at_c_speed(self._calls, calls)
+        self.pending = []
 
     def add(self, phase: str, module: str, op: str, works) -> None:
         with self.lock:
+            if self.pending:
+                self._merge()  # keys in the order booked
             for category, flops, phase_override in works:
-                self.flops[(phase_override or phase, category, module, op)] += flops
-            self.calls[(op, phase)] += 1
+                self._flops[(phase_override or phase, category, module, op)] += flops
+            self._calls[(op, phase)] += 1
+            self.recipe = None
 
     def add_repeated(self, booked) -> None:
         """Many calls at once (the native backend): ``booked`` holds (entries, calls key, calls),
         where entries are ((phase, category, module, op), FLOPs of one call) and the calls key
         (op, phase): what ``add`` books for one call, times the calls."""
-        flops, calls = self.flops, self.calls
-        with self.lock:
-            for entries, calls_key, count in booked:
-                for flops_key, per_call in entries:
-                    flops[flops_key] += per_call * count
-                calls[calls_key] += count
+        if booked:
+            self._add(*_sums(booked), "added")
 
     def add_totals(self, flops: dict, calls: dict) -> None:
         """Totals of many calls summed elsewhere (the native backend's repeated keys): FLOPs by
-        (phase, category, module, op) and calls by (op, phase), added as they are."""
+        (phase, category, module, op) and calls by (op, phase), added as they are. They are kept
+        as they are (pending, recipe): the caller never changes them afterwards."""
+        if flops or calls:
+            self._add(flops, calls, "totals")
+
+    def _add(self, flops: dict, calls: dict, kind: str) -> None:
         with self.lock:
-            if self.flops:
-                for key, f in flops.items():
-                    self.flops[key] += f
-            else:  # a fresh step: one copy at C speed
-                self.flops.update(flops)
-            self.calls.update(calls)
+            self.pending.append((flops, calls))
+            if len(self.pending) > RECIPE_MAX:  # a step of many flushes holds its sums, not each flush's
+                self._merge()
+            if self.recipe is not None:
+                self.recipe.append((kind, flops, calls))
+                if len(self.recipe) > RECIPE_MAX:
+                    self.recipe = None
 
     def add_uncounted(self, op: str) -> None:
         with self.lock:
@@ -81,10 +120,55 @@ class StepAccumulator:
     def empty(self) -> bool:
         return not (self.flops or self.uncounted or self.collectives)
 
+    def same_recipe(self, other: "StepAccumulator") -> bool:
+        """Whether ``flops`` and ``calls`` were booked as ``other``'s were: then they hold the same,
+        in the same order, known without reading them. Totals by identity (their order is the
+        keys' order, which equal dicts need not share), the sums of plans by value, in order."""
+        mine, theirs = self.recipe, other.recipe
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            return False
+        for (kind, flops, calls), (their_kind, their_flops, their_calls) in zip(mine, theirs):
+            if kind != their_kind:
+                return False
+            if kind == "totals":
+                if flops is not their_flops or calls is not their_calls:
+                    return False
+            elif not (same_in_order(flops, their_flops) and same_in_order(calls, their_calls)):
+                return False
+        return True
+
+
+def _sums(booked) -> tuple[dict, dict]:
+    """What ``add_repeated(booked)`` adds, by FLOPs key and by calls key, keys in the order first
+    booked (the order in which adding them appends the step's new keys)."""
+    flops: dict = defaultdict(int)
+    calls: dict = defaultdict(int)
+    for entries, calls_key, count in booked:
+        for flops_key, per_call in entries:
+            flops[flops_key] += per_call * count
+        calls[calls_key] += count
+    return flops, calls
+
+
+def same_in_order(a: dict, b: dict) -> bool:
+    """Equal dicts with their keys in the same order (dict equality ignores the order)."""
+    return a == b and list(a) == list(b)
+
+
+def _add_at_c_speed(into: dict, totals: dict) -> None:
+    """``into[key] += value`` for each item of ``totals``, with Python work only for the keys both
+    hold: ``dict.update`` (not Counter's, which adds in Python) keeps a held key's place and
+    appends the others in ``totals``' order, as that loop would; the held values are added back."""
+    held = [(key, into[key]) for key in into.keys() & totals.keys()] if into else ()
+    dict.update(into, totals)
+    for key, value in held:
+        into[key] += value
+
 
 @dataclass
 class StepRecord:
-    """One closed step of one rank."""
+    """One closed step of one rank. The Meter's records of steps that book the same (a steady
+    loop) share their ``flops`` and ``calls`` dicts: read them, copy them to change them."""
 
     step: int
     start_time: float
@@ -111,46 +195,65 @@ class StepRecord:
     def hardware_flops(self) -> int:
         return sum(self.flops.values())
 
-    def to_batches(self) -> dict[str, dict[str, list]]:
+    def to_batches(self, rows: "StepRows | None" = None) -> dict[str, dict[str, list]]:
         """This step as the rows of the trace tables, column name -> values (trace/schema.py):
         ``steps``, one row without the writer's columns (run_id, rank, world_size, segment and the
         devices, which ``StepWindow.batches`` adds), and ``breakdown``, one row per key
-        (KEY_COLUMNS and ``value``). Raises BadInput when the step's FLOPs do not fit an int64 column."""
+        (KEY_COLUMNS and ``value``). Raises BadInput when the step's FLOPs do not fit an int64 column.
+
+        ``rows``: ``StepRows.of`` a step with the same content, when known (Meter._close_step:
+        a step that books what the previous one booked); else derived here."""
+        rows = rows if rows is not None else StepRows.of(self)
+        steps = {"step": self.step, "start_time": self.start_time, "end_time": self.end_time,
+                 "tokens": self.tokens, "samples": self.samples, **rows.sums,
+                 **energy_columns(self.energy), "trailing": bool(self.trailing)}
+        return {"steps": {name: [value] for name, value in steps.items()}, "breakdown": rows.breakdown}
+
+
+@dataclass(frozen=True, eq=False)
+class StepRows:
+    """What ``StepRecord.to_batches`` derives from a step's content (its FLOPs, calls, uncounted
+    and communication counts, dark modules and training phases; not its time, tokens, samples or
+    energy): the sums of its ``steps`` row and its ``breakdown`` rows. Steps with the same content
+    share one (and a StepWindow sums a shared breakdown once): nobody changes them once made."""
+
+    sums: dict[str, int]
+    breakdown: dict[str, list]
+
+    @classmethod
+    def of(cls, record: StepRecord) -> "StepRows":
+        """The rows of ``record``'s content; BadInput when its FLOPs do not fit an int64 column."""
         phases: dict[str, int] = defaultdict(int)
         categories: dict[str, int] = defaultdict(int)
-        for (phase, category, _, _), f in self.flops.items():
+        for (phase, category, _, _), f in record.flops.items():
             phases[phase] += f
             categories[category] += f
         hardware = sum(phases.values())
         if hardware > INT64_MAX:
-            raise BadInput(f"flopcount: step {self.step} has {hardware} FLOPs, more than a trace column holds "
+            raise BadInput(f"flopcount: step {record.step} has {hardware} FLOPs, more than a trace column holds "
                            "(2**63-1); close steps more often")
-        training = self.training_phases
-        steps = {"step": self.step, "start_time": self.start_time, "end_time": self.end_time,
-                 "tokens": self.tokens, "samples": self.samples,
-                 "training_flops": sum(f for phase, f in phases.items() if phase in training),
-                 "hardware_flops": hardware,
-                 **{column: phases.get(phase, 0) for phase, column in PHASE_COLUMNS.items()},
-                 USER_PHASE_COLUMN: sum(f for phase, f in phases.items() if phase not in BUILTIN_PHASES),
-                 **{column: categories.get(category, 0) for category, column in CATEGORY_COLUMNS.items()},
-                 "uncounted_calls": sum(self.uncounted.values()),
-                 "collective_calls": sum(self.collectives.values()),
-                 "collective_bytes": sum(self.collective_bytes.values()),
-                 **energy_columns(self.energy), "trailing": bool(self.trailing)}
-        flops, calls = self.flops, self.calls
+        training = record.training_phases
+        sums = {"training_flops": sum(f for phase, f in phases.items() if phase in training),
+                "hardware_flops": hardware,
+                **{column: phases.get(phase, 0) for phase, column in PHASE_COLUMNS.items()},
+                USER_PHASE_COLUMN: sum(f for phase, f in phases.items() if phase not in BUILTIN_PHASES),
+                **{column: categories.get(category, 0) for category, column in CATEGORY_COLUMNS.items()},
+                "uncounted_calls": sum(record.uncounted.values()),
+                "collective_calls": sum(record.collectives.values()),
+                "collective_bytes": sum(record.collective_bytes.values())}
+        flops, calls, dark = record.flops, record.calls, record.dark_modules
         phase, category, module, op = (list(c) for c in zip(*flops)) if flops else ([], [], [], [])
         kinds = [  # one part per kind, each column by name (absent key columns are null)
             _kind_rows("flops", list(flops.values()), phase=phase, category=category, module=module, op=op,
                        training=[p in training for p in phase]),
             _kind_rows("calls", list(calls.values()), phase=[p for _, p in calls], op=[o for o, _ in calls]),
-            _kind_rows("uncounted", list(self.uncounted.values()), op=list(self.uncounted)),
-            _kind_rows("collective_calls", list(self.collectives.values()), op=list(self.collectives)),
-            _kind_rows("collective_bytes", list(self.collective_bytes.values()), op=list(self.collective_bytes)),
-            _kind_rows("dark_module", [1] * len(self.dark_modules), module=list(self.dark_modules),
-                       op=list(self.dark_modules.values())),  # one step in which each was dark
+            _kind_rows("uncounted", list(record.uncounted.values()), op=list(record.uncounted)),
+            _kind_rows("collective_calls", list(record.collectives.values()), op=list(record.collectives)),
+            _kind_rows("collective_bytes", list(record.collective_bytes.values()), op=list(record.collective_bytes)),
+            _kind_rows("dark_module", [1] * len(dark), module=list(dark),
+                       op=list(dark.values())),  # one step in which each was dark
         ]
-        return {"steps": {name: [value] for name, value in steps.items()},
-                "breakdown": {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS}}
+        return cls(sums, {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS})
 
 
 def _kind_rows(kind: str, values: list, **keys: list) -> dict[str, list]:
@@ -162,7 +265,11 @@ def _kind_rows(kind: str, values: list, **keys: list) -> dict[str, list]:
 class StepWindow:
     """The batches of closed steps not yet handed on: their ``steps`` rows, and their
     ``breakdown`` rows summed by key. ``on_full`` is called to take them (``batches``) before a
-    step whose FLOPs would take a breakdown sum past int64, and once ``size`` steps are held."""
+    step whose FLOPs would take a breakdown sum past int64, and once ``size`` steps are held.
+
+    Consecutive steps that share one breakdown (``StepRows``: a steady loop) are held as that
+    breakdown and how many steps hold it: its rows are summed once, times the steps, when another
+    breakdown comes or the window is taken (same sums, same key order: steps are summed in order)."""
 
     def __init__(self, size: int, on_full: Callable[[], None]) -> None:
         self.size, self.on_full = size, on_full
@@ -171,6 +278,7 @@ class StepWindow:
     def _reset(self) -> None:
         self.steps: defaultdict[str, list] = defaultdict(list)
         self.keys: defaultdict[tuple, int] = defaultdict(int)  # KEY_COLUMNS -> summed value
+        self.repeated: list = [None, 0]  # the last steps' shared breakdown, not yet in keys, and their count
         self.rows = 0
         self.training_flops = self.hardware_flops = 0  # sums of the steps held, as Python ints
 
@@ -181,14 +289,27 @@ class StepWindow:
             self.on_full()  # keep every breakdown sum inside int64
         for name, values in steps.items():
             self.steps[name].extend(values)
-        keys = self.keys
-        for key, value in zip(zip(*(breakdown[c] for c in KEY_COLUMNS)), breakdown["value"]):  # KEY_COLUMNS order
-            keys[key] += value
+        repeated = self.repeated
+        if repeated[0] is breakdown:
+            repeated[1] += 1
+        else:
+            self._sum_repeated()
+            self.repeated = [breakdown, 1]
         self.rows += len(steps["step"])
         self.training_flops += sum(steps["training_flops"])
         self.hardware_flops += hardware
         if self.rows >= self.size:
             self.on_full()
+
+    def _sum_repeated(self) -> None:
+        """Add the repeated breakdown's rows, times its steps, to ``keys`` (KEY_COLUMNS order)."""
+        breakdown, times = self.repeated
+        if breakdown is None:
+            return
+        keys = self.keys
+        for key, value in zip(zip(*(breakdown[c] for c in KEY_COLUMNS)), breakdown["value"]):
+            keys[key] += value * times
+        self.repeated = [None, 0]
 
     def __len__(self) -> int:
         return self.rows
@@ -198,6 +319,7 @@ class StepWindow:
         (run_id, rank, world_size, segment, device_name, device_count); empties the window."""
         steps = self.steps
         window = {"first_step": steps["step"][0], "last_step": steps["step"][-1]} if self.rows else {}
+        self._sum_repeated()
         keys = sorted(self.keys.items(), key=lambda kv: _KIND_ORDER[kv[0][_KIND]])  # kind by kind, first seen first
         columns = list(zip(*((*key, value) for key, value in keys))) if keys else [()] * len(ROW_COLUMNS)
         breakdown = dict(zip(ROW_COLUMNS, columns))

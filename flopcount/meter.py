@@ -5,13 +5,15 @@ import contextlib
 import re
 import time
 import warnings
+from dataclasses import dataclass
+from operator import itemgetter
 
 from ._torch import require_torch
 
 require_torch()  # one line saying how to install PyTorch >= 2.5, not a ModuleNotFoundError from below
 import torch  # noqa: E402
 
-from .accounting import StepRecord
+from .accounting import StepAccumulator, StepRecord, StepRows, same_in_order
 from .budget import STOP, BudgetGuard, job_training_flops
 from .capture import compile as compiled_regions
 from .capture.active import MODULE_HOOKS
@@ -84,6 +86,7 @@ class Meter:
         self.user_phases: dict[str, bool] = {}
         self.step_index = 0
         self.last_step: StepRecord | None = None
+        self._derived: _Derived | None = None  # what the last closed step derived from its accumulator
         self.backend: str | None = None
         self.rank, self.world_size = 0, 1
         self.writer = None
@@ -229,20 +232,32 @@ class Meter:
         return self._close_step(tokens=tokens, samples=samples, end=end, trailing=trailing)
 
     def _close_step(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
-        """Close the open step with the work booked so far: the record, live totals, the writer."""
+        """Close the open step with the work booked so far: the record, live totals, the writer.
+        A step that books what the previous one booked (``_Derived.booked_by``: a steady loop)
+        reuses what was derived from it: its settled FLOPs and calls (the records share them),
+        dark modules and trace rows."""
         acc = self.counter.take_step()
+        training_phases = frozenset(self.training_phases)
+        last, self._derived = self._derived, None  # set again once this step is derived whole
         with acc.lock:
-            flops, calls = _settled(acc.flops, acc.calls)
+            repeats = last is not None and last.booked_by(acc)
+            flops, calls = (last.flops, last.calls) if repeats else _settled(acc.flops, acc.calls)
+            booked = last.booked if repeats else _copies(acc)
             record = StepRecord(
                 step=self.step_index, start_time=self._step_start, end_time=end or time.time(),
                 tokens=_as_int(tokens, "tokens"), samples=_as_int(samples, "samples"),
-                flops=flops, calls=calls, uncounted=dict(acc.uncounted),
-                training_phases=frozenset(self.training_phases),
+                flops=flops, calls=calls, uncounted=dict(acc.uncounted),  # shared by the steps that repeat it
+                training_phases=training_phases,
                 collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes),
                 trailing=trailing)
-        record.dark_modules = self.dark.take(record.flops)  # capture/dark.py
+        record.dark_modules = self.dark.take(flops, repeated=repeats)  # capture/dark.py
         record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
-        batches = record.to_batches()  # the step's trace rows, for the live totals and the writer
+        if repeats and record.dark_modules == last.dark_modules and training_phases == last.training_phases:
+            rows = last.rows  # the same content: the same trace rows
+        else:
+            rows = StepRows.of(record)
+        self._derived = _Derived(acc, booked, flops, calls, dict(record.dark_modules), training_phases, rows)
+        batches = record.to_batches(rows)  # the step's trace rows, for the live totals and the writer
         self.rollup.add(batches)
         if self.writer is not None:
             self.writer.write(batches)
@@ -382,8 +397,43 @@ class Meter:
 Meter.__init__.__signature__ = init_signature()  # the options as MeterConfig lists them
 
 
+_BOOKED = ("flops", "calls", "uncounted", "collectives", "collective_bytes")  # what a StepAccumulator holds
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """What ``Meter._close_step`` derived from a step's accumulator ``acc``, for the next step to
+    reuse when it books the same: ``booked``, copies of what ``acc`` held (_BOOKED), its settled
+    ``flops`` and ``calls`` (its record's, and those of the records that repeat it), its dark
+    modules, training phases and trace rows. The trace rows never read the records' dicts again."""
+
+    acc: StepAccumulator
+    booked: tuple[dict, ...]
+    flops: dict
+    calls: dict
+    dark_modules: dict
+    training_phases: frozenset
+    rows: StepRows
+
+    def booked_by(self, acc: StepAccumulator) -> bool:
+        """Whether ``acc`` holds what this step held, in the same order: the same uncounted and
+        communication counts, and FLOPs and calls booked the same way (the native backend's
+        reused totals: nothing to read) or found equal (C speed)."""
+        flops, calls, *counts = self.booked
+        if not all(same_in_order(getattr(acc, name), held) for name, held in zip(_BOOKED[2:], counts)):
+            return False
+        return acc.same_recipe(self.acc) or (same_in_order(acc.flops, flops) and same_in_order(acc.calls, calls))
+
+
+def _copies(acc: StepAccumulator) -> tuple[dict, ...]:
+    return tuple(dict(getattr(acc, name)) for name in _BOOKED)
+
+
 def _settled(flops: dict, calls: dict) -> tuple[dict, dict]:
     """A closed step's FLOPs and calls with its provisional no-grad work settled (settle_phase)."""
+    if PROVISIONAL_NO_GRAD not in set(map(itemgetter(0), flops)) and \
+            PROVISIONAL_NO_GRAD not in set(map(itemgetter(1), calls)):
+        return dict(flops), dict(calls)  # nothing to settle (the phases found at C speed): copies
     backward = any(f for (phase, _, _, _), f in flops.items() if phase == BACKWARD)
     settled_flops: dict = {}
     for (phase, category, module, op), f in flops.items():
