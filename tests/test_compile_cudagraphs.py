@@ -93,3 +93,30 @@ def test_graph_captured_inside_a_compiled_region_is_left_to_the_region():
 def test_no_patching_without_cuda():
     cudagraphs.install()
     assert getattr(torch.cuda.graphs.CUDAGraph, "__flopcount__", False) == torch.cuda.is_available()
+
+
+def test_graph_of_ops_already_booked_before_capture_replays_them():
+    # Warm-up steps before a capture (the usual CUDA-graph recipe) make the native backend book
+    # the ops' keys with plans and hand their calls over as reused totals: the capture's tally
+    # must still hold them.
+    from flopcount.capture import native
+
+    if native.load() is None:
+        pytest.skip("native extension not available")
+    a, b = torch.randn(4, 8), torch.randn(8, 5)
+    graph = Graph()
+    mm = 2 * 4 * 8 * 5
+    with flopcount.meter(backend="native") as m:
+        for _ in range(3):  # warm-up: the same keys, step after step
+            torch.relu(a @ b)
+            warm = m.step()
+        capture(graph, lambda: torch.relu(a @ b))
+        captured = m.step()
+        for _ in range(3):
+            cudagraphs.replay(graph)
+        replayed = m.step()
+    assert warm.flops[("forward", "matmul", "<none>", "aten.mm")] == mm
+    assert captured.flops == {}
+    assert replayed.flops[("forward", "matmul", "<none>", "aten.mm")] == 3 * mm
+    assert replayed.calls[("aten.mm", "forward")] == 3
+    assert replayed.calls[("aten.relu", "forward")] == 3

@@ -104,6 +104,17 @@ class Counter:
             self.guard.failed("booking", exc)
             self.acc.add_uncounted(name)
 
+    def book_totals(self, flops: dict, calls: dict) -> None:
+        """Book many calls' summed totals (FLOPs by (phase, category, module, op), calls by (op,
+        phase)), as ``book`` books one call: a CUDA graph's replay of the native backend's
+        reused totals. A failure is recorded, never raised into the caller."""
+        try:
+            if self.on_work is not None and any(f for (phase, _, _, _), f in flops.items() if phase != OPTIMIZER):
+                self.on_work()
+            self.acc.add_totals(dict(flops), dict(calls))
+        except Exception as exc:
+            self.guard.failed("booking", exc)
+
     def uncounted(self, name: str, why: str) -> None:
         if self.strict:
             raise UncountedOpError(

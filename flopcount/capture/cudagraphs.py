@@ -19,6 +19,7 @@ from .active import HOOKS
 TALLY = "_flopcount_tally"       # list of (phase, module, op, works or None), or None
 CAPTURE = "_flopcount_capture"   # (the recorder, the meters' redirects into it, to close at capture end)
 REPLAY_NAME = "torch.cuda.CUDAGraph.replay"
+TOTALS = "totals"  # a tally entry holding summed totals (Recorder.add_totals), not one call
 
 
 class Recorder(StepAccumulator):
@@ -36,6 +37,11 @@ class Recorder(StepAccumulator):
             module = entries[0][0][2] if entries else None  # no entries, no FLOPs: module moot
             works = [Work(category, flops, None if p == phase else p) for (p, category, _, _), flops in entries]
             self.bookings.extend([(phase, module, op, works)] * count)
+
+    def add_totals(self, flops: dict, calls: dict) -> None:
+        # The native backend's reused totals of keys booked before the capture (warm-up steps).
+        if flops or calls:
+            self.bookings.append((TOTALS, None, None, (dict(flops), dict(calls))))
 
     def add_uncounted(self, op) -> None:
         self.bookings.append((None, None, op, None))
@@ -82,7 +88,9 @@ def replay(graph) -> None:
             counter.uncounted(REPLAY_NAME, "CUDA graph captured while no meter was active")
             continue
         for phase, module, op, works in tally:
-            if works is None:
+            if phase is TOTALS:
+                counter.book_totals(*works)
+            elif works is None:
                 counter.uncounted(op, "no formula (captured in a CUDA graph)")
             else:
                 counter.book(op, works, phase=phase, module=module)
