@@ -163,6 +163,11 @@ struct Slot {
   // calls over apart from the rest: a steady step's planned calls repeat and are reused whole.
   std::vector<uint8_t> planned;
   std::vector<PendingValues> pending_values;
+  // The Python dicts of planned calls that recent drains handed over, with their content ((key id,
+  // calls) in order): a steady step's are the same, so drain hands over the same dict and Python
+  // finds its summed totals by identity (capture.py _book). Touched by drain only (drain_mu), and
+  // by enable/release, all with the GIL held.
+  std::vector<std::pair<std::vector<std::pair<int64_t, int64_t>>, py::object>> recent_planned;
   // Backward modules, per autograd graph task: module ids, innermost last (see hooks.cpp).
   std::unordered_map<int64_t, std::vector<int64_t>> backward_stacks;
   std::vector<std::string> module_names;  // by module id, as Python names them

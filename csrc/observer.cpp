@@ -19,6 +19,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <thread>
 #include <utility>
@@ -285,6 +286,7 @@ constexpr std::array<at::RecordFunctionCallback::StartCallback, sizeof...(I)> st
 
 void reset_locked(Slot& s) {
   s.tables.clear();
+  s.recent_planned.clear();
   s.pending_values.clear();
   s.key_ids.clear();
   s.new_keys.clear();
@@ -397,6 +399,30 @@ void set_planned(int64_t index, const std::vector<int64_t>& ids, bool planned) {
 // device tensors copied for value-dependent formulas ({slot: [values]}); whether earlier key ids
 // were forgotten. Waiting on a copy's event blocks only until that copy is done (the copies are
 // queued early in the step); it does not synchronise the device.
+namespace {
+constexpr size_t kRecentPlanned = 4;  // a drain holds a step's end and the next one's start: parts alternate
+
+// The dict of planned calls for ``planned`` (key id, calls, in the drain's order, which the trace's
+// rows follow): a recent drain's own when it holds the same in the same order, else a new one,
+// kept among the recent (drain_mu held).
+py::object planned_dict(Slot& s, std::vector<std::pair<int64_t, int64_t>> planned) {
+  auto& recent = s.recent_planned;
+  for (size_t i = 0; i < recent.size(); ++i) {
+    if (recent[i].first == planned) {
+      py::object same = recent[i].second;
+      std::rotate(recent.begin(), recent.begin() + static_cast<std::ptrdiff_t>(i), recent.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+      return same;
+    }
+  }
+  py::dict fresh;
+  for (const auto& [id, calls] : planned) fresh[py::int_(id)] = py::int_(calls);
+  if (planned.empty()) return std::move(fresh);
+  recent.insert(recent.begin(), {std::move(planned), fresh});
+  if (recent.size() > kRecentPlanned) recent.pop_back();
+  return std::move(fresh);
+}
+}  // namespace
+
 py::tuple drain(int64_t index) {
   Slot& s = slot(index);
   std::lock_guard<std::mutex> one_drain(drain_mu[index]);
@@ -447,12 +473,17 @@ py::tuple drain(int64_t index) {
   }
   py::list out;
   for (size_t g = 0; g < generations.size(); ++g) {
-    py::dict repeated, other;
+    std::vector<std::pair<int64_t, int64_t>> planned;
+    py::dict other;
     size_t i = 0;
     for (const auto& [id, calls] : generations[g].calls) {  // the order in which is_planned was filled
-      (is_planned[g][i++] ? repeated : other)[py::int_(id)] = py::int_(calls);
+      if (is_planned[g][i++]) {
+        planned.emplace_back(id, calls);
+      } else {
+        other[py::int_(id)] = py::int_(calls);
+      }
     }
-    out.append(py::make_tuple(repeated, other, py::cast(generations[g].uncounted)));
+    out.append(py::make_tuple(planned_dict(s, std::move(planned)), other, py::cast(generations[g].uncounted)));
   }
   py::dict keys;
   for (auto& [id, key] : new_keys) keys[py::int_(id)] = py::tuple(py::cast(key));

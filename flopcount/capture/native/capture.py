@@ -285,7 +285,9 @@ class NativeCapture:
         if repeated:
             # Steps of a training loop repeat the same keys with the same calls (what changes, such as
             # AdamW's scalars, makes new keys): their totals are summed once and then reused whole.
-            totals = next((t for calls_seen, t in self.repeated if calls_seen == repeated), None)
+            # (A steady drain hands over the very dict it handed before: found by identity.)
+            totals = next((t for calls_seen, t in self.repeated if calls_seen is repeated), None) or \
+                next((t for calls_seen, t in self.repeated if calls_seen == repeated), None)
             if totals is None:
                 totals = self._totals(repeated)
                 self.repeated = [(repeated, totals), *self.repeated[:REPEATED_KEPT - 1]]
