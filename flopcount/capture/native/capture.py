@@ -85,6 +85,7 @@ class NativeCapture:
         self.violation, self.boundary = self.lib.STATUS_VIOLATION, self.lib.STATUS_BOUNDARY
         self.python_hooks, self.new_ops = self.lib.STATUS_PYTHON_HOOKS, self.lib.STATUS_NEW_OPS
         self.act_on = self.violation | self.boundary | self.new_ops
+        self.module_call = self.lib.module_call  # bound once: called at every module call
         self.registry_version = -1
         self.slot = None  # the extension's per-meter state, while entered
         # suspend() is the one writer of the slot's pause flag: nested blocks (a flush inside a
@@ -147,12 +148,13 @@ class NativeCapture:
         ident = self.snapshot_ids.get(snapshot)
         if ident is None or REGISTRY.version != self.registry_version:
             ident, _ = self._context_id()
-        module = -1
-        if value is not None:
+        if value is None:
+            status = self.module_call(self.slot, ident, snapshot[0], -1, None, enter)
+        else:
             module = self.module_ids.get(name)
             if module is None:
                 module = self._module_id(name)
-        status = self.lib.module_call(self.slot, ident, snapshot[0], module, value, enter)
+            status = self.module_call(self.slot, ident, snapshot[0], module, value, enter)
         if status & self.act_on:
             self._act(status)
         return value if status & self.python_hooks else None
