@@ -331,11 +331,16 @@ class Context:
 
     # The module hooks run for every module call of the job: the common case (a named module,
     # calls nested properly) is a few dict and list operations, one call into the extension with
-    # the native backend, and no allocation but the snapshot's tuple.
+    # the native backend, and no allocation but the snapshot's tuple. After the stack changed,
+    # the listener is told (the native backend: the context push and the gradient hook on the one
+    # autograd node that made the module's tensors, in one call); what it hands back, or without
+    # a listener ``value`` itself, is hooked in Python (``_when_grads``): ``value`` is the call's
+    # inputs at its start (their gradients leave the module in backward), its outputs at its end
+    # (their first gradient enters it), None under no_grad.
     def _module_pre(self, module, args) -> None:
         try:
-            seen = self.seen.get(module)
-            if seen is None:
+            seen = self.seen.by_id.get(id(module))  # SeenModules.get, inlined
+            if seen is None or seen.ref() is not module:
                 seen = self._seen(module)
             grad = is_grad_enabled()
             if seen.tag_version != MODEL_PHASES.version:
@@ -349,7 +354,15 @@ class Context:
             self.guard.failed("module hook", exc)
             return
         # Fires once gradients for all inputs exist: the module's backward is over.
-        self._entered(args if grad else None, seen.name, False)
+        value = args if grad else None
+        listener = self.listener
+        if listener is not None:  # the context changed: the listener may flush here, never into the hook
+            try:
+                value = listener.module_changed(value, seen.name, False)
+            except Exception as exc:
+                self.guard.failed("context tracking", exc)
+        if value is not None:
+            self._hook_grads(value, seen.name, False)
 
     def _module_post(self, module, args, output) -> None:
         try:
@@ -366,7 +379,15 @@ class Context:
             self.guard.failed("module hook", exc)
             return
         # Fires at the first gradient of an output: the module's backward begins.
-        self._entered(output if grad else None, name, True)
+        value = output if grad else None
+        listener = self.listener
+        if listener is not None:  # the context changed: the listener may flush here, never into the hook
+            try:
+                value = listener.module_changed(value, name, True)
+            except Exception as exc:
+                self.guard.failed("context tracking", exc)
+        if value is not None:
+            self._hook_grads(value, name, True)
 
     def _unwind(self, module) -> str:
         """``module`` ended with frames above its own (an exception skipped their post hooks,
@@ -381,21 +402,12 @@ class Context:
                 return name
         return self._names_get(module)
 
-    def _entered(self, value, name: str, enter: bool) -> None:
-        """After a module call began or ended: tell the listener (the context changed) and hook
-        ``value``'s gradients (``_when_grads``; None: grad mode is off, nothing to hook). The native
-        backend does both in one call into the extension and hands back only what it leaves to Python."""
-        listener = self.listener
-        if listener is not None:
-            try:  # the listener may close a step here (flush): never into the hook
-                value = listener.module_changed(value, name, enter)
-            except Exception as exc:
-                self.guard.failed("context tracking", exc)
-        if value is not None:
-            try:
-                self._when_grads(value, name, enter)
-            except Exception as exc:
-                self.guard.failed("module hook", exc)
+    def _hook_grads(self, value, name: str, enter: bool) -> None:
+        """``_when_grads`` under the guard: what the listener left to Python (or, without one, all)."""
+        try:
+            self._when_grads(value, name, enter)
+        except Exception as exc:
+            self.guard.failed("module hook", exc)
 
     def _when_grads(self, value, name: str, enter: bool) -> None:
         """In backward, enter module ``name`` at the first gradient of the tensors in ``value``
