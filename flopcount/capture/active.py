@@ -142,6 +142,10 @@ class ModuleHooks:
         self._set([*self.contexts, context])
         return self.Subscription(self, context)
 
+    def refresh(self) -> None:
+        """A subscriber changed its hooks (Context.use_fast_path): read them again, in the same order."""
+        self._set(list(self.contexts))
+
     def _set(self, contexts: list) -> None:
         # Copy on write: hooks iterate without a lock. Bound methods are made once, here.
         self.contexts = contexts

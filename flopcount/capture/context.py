@@ -219,6 +219,19 @@ class Context:
             self.handles.append(MODULE_HOOKS.subscribe(self))
         self.handles.append(_Active(self))
 
+    def use_fast_path(self, fast) -> None:
+        """Let ``fast`` take this Context's module hooks (None: give them back): the native
+        backend's ``ModuleFastPath`` (csrc/hooks.cpp) does the common case of ``_module_pre`` and
+        ``_module_post`` (with ``NativeCapture.module_changed``) on this Context's own state
+        without running Python, and calls these methods for everything else. It holds this
+        Context: the capture gives the hooks back when it ends."""
+        if fast is None:
+            self.__dict__.pop("_module_pre", None)  # the methods again
+            self.__dict__.pop("_module_post", None)
+        else:
+            self._module_pre, self._module_post = fast.pre, fast.post
+        MODULE_HOOKS.refresh()
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()

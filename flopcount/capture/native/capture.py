@@ -29,7 +29,8 @@ from ...distributed import collective_entry
 from ...errors import NativeUnavailable
 from ...formulas import KNOWN_ZERO, REGISTRY
 from ...formulas.registry import op_name
-from ..context import resolve_module, resolve_phase
+from ..active import MODEL_PHASES
+from ..context import Context, resolve_module, resolve_phase
 from .. import native as package  # the package's one cached loader (load, load_error), read at use
 from .decode import Decoder, args_kwargs, canonical_arguments, check_key_version, dtype_codes, overload_of, python_name, tags
 
@@ -105,10 +106,15 @@ class NativeCapture:
         self.context.listener = self
         self.python_backward, self.context.backward = self.context.backward, _BackwardModules(self)
         self.context_changed()
+        fast_path = getattr(self.lib, "ModuleFastPath", None)
+        if self.context.track_modules and fast_path is not None:  # module hooks without Python
+            self.context.use_fast_path(fast_path(self.context, self, MODEL_PHASES, REGISTRY,
+                                                 Context._module_pre, Context._module_post))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.lib.disable(self.slot)
+        self.context.use_fast_path(None)
         self.context.listener = None
         self.context.backward = self.python_backward
         try:
