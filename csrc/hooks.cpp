@@ -225,9 +225,8 @@ struct Names {
   PyObject *ref = interned("ref"), *name = interned("name"), *frames = interned("frames"), *tag = interned("tag"),
            *tag_version = interned("tag_version"), *version = interned("version"),
            *grad_enabled = interned("grad_enabled"), *tagged = interned("tagged"),
-           *optimizer_depth = interned("optimizer_depth"), *snapshot_ids = interned("snapshot_ids"),
-           *module_ids = interned("module_ids"), *registry_version = interned("registry_version"),
-           *slot = interned("slot");
+           *optimizer_depth = interned("optimizer_depth"),
+           *registry_version = interned("registry_version");
 };
 
 const Names& names() {
@@ -273,6 +272,9 @@ struct ModuleFastPath {
     act = capture.attr("_act");
     hook_grads = context.attr("_hook_grads");
     failed = context.attr("guard").attr("failed");
+    snapshot_ids = capture.attr("snapshot_ids");
+    module_ids = capture.attr("module_ids");
+    slot_index = capture.attr("slot").cast<int64_t>();  // the fast path lives while the capture is entered
     act_on = capture.attr("act_on").cast<int64_t>();
     python_hooks = capture.attr("python_hooks").cast<int64_t>();
   }
@@ -300,11 +302,11 @@ struct ModuleFastPath {
       return;
     }
     // Fires once gradients for all inputs exist: the module's backward is over.
-    entered(grad ? args : py::handle(Py_None), name, false);
+    entered(grad ? args : py::handle(Py_None), name, name, false);  // the module is the innermost now
   }
 
   void post(py::handle module, py::handle args, py::handle output) {
-    py::object name;
+    py::object name, innermost = py::none();
     bool grad = false, fast = false;
     bool ok = guarded("module hook", [&] {
       PyObject* stack_list = stack.ptr();
@@ -313,6 +315,7 @@ struct ModuleFastPath {
       if (frame == nullptr || referent(frame) != module.ptr() || truthy(attr(frame, names().tagged).ptr())) return;
       name = attr(frame, names().name);
       if (PyList_SetSlice(stack_list, size - 1, size, nullptr) < 0) throw py::error_already_set();  // pop
+      if (size > 1) innermost = attr(PyList_GET_ITEM(stack_list, size - 2), names().name);
       grad = c10::GradMode::is_enabled();
       fast = true;
     });
@@ -322,7 +325,7 @@ struct ModuleFastPath {
       return;
     }
     // Fires at the first gradient of an output: the module's backward begins.
-    entered(grad ? output : py::handle(Py_None), name, true);
+    entered(grad ? output : py::handle(Py_None), name, innermost, true);
   }
 
  private:
@@ -350,15 +353,16 @@ struct ModuleFastPath {
   }
 
   // NativeCapture.module_changed after the stack changed, then the hooks it leaves to Python.
-  void entered(py::handle value, const py::object& name, bool enter) {
+  void entered(py::handle value, const py::object& name, py::handle innermost, bool enter) {
     py::object rest = py::reinterpret_borrow<py::object>(value);  // a failure: Python hooks it all
-    guarded("context tracking", [&] { rest = module_changed(value, name, enter); });
+    guarded("context tracking", [&] { rest = module_changed(value, name, innermost, enter); });
     if (!rest.is_none()) hook_grads(rest, name, enter);  // guarded in Python
   }
 
   // NativeCapture.module_changed, on the interned snapshot and module ids; what they lack yet
-  // (or a registry changed since) goes to the Python method.
-  py::object module_changed(py::handle value, const py::object& name, bool enter) {
+  // (or a registry changed since) goes to the Python method. ``innermost``: the innermost
+  // forward module's name now (None: none).
+  py::object module_changed(py::handle value, const py::object& name, py::handle innermost, bool enter) {
     const Names& n = names();
     PyObject* stack_list = stack.ptr();
     Py_ssize_t size = PyList_GET_SIZE(stack_list);
@@ -367,34 +371,65 @@ struct ModuleFastPath {
     PyObject* phase = phases_size > 0 ? PyList_GET_ITEM(user_phases.ptr(), phases_size - 1) : Py_None;
     bool outer = (size > 0 && truthy(attr(PyList_GET_ITEM(stack_list, 0), n.grad_enabled).ptr())) ||
                  (PyList_GET_SIZE(function_grad.ptr()) > 0 && truthy(PyList_GET_ITEM(function_grad.ptr(), 0)));
-    py::object innermost = size > 0 ? attr(PyList_GET_ITEM(stack_list, size - 1), n.name) : py::none();
-    // Context.snapshot()
-    py::tuple snapshot = py::make_tuple(py::bool_(optimizer), py::handle(phase), py::bool_(outer), innermost);
-    py::object ids = attr(capture.ptr(), n.snapshot_ids);
-    PyObject* ident = PyDict_GetItemWithError(ids.ptr(), snapshot.ptr());  // borrowed
-    if (ident == nullptr && PyErr_Occurred()) throw py::error_already_set();
     py::object version = attr(registry.ptr(), n.version), known = attr(capture.ptr(), n.registry_version);
     int same = PyObject_RichCompareBool(version.ptr(), known.ptr(), Py_EQ);
     if (same < 0) throw py::error_already_set();
+    int64_t ident = same == 1 ? snapshot_id({optimizer, phase, outer, innermost.ptr()}) : -1;
     int64_t module = -1;
-    if (ident != nullptr && same == 1 && !value.is_none()) {
-      py::object modules = attr(capture.ptr(), n.module_ids);
-      PyObject* id = PyDict_GetItemWithError(modules.ptr(), name.ptr());
+    if (ident >= 0 && !value.is_none()) {
+      PyObject* id = PyDict_GetItemWithError(module_ids.ptr(), name.ptr());  // borrowed
       if (id == nullptr && PyErr_Occurred()) throw py::error_already_set();
       module = id == nullptr ? -2 : PyLong_AsLongLong(id);
     }
-    if (ident == nullptr || same != 1 || module == -2) {
-      return changed(value, name, enter);  // Python interns them (or the registry changed)
-    }
-    int64_t slot_index = attr(capture.ptr(), n.slot).cast<int64_t>();
-    int64_t status = module_call(slot_index, PyLong_AsLongLong(ident), optimizer, module, value, enter);
+    if (ident < 0 || module == -2) return changed(value, name, enter);  // Python interns them
+    int64_t status = module_call(slot_index, ident, optimizer, module, value, enter);
     if (status & act_on) act(status);
     return status & python_hooks ? py::reinterpret_borrow<py::object>(value) : py::object(py::none());
   }
 
+  // Context.snapshot() as a key: (optimizer, user phase, outermost call's grad mode, innermost
+  // module's name), the strings by identity (kept alive here, so an address names one string).
+  struct Snapshot {
+    bool optimizer;
+    PyObject* phase;
+    bool outer;
+    PyObject* innermost;
+    bool operator==(const Snapshot& o) const {
+      return optimizer == o.optimizer && phase == o.phase && outer == o.outer && innermost == o.innermost;
+    }
+  };
+  struct SnapshotHash {
+    size_t operator()(const Snapshot& k) const noexcept {
+      size_t h = std::hash<const void*>()(k.phase) * 31 + std::hash<const void*>()(k.innermost);
+      return h * 4 + (k.optimizer ? 2 : 0) + (k.outer ? 1 : 0);
+    }
+  };
+
+  // The snapshot's id in NativeCapture.snapshot_ids (which only grows), or -1 when Python has
+  // not interned it yet. Found there once per distinct key, then here: no tuple per call.
+  int64_t snapshot_id(const Snapshot& key) {
+    auto it = snapshot_cache.find(key);
+    if (it != snapshot_cache.end()) return it->second;
+    py::tuple snapshot = py::make_tuple(py::bool_(key.optimizer), py::handle(key.phase), py::bool_(key.outer),
+                                        py::handle(key.innermost));
+    PyObject* ident = PyDict_GetItemWithError(snapshot_ids.ptr(), snapshot.ptr());  // borrowed
+    if (ident == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return -1;
+    }
+    int64_t id = PyLong_AsLongLong(ident);
+    kept.push_back(py::reinterpret_borrow<py::object>(key.phase));
+    kept.push_back(py::reinterpret_borrow<py::object>(key.innermost));
+    snapshot_cache.emplace(key, id);
+    return id;
+  }
+
   py::object context, capture, phases, registry, python_pre, python_post;
   py::object stack, user_phases, function_grad, seen, changed, act, hook_grads, failed;
-  int64_t act_on = 0, python_hooks = 0;
+  py::object snapshot_ids, module_ids;  // the capture's interned ids (dicts it never rebinds)
+  int64_t act_on = 0, python_hooks = 0, slot_index = -1;
+  std::unordered_map<Snapshot, int64_t, SnapshotHash> snapshot_cache;
+  std::vector<py::object> kept;  // the strings snapshot_cache's keys point to
 };
 
 void bind_module_fast_path(py::module_& m) {
