@@ -19,10 +19,12 @@ Modules: global forward pre/post hooks keep a stack of fully qualified names (as
 attributed through gradient hooks on each module's outputs (entered) and inputs (left), one
 stack per autograd graph task, so reentrant backward inside checkpointing keeps its own
 (``BackwardModules``; the native backend swaps in the same stacks kept in C++, whose gradient
-hooks run no Python). With the native backend a module call costs one call into the extension
-per hook (``NativeCapture.module_changed``: the context push and the gradient hook on the one
-autograd node that made the module's tensors); only what it cannot decide alone (tensors from
-several nodes, leaves, subclasses, other containers) comes back to ``_when_grads``.
+hooks run no Python). With the native backend a module call runs no Python of flopcount's in the
+common case: the extension's ``ModuleFastPath`` takes this Context's hooks (``use_fast_path``)
+and does the stack push or pop, the context push and the gradient hook on the one autograd node
+that made the module's tensors (what ``NativeCapture.module_changed`` does); everything else
+comes to the Python methods, and what it cannot decide alone (tensors from several nodes,
+leaves, subclasses, other containers) to ``_when_grads``.
 """
 from __future__ import annotations
 
