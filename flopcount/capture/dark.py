@@ -66,8 +66,8 @@ class DarkModuleWatch:
         self.always_dark: dict[str, str] = {}
 
     def _module_pre(self, module, args) -> None:
-        entry = self.kinds.get(module)
-        if entry is None:
+        entry = self.kinds.by_id.get(id(module))  # SeenModules.get, inlined
+        if entry is None or entry.ref() is not module:
             entry = self.kinds.add(module, _Kind(self.kinds.ref(module), module))
         if entry.kind:
             name = entry.name
