@@ -57,6 +57,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_module", &backward_module);
   m.def("set_module_name", &set_module_name);
   m.def("clear_backward_modules", &clear_backward_modules);
+  bind_module_fast_path(m);
   m.def("mark_pending_boundary", &mark_pending_boundary);
   m.def("set_paused", &set_paused);
   m.def("take_violation", &take_violation);

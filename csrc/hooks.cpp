@@ -205,4 +205,239 @@ void clear_backward_modules(int64_t index) {
   s.has_backward_modules = false;
 }
 
+// ---- the module hooks' fast path ------------------------------------------------------------
+// A meter's Context with the native backend, as the process-wide module hooks call it
+// (capture/context.py, Context.use_fast_path): the common case of Context._module_pre /
+// _module_post and NativeCapture.module_changed without running Python, on the same Python
+// objects. The common case: a module seen before, no model phase (MODEL_PHASES) to open or close,
+// calls nested properly, a snapshot and module name already interned. Anything else is handed to
+// the Python methods before anything changed, so both paths leave the same state. Failures go to
+// the Context's guard as in Python (only BudgetExceeded and strict mode's error pass).
+namespace {
+
+PyObject* interned(const char* s) {
+  PyObject* o = PyUnicode_InternFromString(s);
+  if (o == nullptr) throw py::error_already_set();
+  return o;  // kept for the process
+}
+
+struct Names {
+  PyObject *ref = interned("ref"), *name = interned("name"), *frames = interned("frames"), *tag = interned("tag"),
+           *tag_version = interned("tag_version"), *version = interned("version"),
+           *grad_enabled = interned("grad_enabled"), *tagged = interned("tagged"),
+           *optimizer_depth = interned("optimizer_depth"),
+           *registry_version = interned("registry_version");
+};
+
+const Names& names() {
+  static const Names* n = new Names();  // leaked on purpose, as state()
+  return *n;
+}
+
+// A new reference to obj.name, or throws.
+py::object attr(PyObject* obj, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(obj, name);
+  if (v == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(v);
+}
+
+bool truthy(PyObject* obj) {
+  int t = PyObject_IsTrue(obj);
+  if (t < 0) throw py::error_already_set();
+  return t == 1;
+}
+
+// The module a frame or a Seen entry holds weakly (borrowed; Py_None once it died).
+PyObject* referent(PyObject* holder) {
+  py::object ref = attr(holder, names().ref);
+  if (!PyWeakref_Check(ref.ptr())) return nullptr;
+  return PyWeakref_GetObject(ref.ptr());
+}
+
+}  // namespace
+
+struct ModuleFastPath {
+  // context: the Context; capture: its NativeCapture (the listener); phases: MODEL_PHASES;
+  // registry: the formula REGISTRY (its version); python_pre / python_post: Context._module_pre /
+  // _module_post as plain functions (the general case).
+  ModuleFastPath(py::object context, py::object capture, py::object phases, py::object registry,
+                 py::object python_pre, py::object python_post)
+      : context(context), capture(capture), phases(phases), registry(registry), python_pre(python_pre),
+        python_post(python_post) {
+    stack = context.attr("forward_stack");  // lists the Context never rebinds
+    user_phases = context.attr("user_phases");
+    function_grad = context.attr("function_grad");
+    seen = context.attr("seen").attr("by_id");
+    changed = capture.attr("module_changed");
+    act = capture.attr("_act");
+    hook_grads = context.attr("_hook_grads");
+    failed = context.attr("guard").attr("failed");
+    snapshot_ids = capture.attr("snapshot_ids");
+    module_ids = capture.attr("module_ids");
+    slot_index = capture.attr("slot").cast<int64_t>();  // the fast path lives while the capture is entered
+    act_on = capture.attr("act_on").cast<int64_t>();
+    python_hooks = capture.attr("python_hooks").cast<int64_t>();
+  }
+
+  void pre(py::handle module, py::handle args) {
+    py::object name;
+    bool grad = false, fast = false;
+    bool ok = guarded("module hook", [&] {
+      const Names& n = names();
+      py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(module.ptr()));  // id(module)
+      if (!key) throw py::error_already_set();
+      PyObject* entry = PyDict_GetItemWithError(seen.ptr(), key.ptr());  // borrowed
+      if (entry == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      if (entry == nullptr || referent(entry) != module.ptr() || !current_untagged(entry)) return;
+      py::object frames = attr(entry, n.frames);
+      if (!PyTuple_Check(frames.ptr()) || PyTuple_GET_SIZE(frames.ptr()) != 2) return;
+      name = attr(entry, n.name);
+      grad = c10::GradMode::is_enabled();
+      if (PyList_Append(stack.ptr(), PyTuple_GET_ITEM(frames.ptr(), grad ? 1 : 0)) < 0) throw py::error_already_set();
+      fast = true;
+    });
+    if (!ok) return;  // the guard took the failure, as Context._module_pre does
+    if (!fast) {
+      python_pre(context, module, args);  // a first call, a model phase: Python does it all
+      return;
+    }
+    // Fires once gradients for all inputs exist: the module's backward is over.
+    entered(grad ? args : py::handle(Py_None), name, name, false);  // the module is the innermost now
+  }
+
+  void post(py::handle module, py::handle args, py::handle output) {
+    py::object name, innermost = py::none();
+    bool grad = false, fast = false;
+    bool ok = guarded("module hook", [&] {
+      PyObject* stack_list = stack.ptr();
+      Py_ssize_t size = PyList_GET_SIZE(stack_list);
+      PyObject* frame = size > 0 ? PyList_GET_ITEM(stack_list, size - 1) : nullptr;  // borrowed
+      if (frame == nullptr || referent(frame) != module.ptr() || truthy(attr(frame, names().tagged).ptr())) return;
+      name = attr(frame, names().name);
+      if (PyList_SetSlice(stack_list, size - 1, size, nullptr) < 0) throw py::error_already_set();  // pop
+      if (size > 1) innermost = attr(PyList_GET_ITEM(stack_list, size - 2), names().name);
+      grad = c10::GradMode::is_enabled();
+      fast = true;
+    });
+    if (!ok) return;
+    if (!fast) {
+      python_post(context, module, args, output);  // frames skipped (an exception), a model phase
+      return;
+    }
+    // Fires at the first gradient of an output: the module's backward begins.
+    entered(grad ? output : py::handle(Py_None), name, innermost, true);
+  }
+
+ private:
+  // Run ``body``; a failure goes to the Context's guard under ``kind`` (which re-raises what passes).
+  template <typename F>
+  bool guarded(const char* kind, F&& body) {
+    try {
+      body();
+      return true;
+    } catch (py::error_already_set& e) {
+      failed(kind, e.value());
+    } catch (const std::exception& e) {
+      failed(kind, py::reinterpret_steal<py::object>(PyObject_CallFunction(PyExc_RuntimeError, "s", e.what())));
+    }
+    return false;
+  }
+
+  // The Seen entry's model phase is current (MODEL_PHASES.version) and there is none.
+  bool current_untagged(PyObject* entry) {
+    const Names& n = names();
+    py::object seen_version = attr(entry, n.tag_version), version = attr(phases.ptr(), n.version);
+    int same = PyObject_RichCompareBool(seen_version.ptr(), version.ptr(), Py_EQ);
+    if (same < 0) throw py::error_already_set();
+    return same == 1 && attr(entry, n.tag).is_none();
+  }
+
+  // NativeCapture.module_changed after the stack changed, then the hooks it leaves to Python.
+  void entered(py::handle value, const py::object& name, py::handle innermost, bool enter) {
+    py::object rest = py::reinterpret_borrow<py::object>(value);  // a failure: Python hooks it all
+    guarded("context tracking", [&] { rest = module_changed(value, name, innermost, enter); });
+    if (!rest.is_none()) hook_grads(rest, name, enter);  // guarded in Python
+  }
+
+  // NativeCapture.module_changed, on the interned snapshot and module ids; what they lack yet
+  // (or a registry changed since) goes to the Python method. ``innermost``: the innermost
+  // forward module's name now (None: none).
+  py::object module_changed(py::handle value, const py::object& name, py::handle innermost, bool enter) {
+    const Names& n = names();
+    PyObject* stack_list = stack.ptr();
+    Py_ssize_t size = PyList_GET_SIZE(stack_list);
+    bool optimizer = truthy(attr(context.ptr(), n.optimizer_depth).ptr());
+    Py_ssize_t phases_size = PyList_GET_SIZE(user_phases.ptr());
+    PyObject* phase = phases_size > 0 ? PyList_GET_ITEM(user_phases.ptr(), phases_size - 1) : Py_None;
+    bool outer = (size > 0 && truthy(attr(PyList_GET_ITEM(stack_list, 0), n.grad_enabled).ptr())) ||
+                 (PyList_GET_SIZE(function_grad.ptr()) > 0 && truthy(PyList_GET_ITEM(function_grad.ptr(), 0)));
+    py::object version = attr(registry.ptr(), n.version), known = attr(capture.ptr(), n.registry_version);
+    int same = PyObject_RichCompareBool(version.ptr(), known.ptr(), Py_EQ);
+    if (same < 0) throw py::error_already_set();
+    int64_t ident = same == 1 ? snapshot_id({optimizer, phase, outer, innermost.ptr()}) : -1;
+    int64_t module = -1;
+    if (ident >= 0 && !value.is_none()) {
+      PyObject* id = PyDict_GetItemWithError(module_ids.ptr(), name.ptr());  // borrowed
+      if (id == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      module = id == nullptr ? -2 : PyLong_AsLongLong(id);
+    }
+    if (ident < 0 || module == -2) return changed(value, name, enter);  // Python interns them
+    int64_t status = module_call(slot_index, ident, optimizer, module, value, enter);
+    if (status & act_on) act(status);
+    return status & python_hooks ? py::reinterpret_borrow<py::object>(value) : py::object(py::none());
+  }
+
+  // Context.snapshot() as a key: (optimizer, user phase, outermost call's grad mode, innermost
+  // module's name), the strings by identity (kept alive here, so an address names one string).
+  struct Snapshot {
+    bool optimizer;
+    PyObject* phase;
+    bool outer;
+    PyObject* innermost;
+    bool operator==(const Snapshot& o) const {
+      return optimizer == o.optimizer && phase == o.phase && outer == o.outer && innermost == o.innermost;
+    }
+  };
+  struct SnapshotHash {
+    size_t operator()(const Snapshot& k) const noexcept {
+      size_t h = std::hash<const void*>()(k.phase) * 31 + std::hash<const void*>()(k.innermost);
+      return h * 4 + (k.optimizer ? 2 : 0) + (k.outer ? 1 : 0);
+    }
+  };
+
+  // The snapshot's id in NativeCapture.snapshot_ids (which only grows), or -1 when Python has
+  // not interned it yet. Found there once per distinct key, then here: no tuple per call.
+  int64_t snapshot_id(const Snapshot& key) {
+    auto it = snapshot_cache.find(key);
+    if (it != snapshot_cache.end()) return it->second;
+    py::tuple snapshot = py::make_tuple(py::bool_(key.optimizer), py::handle(key.phase), py::bool_(key.outer),
+                                        py::handle(key.innermost));
+    PyObject* ident = PyDict_GetItemWithError(snapshot_ids.ptr(), snapshot.ptr());  // borrowed
+    if (ident == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return -1;
+    }
+    int64_t id = PyLong_AsLongLong(ident);
+    kept.push_back(py::reinterpret_borrow<py::object>(key.phase));
+    kept.push_back(py::reinterpret_borrow<py::object>(key.innermost));
+    snapshot_cache.emplace(key, id);
+    return id;
+  }
+
+  py::object context, capture, phases, registry, python_pre, python_post;
+  py::object stack, user_phases, function_grad, seen, changed, act, hook_grads, failed;
+  py::object snapshot_ids, module_ids;  // the capture's interned ids (dicts it never rebinds)
+  int64_t act_on = 0, python_hooks = 0, slot_index = -1;
+  std::unordered_map<Snapshot, int64_t, SnapshotHash> snapshot_cache;
+  std::vector<py::object> kept;  // the strings snapshot_cache's keys point to
+};
+
+void bind_module_fast_path(py::module_& m) {
+  py::class_<ModuleFastPath>(m, "ModuleFastPath",
+                             "The module hooks' common case for a Context with the native backend (hooks.cpp)")
+      .def(py::init<py::object, py::object, py::object, py::object, py::object, py::object>())
+      .def("pre", &ModuleFastPath::pre)
+      .def("post", &ModuleFastPath::post);
+}
+
 }  // namespace flopcount_native

@@ -233,5 +233,6 @@ int64_t module_call(int64_t index, int64_t context, bool optimizer, int64_t modu
 int64_t backward_module(int64_t index, int64_t task);
 void set_module_name(int64_t index, int64_t module, const std::string& name, bool root);
 void clear_backward_modules(int64_t index);
+void bind_module_fast_path(py::module_& m);  // ModuleFastPath: the module hooks' common case
 
 }  // namespace flopcount_native

@@ -24,7 +24,7 @@ its own (Context, Counter, Capture).
   never removed (Dynamo guards on them); a Context subscribes while its meter is active
   (``Context.install`` / ``remove``), so do the integrations' module watches.
 ``MODEL_PHASES``: models whose every call is one phase (a DPO reference model -> ``reference``),
-  filled by integrations/tags.py; weak: a model's tag dies with the model.
+  filled by integrations/tags.py; weak: a model's tag dies with the model (``ModelPhases``).
 The hooks installed into torch and Triton stay for the process: they are no-ops while no meter
 is active. Lists are copied on write, so that hooks iterate them without a lock.
 """
@@ -108,6 +108,10 @@ def active_contexts() -> list:
     return HOOKS.contexts
 
 
+class _MutedDepth(threading.local):
+    muted = 0  # a class default: reading it never misses (a missing attribute costs an exception)
+
+
 class ModuleHooks:
     """One pair of global module forward hooks per process, registered once, never removed.
 
@@ -115,12 +119,16 @@ class ModuleHooks:
     compiled models recompile whenever a meter starts or ends. While Dynamo traces, the hooks
     return at once (no graph breaks); compiled regions name their modules from the graph's
     ``nn_module_stack`` (capture/compile.py). Subscribers have ``_module_pre(module, args)`` and
-    ``_module_post(module, args, output)`` (a Context, a module watch)."""
+    ``_module_post(module, args, output)`` (a Context, a module watch); either may be None (no
+    work there). The hooks run for every module call of the job: they call the subscribers'
+    bound methods, kept as tuples, and nothing else."""
 
     def __init__(self) -> None:
         self.contexts: list = []
+        self.pres: tuple = ()  # the subscribers' _module_pre, in subscribing order
+        self.posts: tuple = ()  # their _module_post
         self.installed = False
-        self.local = threading.local()  # muted depth per thread (muted())
+        self.local = _MutedDepth()  # muted depth per thread (muted())
 
     def install(self) -> None:
         if not self.installed:
@@ -131,42 +139,82 @@ class ModuleHooks:
 
     def subscribe(self, context) -> "ModuleHooks.Subscription":
         self.install()
-        self.contexts = [*self.contexts, context]  # copy on write: hooks iterate without a lock
+        self._set([*self.contexts, context])
         return self.Subscription(self, context)
+
+    def refresh(self) -> None:
+        """A subscriber changed its hooks (Context.use_fast_path): read them again, in the same order."""
+        self._set(list(self.contexts))
+
+    def _set(self, contexts: list) -> None:
+        # Copy on write: hooks iterate without a lock. Bound methods are made once, here.
+        self.contexts = contexts
+        self.pres = tuple(c._module_pre for c in contexts if c._module_pre is not None)
+        self.posts = tuple(c._module_post for c in contexts if c._module_post is not None)
 
     class Subscription:
         def __init__(self, hooks: "ModuleHooks", context) -> None:
             self.hooks, self.context = hooks, context
 
         def remove(self) -> None:
-            self.hooks.contexts = [c for c in self.hooks.contexts if c is not self.context]
+            self.hooks._set([c for c in self.hooks.contexts if c is not self.context])
 
     @contextlib.contextmanager
     def muted(self):
         """No subscriber sees the module calls of this thread inside the block: flopcount's own
         model runs (integrations/vllm.py's forward on the meta device) are not the job's modules."""
-        self.local.muted = getattr(self.local, "muted", 0) + 1
+        self.local.muted += 1
         try:
             yield
         finally:
             self.local.muted -= 1
 
     def _pre(self, module, args) -> None:
-        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
+        if _is_compiling() or self.local.muted:
             return
-        for context in self.contexts:
-            context._module_pre(module, args)
+        for pre in self.pres:
+            pre(module, args)
 
     def _post(self, module, args, output) -> None:
-        if torch.compiler.is_compiling() or getattr(self.local, "muted", 0):
+        if _is_compiling() or self.local.muted:
             return
-        for context in self.contexts:
-            context._module_post(module, args, output)
+        for post in self.posts:
+            post(module, args, output)
 
+
+# Dynamo knows this function by identity (it answers True while tracing): the hooks stay traceable.
+_is_compiling = torch.compiler.is_compiling
 
 MODULE_HOOKS = ModuleHooks()
 
-# Models whose every call is one phase, e.g. a DPO reference model -> "reference", a distillation
-# teacher -> "teacher" (integrations/tags.py fills it; weak: a model's tag dies with it). Each of
-# their submodules is listed, so a call of the backbone alone is tagged too.
-MODEL_PHASES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class ModelPhases:
+    """Models whose every call is one phase, e.g. a DPO reference model -> "reference", a
+    distillation teacher -> "teacher" (integrations/tags.py fills it; weak: a model's tag dies
+    with it). Each of their submodules is listed, so a call of the backbone alone is tagged too.
+    ``version`` counts the changes: the module hooks keep each module's tag with the version
+    they read it at (capture/context.py), instead of looking it up on every call."""
+
+    def __init__(self) -> None:
+        self.phases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.version = 0
+
+    def get(self, module, default=None):
+        return self.phases.get(module, default)
+
+    def setdefault(self, module, phase: str) -> str:
+        self.version += 1
+        return self.phases.setdefault(module, phase)
+
+    def __setitem__(self, module, phase: str) -> None:
+        self.version += 1
+        self.phases[module] = phase
+
+    def pop(self, module, default=None):
+        self.version += 1
+        return self.phases.pop(module, default)
+
+    def __len__(self) -> int:
+        return len(self.phases)
+
+
+MODEL_PHASES = ModelPhases()

@@ -19,10 +19,12 @@ Modules: global forward pre/post hooks keep a stack of fully qualified names (as
 attributed through gradient hooks on each module's outputs (entered) and inputs (left), one
 stack per autograd graph task, so reentrant backward inside checkpointing keeps its own
 (``BackwardModules``; the native backend swaps in the same stacks kept in C++, whose gradient
-hooks run no Python). With the native backend a module call costs one call into the extension
-per hook (``NativeCapture.module_changed``: the context push and the gradient hook on the one
-autograd node that made the module's tensors); only what it cannot decide alone (tensors from
-several nodes, leaves, subclasses, other containers) comes back to ``_when_grads``.
+hooks run no Python). With the native backend a module call runs no Python of flopcount's in the
+common case: the extension's ``ModuleFastPath`` takes this Context's hooks (``use_fast_path``)
+and does the stack push or pop, the context push and the gradient hook on the one autograd node
+that made the module's tensors (what ``NativeCapture.module_changed`` does); everything else
+comes to the Python methods, and what it cannot decide alone (tensors from several nodes,
+leaves, subclasses, other containers) to ``_when_grads``.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from ..errors import BudgetExceeded, UncountedOpError
 from .active import HOOKS, MODEL_PHASES, MODULE_HOOKS, active_contexts  # noqa: F401
 
 _graph_task_id = torch._C._current_graph_task_id
+is_grad_enabled = torch.is_grad_enabled
 
 
 def _passes_through() -> tuple:
@@ -134,12 +137,56 @@ def resolve_module(in_backward: bool, forward_module: str | None, backward_modul
 
 
 class Frame:
-    __slots__ = ("module", "name", "grad_enabled", "tagged")
+    """One open module call on the forward stack. Immutable, and holding its module weakly: a
+    module's two untagged frames (grad mode off, on) are made once and pushed on every call."""
+    __slots__ = ("ref", "name", "grad_enabled", "tagged")
 
-    def __init__(self, module, name: str, grad_enabled: bool) -> None:
-        self.module, self.name, self.grad_enabled = module, name, grad_enabled
-        self.tagged = False  # this call opened its model's phase (MODEL_PHASES)
+    def __init__(self, ref, name: str, grad_enabled: bool, tagged: bool = False) -> None:
+        self.ref, self.name, self.grad_enabled = ref, name, grad_enabled
+        self.tagged = tagged  # this call opened its model's phase (MODEL_PHASES)
 
+    @property
+    def module(self):
+        return self.ref()
+
+
+class Seen:
+    """What a Context keeps of a module it has seen called: its name, its untagged frames and its
+    model phase as of ``MODEL_PHASES.version``. ``SeenModules`` finds it in one dict lookup."""
+    __slots__ = ("ref", "name", "frames", "tag", "tag_version")
+
+    def __init__(self, ref, name: str) -> None:
+        self.ref, self.name = ref, name
+        self.frames = (Frame(ref, name, False), Frame(ref, name, True))
+        self.tag, self.tag_version = None, -1
+
+
+class SeenModules:
+    """Per-module state by ``id(module)``, holding the module weakly (an entry goes with its
+    module): one plain dict lookup per module call, where a WeakKeyDictionary builds a weak
+    reference for every lookup. ``get`` checks the entry is this module's, not a dead one's
+    whose id was reused."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, object] = {}
+
+    def get(self, module):
+        entry = self.by_id.get(id(module))
+        return entry if entry is not None and entry.ref() is module else None
+
+    def ref(self, module):
+        """A weak reference to ``module`` that removes its entry when the module dies."""
+        key, by_id = id(module), self.by_id
+
+        def forget(ref) -> None:
+            entry = by_id.get(key)
+            if entry is not None and entry.ref is ref:
+                del by_id[key]
+        return weakref.ref(module, forget)
+
+    def add(self, module, entry):
+        self.by_id[id(module)] = entry
+        return entry
 
 
 class Context:
@@ -157,6 +204,7 @@ class Context:
         self.function_grad: list[bool] = []  # grad mode at each active autograd.Function.apply
         self.backward = BackwardModules()  # which module's backward runs, per graph task
         self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.seen = SeenModules()  # module -> Seen: what the module hooks read per call
         self.handles: list = []
         self.leaf_hooks: list = []  # gradient hooks on leaf tensors (removed when a step closes)
         # Told about every change of the state above (the native backend mirrors it in C++).
@@ -172,6 +220,19 @@ class Context:
         if self.track_modules:
             self.handles.append(MODULE_HOOKS.subscribe(self))
         self.handles.append(_Active(self))
+
+    def use_fast_path(self, fast) -> None:
+        """Let ``fast`` take this Context's module hooks (None: give them back): the native
+        backend's ``ModuleFastPath`` (csrc/hooks.cpp) does the common case of ``_module_pre`` and
+        ``_module_post`` (with ``NativeCapture.module_changed``) on this Context's own state
+        without running Python, and calls these methods for everything else. It holds this
+        Context: the capture gives the hooks back when it ends."""
+        if fast is None:
+            self.__dict__.pop("_module_pre", None)  # the methods again
+            self.__dict__.pop("_module_post", None)
+        else:
+            self._module_pre, self._module_post = fast.pre, fast.post
+        MODULE_HOOKS.refresh()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -192,10 +253,12 @@ class Context:
 
     def snapshot(self) -> tuple:
         """The Python-held inputs of the phase and module rules:
-        (optimizer, user phase, outermost call's grad mode, innermost forward module or None)."""
-        stack = self.forward_stack
-        return (bool(self.optimizer_depth), self.user_phases[-1] if self.user_phases else None,
-                self._outer_grad(), stack[-1].name if stack else None)
+        (optimizer, user phase, outermost call's grad mode, innermost forward module or None).
+        Read at every module call with the native backend: ``_outer_grad`` is inlined."""
+        stack, phases, functions = self.forward_stack, self.user_phases, self.function_grad
+        return (bool(self.optimizer_depth), phases[-1] if phases else None,
+                bool((stack and stack[0].grad_enabled) or (functions and functions[0])),
+                stack[-1].name if stack else None)
 
     def _outer_grad(self) -> bool:
         """Grad mode when the outermost module call or autograd.Function.apply began."""
@@ -274,59 +337,92 @@ class Context:
         self.names[module] = name
         return name
 
+    def _seen(self, module) -> Seen:
+        """The module's Seen entry, made at its first call (its name, from ``_name``)."""
+        seen = self.seen.get(module)
+        if seen is None:
+            seen = self.seen.add(module, Seen(self.seen.ref(module), self._name(module)))
+        return seen
+
+    # The module hooks run for every module call of the job: the common case (a named module,
+    # calls nested properly) is a few dict and list operations, one call into the extension with
+    # the native backend, and no allocation but the snapshot's tuple. After the stack changed,
+    # the listener is told (the native backend: the context push and the gradient hook on the one
+    # autograd node that made the module's tensors, in one call); what it hands back, or without
+    # a listener ``value`` itself, is hooked in Python (``_when_grads``): ``value`` is the call's
+    # inputs at its start (their gradients leave the module in backward), its outputs at its end
+    # (their first gradient enters it), None under no_grad.
     def _module_pre(self, module, args) -> None:
         try:
-            name = self.names.get(module)
-            if name is None:
-                name = self._name(module)
-            grad = torch.is_grad_enabled()
-            frame = Frame(module, name, grad)
-            self.forward_stack.append(frame)
-            tag = MODEL_PHASES.get(module) if MODEL_PHASES else None
-            if tag is not None and not self.user_phases:
-                frame.tagged = True
-                self.user_phases.append(tag)
+            seen = self.seen.by_id.get(id(module))  # SeenModules.get, inlined
+            if seen is None or seen.ref() is not module:
+                seen = self._seen(module)
+            grad = is_grad_enabled()
+            if seen.tag_version != MODEL_PHASES.version:
+                seen.tag, seen.tag_version = MODEL_PHASES.get(module), MODEL_PHASES.version
+            if seen.tag is not None and not self.user_phases:
+                self.forward_stack.append(Frame(seen.ref, seen.name, grad, tagged=True))
+                self.user_phases.append(seen.tag)
+            else:
+                self.forward_stack.append(seen.frames[grad])
         except Exception as exc:
             self.guard.failed("module hook", exc)
             return
         # Fires once gradients for all inputs exist: the module's backward is over.
-        self._entered(args if grad else None, name, enter=False)
+        value = args if grad else None
+        listener = self.listener
+        if listener is not None:  # the context changed: the listener may flush here, never into the hook
+            try:
+                value = listener.module_changed(value, seen.name, False)
+            except Exception as exc:
+                self.guard.failed("context tracking", exc)
+        if value is not None:
+            self._hook_grads(value, seen.name, False)
 
     def _module_post(self, module, args, output) -> None:
-        name = None
         try:
             stack = self.forward_stack
-            for i in range(len(stack) - 1, -1, -1):  # exceptions may skip frames (always_call)
-                if stack[i].module is module:
-                    name = stack[i].name
-                    if any(frame.tagged for frame in stack[i:]) and self.user_phases:
-                        self.user_phases.pop()
-                    del stack[i:]
-                    break
-            if name is None:
-                name = self._names_get(module)
-            grad = torch.is_grad_enabled()
+            if stack and stack[-1].ref() is module:  # calls nest properly: the innermost ends
+                frame = stack.pop()
+                if frame.tagged and self.user_phases:
+                    self.user_phases.pop()
+                name = frame.name
+            else:
+                name = self._unwind(module)
+            grad = is_grad_enabled()
         except Exception as exc:
             self.guard.failed("module hook", exc)
             return
         # Fires at the first gradient of an output: the module's backward begins.
-        self._entered(output if grad else None, name, enter=True)
-
-    def _entered(self, value, name: str, enter: bool) -> None:
-        """After a module call began or ended: tell the listener (the context changed) and hook
-        ``value``'s gradients (``_when_grads``; None: grad mode is off, nothing to hook). The native
-        backend does both in one call into the extension and hands back only what it leaves to Python."""
+        value = output if grad else None
         listener = self.listener
-        if listener is not None:
-            try:  # the listener may close a step here (flush): never into the hook
-                value = listener.module_changed(value, name, enter)
+        if listener is not None:  # the context changed: the listener may flush here, never into the hook
+            try:
+                value = listener.module_changed(value, name, True)
             except Exception as exc:
                 self.guard.failed("context tracking", exc)
         if value is not None:
-            try:
-                self._when_grads(value, name, enter)
-            except Exception as exc:
-                self.guard.failed("module hook", exc)
+            self._hook_grads(value, name, True)
+
+    def _unwind(self, module) -> str:
+        """``module`` ended with frames above its own (an exception skipped their post hooks,
+        always_call): they end too. Its name; a module not on the stack ends alone."""
+        stack = self.forward_stack
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].ref() is module:
+                name = stack[i].name
+                if any(frame.tagged for frame in stack[i:]) and self.user_phases:
+                    self.user_phases.pop()
+                del stack[i:]
+                return name
+        return self._names_get(module)
+
+    def _hook_grads(self, value, name: str, enter: bool) -> None:
+        """``_when_grads`` under the guard: what the listener left to Python (or, without one, all)."""
+        try:
+            self._when_grads(value, name, enter)
+        except Exception as exc:
+            self.guard.failed("module hook", exc)
 
     def _when_grads(self, value, name: str, enter: bool) -> None:
         """In backward, enter module ``name`` at the first gradient of the tensors in ``value``

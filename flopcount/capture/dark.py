@@ -16,9 +16,9 @@ statement); strict mode raises ``UncountedOpError`` when the step closes.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from .context import SeenModules
 
 # Libraries whose kernels never reach the dispatcher (DESIGN.md, measured facts).
 BYPASSING_PACKAGES = ("transformer_engine", "mamba_ssm", "causal_conv1d", "apex")
@@ -61,29 +61,27 @@ class DarkModuleWatch:
 
     def __init__(self, context) -> None:
         self.context = context
-        # module -> [0 skip, 1 watch or 2 bypassing; its class and class name when first seen; its name]
-        self.kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.kinds = SeenModules()  # module -> _Kind, found in one dict lookup per module call
         self.ran: dict[str, str] = {}
         self.always_dark: dict[str, str] = {}
         self.last: tuple | None = None  # take's last answer: (ran, always_dark, dark modules)
 
     def _module_pre(self, module, args) -> None:
-        entry = self.kind.get(module)
-        if entry is None:
-            cls = type(module)
-            entry = self.kind[module] = [_kind(module), cls, class_name(cls), None]
-        kind, cls, cls_name, name = entry
-        if kind:
+        entry = self.kinds.by_id.get(id(module))  # SeenModules.get, inlined
+        if entry is None or entry.ref() is not module:
+            entry = self.kinds.add(module, _Kind(self.kinds.ref(module), module))
+        if entry.kind:
+            name = entry.name
             if name is None:  # the Context names a module once, for good
-                name = entry[3] = self.context.names.get(module)
+                name = entry.name = self.context.names.get(module)
                 if name is None:
                     return
-            if type(module) is not cls:  # its class was swapped since (a wrapper library)
+            cls_name = entry.cls_name
+            if type(module) is not entry.cls:  # its class was swapped since (a wrapper library)
                 cls_name = class_name(type(module))
-            (self.always_dark if kind == 2 else self.ran)[name] = cls_name
+            (self.always_dark if entry.kind == 2 else self.ran)[name] = cls_name
 
-    def _module_post(self, module, args, output) -> None:
-        pass
+    _module_post = None  # nothing to do when a call ends (ModuleHooks skips it)
 
     def take(self, flops, repeated: bool = False) -> dict[str, str]:
         """Dark modules of the step whose FLOPs are ``flops``; starts the next step's record.
@@ -100,6 +98,16 @@ class DarkModuleWatch:
         dark = dark_in_step(ran, always_dark, [k for k, f in flops.items() if f])
         self.last = (dict(ran), dict(always_dark), dark)  # copies: never written to
         return dict(dark)
+
+
+class _Kind:
+    """A module as the watch sees it: 0 skip, 1 watch or 2 bypassing (``_kind``), its class and
+    class name when first seen, its name once the Context has one."""
+    __slots__ = ("ref", "kind", "cls", "cls_name", "name")
+
+    def __init__(self, ref, module) -> None:
+        self.ref, self.kind, self.cls = ref, _kind(module), type(module)
+        self.cls_name, self.name = class_name(self.cls), None
 
 
 def _kind(module) -> int:

@@ -29,7 +29,8 @@ from ...distributed import collective_entry
 from ...errors import NativeUnavailable
 from ...formulas import KNOWN_ZERO, REGISTRY
 from ...formulas.registry import op_name
-from ..context import resolve_module, resolve_phase
+from ..active import MODEL_PHASES
+from ..context import Context, resolve_module, resolve_phase
 from .. import native as package  # the package's one cached loader (load, load_error), read at use
 from .decode import Decoder, args_kwargs, canonical_arguments, check_key_version, dtype_codes, overload_of, python_name, tags
 
@@ -87,6 +88,7 @@ class NativeCapture:
         self.violation, self.boundary = self.lib.STATUS_VIOLATION, self.lib.STATUS_BOUNDARY
         self.python_hooks, self.new_ops = self.lib.STATUS_PYTHON_HOOKS, self.lib.STATUS_NEW_OPS
         self.act_on = self.violation | self.boundary | self.new_ops
+        self.module_call = self.lib.module_call  # bound once: called at every module call
         self.registry_version = -1
         self.slot = None  # the extension's per-meter state, while entered
         # suspend() is the one writer of the slot's pause flag: nested blocks (a flush inside a
@@ -106,10 +108,15 @@ class NativeCapture:
         self.context.listener = self
         self.python_backward, self.context.backward = self.context.backward, _BackwardModules(self)
         self.context_changed()
+        fast_path = getattr(self.lib, "ModuleFastPath", None)
+        if self.context.track_modules and fast_path is not None:  # module hooks without Python
+            self.context.use_fast_path(fast_path(self.context, self, MODEL_PHASES, REGISTRY,
+                                                 Context._module_pre, Context._module_post))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.lib.disable(self.slot)
+        self.context.use_fast_path(None)
         self.context.listener = None
         self.context.backward = self.python_backward
         try:
@@ -149,12 +156,13 @@ class NativeCapture:
         ident = self.snapshot_ids.get(snapshot)
         if ident is None or REGISTRY.version != self.registry_version:
             ident, _ = self._context_id()
-        module = -1
-        if value is not None:
+        if value is None:
+            status = self.module_call(self.slot, ident, snapshot[0], -1, None, enter)
+        else:
             module = self.module_ids.get(name)
             if module is None:
                 module = self._module_id(name)
-        status = self.lib.module_call(self.slot, ident, snapshot[0], module, value, enter)
+            status = self.module_call(self.slot, ident, snapshot[0], module, value, enter)
         if status & self.act_on:
             self._act(status)
         return value if status & self.python_hooks else None
