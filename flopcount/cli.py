@@ -506,8 +506,13 @@ def add_plan(parser) -> None:
 
 
 def cmd_plan(args) -> int:
+    import logging
+
     from .planning.cli import run
 
+    # bitsandbytes warns at import, on CPUs with AVX512-BF16, that it could not fetch an optional
+    # hub kernel (which a plan never runs): stderr keeps to the plan's own one-line messages.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     return run(args, print_json)  # the planner raises BadInput for bad input (exit 2 by type)
 
 
