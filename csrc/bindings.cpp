@@ -66,7 +66,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("op_names", &op_names, py::arg("start") = 0);
   m.def("strings", &strings, py::arg("start") = 0);
   m.def("dtype_code", &dtype_code);
-  m.def("floor_enable", &floor_enable);
+  m.def("floor_enable", &floor_enable, py::arg("inputs") = true, py::arg("outputs") = true);
   m.def("dispatch_floor_enable", &dispatch_floor_enable);
   m.def("floor_disable", &floor_disable);
 }

@@ -98,15 +98,86 @@ struct ModuleHook : torch::autograd::FunctionPreHook {
   bool enter;
 };
 
+// Tensors made by several nodes, torch's register_multi_grad_hook rule without Python: one
+// pre-hook per node, sharing this state. Entering (mode "any"): the first of the nodes to run in
+// a graph task. Leaving (mode "all"): once every node of them that this graph task executes has
+// run, counted when the first one runs (torch._C._will_engine_execute_node's rule).
+struct MultiNodeState {
+  MultiNodeState(int64_t index, int64_t incarnation, int64_t module, bool enter)
+      : index(index), incarnation(incarnation), module(module), enter(enter) {}
+  int64_t index, incarnation, module;
+  bool enter;
+  std::vector<c10::weak_intrusive_ptr<torch::autograd::Node>> nodes;  // weak: the hooks live in them
+  std::unordered_map<int64_t, std::pair<int64_t, int64_t>> tasks;  // graph task -> (ran, expected)
+};
+
+bool will_execute(torch::autograd::Node* node) {
+  const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+  const auto* in_graph = torch::autograd::get_current_graph_task_nodes_in_graph();
+  if (exec_info == nullptr || in_graph == nullptr || in_graph->count(node) == 0) return false;
+  if (exec_info->empty()) return true;  // no inputs= given: every node in the graph runs
+  auto it = exec_info->find(node);
+  return it != exec_info->end() && it->second.should_execute();
+}
+
+struct MultiNodeHook : torch::autograd::FunctionPreHook {
+  explicit MultiNodeHook(std::shared_ptr<MultiNodeState> state) : state(std::move(state)) {}
+
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    MultiNodeState& m = *state;
+    Slot& s = slot(m.index);
+    if (s.incarnation.load() != m.incarnation) return grads;  // its meter has ended
+    int64_t task = torch::autograd::get_current_graph_task_id();
+    std::lock_guard<std::mutex> lock(s.mu);
+    auto [it, first] = m.tasks.try_emplace(task, 0, 0);
+    auto& [ran, expected] = it->second;
+    if (m.enter) {
+      if (first) backward_event_locked(s, m.module, true);
+      return grads;
+    }
+    if (first) {
+      for (const auto& weak : m.nodes) {
+        auto node = weak.lock();
+        if (node && will_execute(node.get())) ++expected;
+      }
+    }
+    if (++ran == expected) {
+      backward_event_locked(s, m.module, false);
+      m.tasks.erase(it);
+    }
+    return grads;
+  }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {}
+
+  std::shared_ptr<MultiNodeState> state;
+};
+
+// Hook ``nodes`` (those that made a module's tensors): module ``module`` enters backward at the
+// first of them (``enter``) or leaves it after the last.
+void hook_nodes(int64_t index, const std::vector<c10::intrusive_ptr<torch::autograd::Node>>& nodes,
+                int64_t module, bool enter) {
+  if (nodes.empty()) return;
+  int64_t incarnation = slot(index).incarnation.load();
+  if (nodes.size() == 1) {
+    nodes[0]->add_pre_hook(std::make_unique<ModuleHook>(index, incarnation, module, enter));
+    return;
+  }
+  auto state = std::make_shared<MultiNodeState>(index, incarnation, module, enter);
+  for (const auto& node : nodes) state->nodes.emplace_back(node);
+  for (const auto& node : nodes) node->add_pre_hook(std::make_unique<MultiNodeHook>(state));
+}
+
 // ---- one call per module call ---------------------------------------------------------------
 // The module hooks' hot path (Context._module_pre/_module_post with the native backend): set the
-// context as set_context does and hook the autograd node that made the tensors of ``value`` that
+// context as set_context does and hook the autograd nodes that made the tensors of ``value`` that
 // require grad, the rule of Context._when_grads, without more Python. Only what that rule decides
 // the same way in C++ is handled here: plain tensors directly in ``value``, a tuple, a list or a
-// plain dict of them, all made by one node. Anything else (several nodes, a leaf, a tensor
-// subclass, another container) sets kPythonHooks and Python applies the rule itself.
+// dict of them (a dict subclass too, as Hugging Face's ModelOutput, while its ``values`` is
+// dict's), made by one node or several. Anything else (a leaf, a tensor subclass, another
+// container) sets kPythonHooks and Python applies the rule itself.
 struct Grads {
-  c10::intrusive_ptr<torch::autograd::Node> node;  // the one node, once seen
+  std::vector<c10::intrusive_ptr<torch::autograd::Node>> nodes;  // distinct, in first-seen order
   bool python = false;
 };
 
@@ -120,11 +191,33 @@ void grads_of_tensor(PyObject* obj, Grads& g) {
   const auto& fn = t.grad_fn();
   if (!fn) {  // a leaf: Python hooks it (its hooks outlive the graph)
     g.python = true;
-  } else if (!g.node) {
-    g.node = fn;
-  } else if (g.node.get() != fn.get()) {
-    g.python = true;
+    return;
   }
+  for (const auto& seen : g.nodes) {
+    if (seen.get() == fn.get()) return;
+  }
+  g.nodes.push_back(fn);
+}
+
+// ``value``'s values are what Python's ``x.values()`` gives: dict's own method, not overridden.
+bool plain_values(PyObject* value) {
+  static PyObject* name = PyUnicode_InternFromString("values");
+  static PyObject* dict_values = _PyType_Lookup(&PyDict_Type, name);
+  PyTypeObject* type = Py_TYPE(value);
+  if (type == &PyDict_Type) return true;
+  PyObject* values = _PyType_Lookup(type, name);  // borrowed, through the type's MRO cache
+  if (values == dict_values) return true;
+  static PyObject* odict_values = [] {  // collections.OrderedDict.values (ModelOutput's base)
+    PyObject* collections = PyImport_ImportModule("collections");
+    PyObject* odict = collections ? PyObject_GetAttrString(collections, "OrderedDict") : nullptr;
+    PyObject* found = odict && PyType_Check(odict) ? _PyType_Lookup(reinterpret_cast<PyTypeObject*>(odict), name) : nullptr;
+    Py_XINCREF(found);  // kept for the process
+    Py_XDECREF(odict);
+    Py_XDECREF(collections);
+    PyErr_Clear();
+    return found;
+  }();
+  return values != nullptr && values == odict_values;
 }
 
 void grads_of(PyObject* value, Grads& g) {
@@ -137,9 +230,9 @@ void grads_of(PyObject* value, Grads& g) {
     for (Py_ssize_t i = 0; i < n && !g.python; ++i) {
       if (THPVariable_Check(items[i])) grads_of_tensor(items[i], g);
     }
-  } else if (PyDict_CheckExact(value)) {
+  } else if (PyDict_Check(value) && plain_values(value)) {
     PyObject *k, *v;
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0;  // the dict's own storage: the same values as .values(), maybe in another order
     while (!g.python && PyDict_Next(value, &pos, &k, &v)) {
       if (THPVariable_Check(v)) grads_of_tensor(v, g);
     }
@@ -174,10 +267,7 @@ int64_t module_call(int64_t index, int64_t context, bool optimizer, int64_t modu
   Grads g;
   grads_of(value.ptr(), g);
   if (g.python) return status | kPythonHooks;
-  if (g.node) {
-    Slot& s = slot(index);
-    g.node->add_pre_hook(std::make_unique<ModuleHook>(index, s.incarnation.load(), module, enter));
-  }
+  hook_nodes(index, g.nodes, module, enter);
   return status;
 }
 

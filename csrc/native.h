@@ -222,7 +222,7 @@ void set_planned(int64_t index, const std::vector<int64_t>& ids, bool planned);
 void set_paused(int64_t index, bool paused);
 void mark_pending_boundary(int64_t index, bool pending);
 std::string take_violation(int64_t index);
-void floor_enable();
+void floor_enable(bool inputs = true, bool outputs = true);
 void floor_disable();
 void dispatch_floor_enable(bool enabled);
 

@@ -504,11 +504,11 @@ c10::optional<at::CallbackHandle>& floor_handle() {
 }
 }  // namespace
 
-void floor_enable() {
+void floor_enable(bool inputs, bool outputs) {
   TORCH_CHECK(!floor_handle().has_value(), "flopcount: the observer floor is already on");
   floor_handle() = at::addThreadLocalCallback(at::RecordFunctionCallback(floor_start, floor_end)
-                                                  .needsInputs(true)
-                                                  .needsOutputs(true)
+                                                  .needsInputs(inputs)
+                                                  .needsOutputs(outputs)
                                                   .scopes({at::RecordScope::FUNCTION}));
 }
 

@@ -4,6 +4,7 @@ per-module FLOPs as the dispatch backend on every kind of module input and outpu
 forms for the module attribution of a forward and backward."""
 from __future__ import annotations
 
+import collections
 import warnings
 
 import pytest
@@ -160,3 +161,109 @@ def test_repeated_steps_reuse_totals_until_the_registry_changes():
     assert steps[:3] == [(mm, {"flopcount_native_module_tests.triple": 1})] * 3
     assert steps[4:] == [(mm + 5 * 16, {})] * 2
     assert m.summary()["by_op"]["aten.mm"] == {"flops": 6 * mm, "calls": 6}
+
+
+# ---- tensors from several autograd nodes: hooked in the extension, torch's multi-grad rule ----
+
+class _Record(collections.OrderedDict):
+    """A model output that is a dict subclass with dict's own values (Hugging Face's ModelOutput)."""
+
+
+class _Hiding(dict):
+    """A dict subclass whose values() hides its tensors: Python's rule reads values(), so the
+    extension must leave it to Python."""
+
+    def values(self):
+        return []
+
+
+class _Two(torch.nn.Module):
+    """Outputs made by two nodes (entered at the first of them to run)."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(k, n), torch.nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+class _Join(torch.nn.Module):
+    """Inputs made by two nodes (left once every one of them that backward runs has run)."""
+
+    def __init__(self, n: int, out) -> None:
+        super().__init__()
+        self.proj, self.out = torch.nn.Linear(n, n), out
+
+    def forward(self, pair):
+        return self.out(y=self.proj(pair[0] * pair[1]))
+
+
+class _Multi(torch.nn.Module):
+    def __init__(self, k: int, n: int, out) -> None:
+        super().__init__()
+        self.two, self.join = _Two(k, n), _Join(n, out)
+
+    def forward(self, x):
+        return self.join(self.two(x))
+
+
+def _multi_run(backend: str, out, how: str, m_: int = 3, k: int = 5, n: int = 4):
+    """One step of _Multi: ``how`` 'plain' (one backward), 'twice' (retain_graph, two backward
+    calls on one graph) or 'partial' (backward(inputs=) reaching two.a only)."""
+    torch.manual_seed(0)
+    model = _Multi(k, n, out)
+    x = torch.randn(m_, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with flopcount.meter(backend=backend, warn=False) as meter:
+            loss = model(x)["y"].sum()
+            if how == "twice":
+                loss.backward(retain_graph=True)
+                loss.backward()
+            elif how == "partial":
+                loss.backward(inputs=[model.two.a.weight])
+            else:
+                loss.backward()
+            meter.step()
+    rows: dict = {}
+    for (phase, category, module, _), flops in meter.last_step.flops.items():
+        rows[(phase, category, module)] = rows.get((phase, category, module), 0) + flops
+    return rows
+
+
+@pytest.mark.parametrize("how", ["plain", "twice", "partial"])
+@pytest.mark.parametrize("out", [_Record, dict, _Hiding], ids=["dict_subclass", "dict", "values_overridden"])
+def test_several_nodes_attributed_as_dispatch_does(how, out):
+    assert _multi_run("native", out, how) == _multi_run("dispatch", out, how)
+
+
+def test_several_nodes_closed_form_and_no_python_hooks(monkeypatch):
+    """With outputs and inputs from two nodes and a dict-subclass output, Python places no
+    gradient hook (Context._when_grads is not called once the modules are seen), and backward
+    FLOPs land in the modules whose backward ran: proj's input and weight gradients 2 x 2mnn,
+    the product's two gradients 2mn in join, each Linear's weight gradient 2mkn (x needs none)."""
+    from flopcount.capture.context import Context
+
+    m_, k, n = 3, 5, 4
+    calls = []
+    original = Context._when_grads
+    monkeypatch.setattr(Context, "_when_grads", lambda self, *a: (calls.append(a[1]), original(self, *a))[1])
+    torch.manual_seed(0)
+    model = _Multi(k, n, _Record)
+    x = torch.randn(m_, k)
+    with flopcount.meter(backend="native", warn=False) as meter:
+        for step in range(3):
+            if step == 2:
+                calls.clear()
+            model(x)["y"].sum().backward()
+            model.zero_grad()
+            meter.step()
+    assert calls == []
+    rows: dict = {}
+    for (phase, category, module, _), flops in meter.last_step.flops.items():
+        rows[(phase, category, module)] = rows.get((phase, category, module), 0) + flops
+    assert rows[("backward", "matmul", "join.proj")] == 2 * (2 * m_ * n * n)
+    assert rows[("backward", "pointwise", "join")] == 2 * m_ * n
+    assert rows[("backward", "matmul", "two.a")] == 2 * m_ * k * n
+    assert rows[("backward", "matmul", "two.b")] == 2 * m_ * k * n

@@ -21,10 +21,10 @@ stack per autograd graph task, so reentrant backward inside checkpointing keeps 
 (``BackwardModules``; the native backend swaps in the same stacks kept in C++, whose gradient
 hooks run no Python). With the native backend a module call runs no Python of flopcount's in the
 common case: the extension's ``ModuleFastPath`` takes this Context's hooks (``use_fast_path``)
-and does the stack push or pop, the context push and the gradient hook on the one autograd node
-that made the module's tensors (what ``NativeCapture.module_changed`` does); everything else
-comes to the Python methods, and what it cannot decide alone (tensors from several nodes,
-leaves, subclasses, other containers) to ``_when_grads``.
+and does the stack push or pop, the context push and the gradient hooks on the autograd nodes
+that made the module's tensors, one or several (what ``NativeCapture.module_changed`` does);
+everything else comes to the Python methods, and what it cannot decide alone (leaves,
+subclasses, other containers) to ``_when_grads``.
 """
 from __future__ import annotations
 
@@ -431,7 +431,8 @@ class Context:
         The common case, every such tensor made by one autograd node, is a pre-hook on that node:
         it runs when the node is about to run, i.e. once its gradients are complete, and dies
         with the graph (``BackwardModules.hook`` may place its own). Tensors from several nodes
-        take torch's multi-grad hook. Hooks on leaf tensors outlive the graph, so they are removed
+        take torch's multi-grad hook (the native backend hooks those nodes in C++, to the same
+        rule, before they reach here). Hooks on leaf tensors outlive the graph, so they are removed
         when the step closes. Python hooks find the stacks when they fire, not when hooked."""
         tensors = [t for t in _tensors(value) if t.requires_grad]
         if not tensors:

@@ -149,9 +149,10 @@ class NativeCapture:
     def module_changed(self, value, name: str, enter: bool):
         """A module call began (``enter`` False: ``value`` is its inputs, whose gradients leave
         it in backward) or ended (True: its outputs, whose first gradient enters it); ``value``
-        is None under no_grad. One call into the extension sets the context and hooks the one
-        autograd node that made ``value``'s tensors; returns ``value`` when Python must hook it
-        itself (Context._when_grads: several nodes, leaves, subclasses, other containers), else None."""
+        is None under no_grad. One call into the extension sets the context and hooks the autograd
+        nodes that made ``value``'s tensors (one, or several with torch's multi-grad rule); returns
+        ``value`` when Python must hook it itself (Context._when_grads: leaves, subclasses, other
+        containers), else None."""
         snapshot = self.context.snapshot()
         ident = self.snapshot_ids.get(snapshot)
         if ident is None or REGISTRY.version != self.registry_version:
