@@ -11,6 +11,8 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <algorithm>
 
 namespace flopcount_native {
@@ -155,7 +157,7 @@ struct MultiNodeHook : torch::autograd::FunctionPreHook {
 
 // Hook ``nodes`` (those that made a module's tensors): module ``module`` enters backward at the
 // first of them (``enter``) or leaves it after the last.
-void hook_nodes(int64_t index, const std::vector<c10::intrusive_ptr<torch::autograd::Node>>& nodes,
+void hook_nodes(int64_t index, c10::ArrayRef<c10::intrusive_ptr<torch::autograd::Node>> nodes,
                 int64_t module, bool enter) {
   if (nodes.empty()) return;
   int64_t incarnation = slot(index).incarnation.load();
@@ -177,7 +179,7 @@ void hook_nodes(int64_t index, const std::vector<c10::intrusive_ptr<torch::autog
 // dict's), made by one node or several. Anything else (a leaf, a tensor subclass, another
 // container) sets kPythonHooks and Python applies the rule itself.
 struct Grads {
-  std::vector<c10::intrusive_ptr<torch::autograd::Node>> nodes;  // distinct, in first-seen order
+  c10::SmallVector<c10::intrusive_ptr<torch::autograd::Node>, 4> nodes;  // distinct, first seen first; no heap
   bool python = false;
 };
 
