@@ -19,6 +19,7 @@ packet, then the overload's and the op's name; the native backend receives the n
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -189,10 +190,13 @@ def launched_kernel(obj):
 def torch_formula(op) -> Formula | None:
     """Reuse a formula registered with torch's ``register_flop_formula`` for a non-aten op, booked
     as category ``other`` (register it with flopcount to choose the category). aten ops are not
-    looked up there: flopcount's own formulas and conventions cover them."""
-    from torch.utils.flop_counter import flop_registry
-
-    fn = flop_registry.get(op.overloadpacket)
+    looked up there: flopcount's own formulas and conventions cover them. Nothing can be registered
+    there before torch.utils.flop_counter is imported, and importing it imports Triton (a start-up
+    cost that a job without Triton should not pay): a process that has not imported it has none."""
+    flop_counter = sys.modules.get("torch.utils.flop_counter")
+    if flop_counter is None:
+        return None
+    fn = flop_counter.flop_registry.get(op.overloadpacket)
     if fn is None:
         return None
     return Formula(functools.partial(_call_torch_formula, fn), "other", needs_values=True)
