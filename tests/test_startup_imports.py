@@ -44,3 +44,32 @@ def test_a_native_meter_meeting_an_op_without_formula_imports_no_triton():
     assert got["loaded"] == []
     assert got["flops"] == 2 * (2 * 3 * 5 * 7)  # two steps of one [3,5] x [5,7] product
     assert got["uncounted"] == {"fcstartup.double": 2}
+
+
+# 70 steps: past the first fold of the live window (summary.LIVE_WINDOW_STEPS = 64), then a summary.
+LIVE_WINDOW = """
+import json, sys, torch, flopcount
+out = sys.argv[2] if sys.argv[2] != "-" else None
+a, b = torch.randn(3, 5), torch.randn(5, 7)
+with flopcount.meter(out=out, backend=sys.argv[1]) as m:
+    for _ in range(70):
+        a @ b
+        m.step(tokens=3)
+    folded = "pandas" in sys.modules
+s = m.summary()
+print(json.dumps({"folded": folded, "summarized": "pandas" in sys.modules, "flops": s["hardware_flops"],
+                  "training": s["training_flops"], "steps": s["steps"], "tokens": s["tokens"]}))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_out", [False, True])
+def test_a_live_meter_folds_its_window_and_summarizes_without_pandas(backend, with_out, tmp_path):
+    out = str(tmp_path / "run") if with_out else "-"
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", LIVE_WINDOW, backend, out],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    product = 2 * 3 * 5 * 7  # one [3,5] x [5,7] product per step
+    assert got == {"folded": False, "summarized": False, "flops": 70 * product, "training": 70 * product,
+                   "steps": 70, "tokens": 70 * 3}
