@@ -73,3 +73,40 @@ def test_a_live_meter_folds_its_window_and_summarizes_without_pandas(backend, wi
     product = 2 * 3 * 5 * 7  # one [3,5] x [5,7] product per step
     assert got == {"folded": False, "summarized": False, "flops": 70 * product, "training": 70 * product,
                    "steps": 70, "tokens": 70 * 3}
+
+
+def test_arrays_built_and_read_from_buffers_equal_pyarrows_own():
+    """trace/arrays.py against pyarrow's converters: the same arrays (nulls, offsets of slices,
+    multi-byte strings), the same numpy values (nulls as NaN), the same group-by sums."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+
+    from flopcount.trace.arrays import arrow_array, arrow_scalar, group_by, to_numpy
+
+    rng = random.Random(7)
+    make = {pa.int64(): lambda: rng.randint(-2**63, 2**63 - 1), pa.int32(): lambda: rng.randint(-2**31, 2**31 - 1),
+            pa.float64(): lambda: rng.random() * 1e6, pa.bool_(): lambda: rng.random() < 0.5,
+            pa.string(): lambda: "".join(rng.choice("aé€x") for _ in range(rng.randint(0, 4)))}
+    for kind, value in make.items():
+        for _ in range(100):
+            values = [None if rng.random() < 0.2 else value() for _ in range(rng.randint(0, 20))]
+            built, own = arrow_array(values, kind), pa.array(values, type=kind)
+            assert built.equals(own) and built.null_count == own.null_count, (kind, values)
+            start = rng.randint(0, len(values))
+            length = rng.randint(0, len(values) - start)
+            for ours, theirs in ((built, own), (built.slice(start, length), own.slice(start, length))):
+                if kind == pa.string() or (kind == pa.bool_() and theirs.null_count):
+                    continue  # read back through pyarrow itself
+                got, want = to_numpy(ours), theirs.to_numpy(zero_copy_only=False)
+                assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True), (kind, got, want)
+        if values and values[0] is not None:
+            assert arrow_scalar(values[0], kind).equals(pa.scalar(values[0], type=kind))
+    keys = arrow_array(["a", "b", None, "a", "b", "a"], pa.string())
+    table = pa.table({"key": keys, "value": arrow_array([1, 2, 3, 4, 5, 6], pa.int64())})
+    ours = group_by(table, ["key"], [("value", "sum"), ("value", "max")])
+    assert ours.equals(table.group_by(["key"], use_threads=False).aggregate([("value", "sum"), ("value", "max")]))
+    assert ours.to_pylist() == [{"key": "a", "value_sum": 11, "value_max": 6},
+                                {"key": "b", "value_sum": 7, "value_max": 5},
+                                {"key": None, "value_sum": 3, "value_max": 3}]

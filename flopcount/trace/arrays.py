@@ -1,11 +1,13 @@
-"""Arrow arrays and scalars from Python values, built from their buffers.
+"""Arrow arrays and scalars from Python values, and numpy arrays and group-bys from Arrow, without
+importing pandas.
 
 pyarrow's own converters (``pa.array``, ``pa.scalar``, and the compute functions given a Python
 value, such as ``pc.fill_null(x, 0)``) first ask whether the value is a pandas object, and that
 imports pandas (about 0.3 s, tens of MB) into a training process that never asked for it: a live
-meter's first fold of its step window, 64 steps in. The trace's column types (int64, int32,
-float64, bool, string; trace/schema.py) are built here from their buffers instead, which pyarrow
-takes as they are. Other types go through ``pa.array``.
+meter's first fold of its step window, 64 steps in. ``Array.to_numpy`` and ``Table.group_by``
+import it too. The trace's column types (int64, int32, float64, bool, string; trace/schema.py)
+are built here from their buffers and read back from them; the group-by runs the same Acero plan
+as ``Table.group_by``. Other types go through pyarrow's own functions.
 """
 from __future__ import annotations
 
@@ -20,11 +22,7 @@ _NUMERIC = {pa.int64(): "q", pa.int32(): "i", pa.float64(): "d"}  # array module
 
 def _bits(flags: list) -> pa.Buffer:
     """An Arrow bitmap (least significant bit first) with bit i set where ``flags[i]`` is true."""
-    packed = bytearray((len(flags) + 7) // 8)
-    for i, flag in enumerate(flags):
-        if flag:
-            packed[i >> 3] |= 1 << (i & 7)
-    return pa.py_buffer(packed)
+    return pa.py_buffer(np.packbits(np.asarray(flags, dtype=bool), bitorder="little"))
 
 
 def arrow_array(values, type: pa.DataType) -> pa.Array:
