@@ -43,7 +43,9 @@ def exact_sum(values) -> int:
     import numpy as np
 
     if hasattr(values, "fill_null"):  # a pyarrow array
-        values = values.fill_null(0).to_numpy(zero_copy_only=False)
+        from .trace.arrays import arrow_scalar, to_numpy  # pyarrow's own would import pandas (trace/arrays.py)
+
+        values = to_numpy(values.fill_null(arrow_scalar(0, values.type)))
     values = np.asarray(values, dtype=np.int64)
     if values.size == 0:
         return 0
@@ -57,9 +59,11 @@ def with_limbs(table: pa.Table, column: str = "value") -> pa.Table:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from .trace.arrays import arrow_scalar  # pa.scalar would import pandas (trace/arrays.py)
+
     value = table.column(column)
-    return table.append_column("lo", pc.bit_wise_and(value, pa.scalar(LIMB_MASK, pa.int64()))).append_column(
-        "hi", pc.shift_right(value, pa.scalar(LIMB_BITS, pa.int64())))
+    return table.append_column("lo", pc.bit_wise_and(value, arrow_scalar(LIMB_MASK, pa.int64()))).append_column(
+        "hi", pc.shift_right(value, arrow_scalar(LIMB_BITS, pa.int64())))
 
 
 LIMB_AGGREGATES = [("lo", "sum"), ("hi", "sum")]

@@ -30,6 +30,7 @@ from .compliance import add_method_and_compliance
 from .conventions import CATEGORIES, EXCLUDED_PHASES, NO_MODULE, ROOT_MODULE, TRAINING_PHASES
 from .exact import LIMB_AGGREGATES, exact_sum, grouped_sums, with_limbs
 from .resources import RESOURCE_COLUMNS, ResourceTally, resources_summary
+from .trace.arrays import arrow_scalar, group_by, to_numpy
 from .trace.integrity import rank_integrity
 from .trace.reader import TraceSet, iter_batches, open_traces
 from .trace.schema import column_names
@@ -40,6 +41,8 @@ SUMMARY_SCHEMA = "flopcount.summary/1"
 STEP_COLUMNS = list(dict.fromkeys(column_names("steps", "run", "step", "counts", "totals", "ops") + RESOURCE_COLUMNS))
 BREAKDOWN_KEYS = column_names("breakdown", "key")
 AGGREGATE_ROWS = 1 << 19  # breakdown rows buffered before one group-by
+# Arrow scalars for the compute functions: a Python value there would import pandas (trace/arrays.py).
+FALSE = arrow_scalar(False, pa.bool_())
 
 
 class _StepTotals:
@@ -69,13 +72,13 @@ class _StepTotals:
             if column.null_count < len(column):
                 setattr(self, name, (getattr(self, name) or 0) + exact_sum(column))
         # Trailing rows (null in older traces: not trailing) are counted, but are not steps.
-        trailing = pc.fill_null(batch.column("trailing"), False)
+        trailing = pc.fill_null(batch.column("trailing"), FALSE)
         self.trailing += exact_sum(pc.filter(batch.column("hardware_flops"), trailing))
-        steps = batch.column("step").to_numpy()
+        steps = to_numpy(batch.column("step"))
         run_ids = batch.column("run_id")
-        is_step = pc.invert(trailing).to_numpy(zero_copy_only=False)
+        is_step = to_numpy(pc.invert(trailing))
         for run_id in pc.unique(run_ids).to_pylist():
-            mask = pc.equal(run_ids, run_id).to_numpy(zero_copy_only=False) & is_step
+            mask = to_numpy(pc.equal(run_ids, arrow_scalar(run_id, pa.string()))) & is_step
             self.steps_by_run.setdefault(run_id, set()).update(np.unique(steps[mask]).tolist())
         self.ranks.update(pc.unique(batch.column("rank")).to_pylist())
         self.world_size = max(self.world_size, pc.max(batch.column("world_size")).as_py())
@@ -118,7 +121,7 @@ class _KeyTotals:
             return
         table = with_limbs(pa.Table.from_batches(self.pending).select(BREAKDOWN_KEYS + ["value"]))
         self.pending, self.pending_rows = [], 0
-        grouped = table.group_by(BREAKDOWN_KEYS, use_threads=False).aggregate(LIMB_AGGREGATES)
+        grouped = group_by(table, BREAKDOWN_KEYS, LIMB_AGGREGATES)
         columns = [grouped.column(k).to_pylist() for k in BREAKDOWN_KEYS]
         for (kind, phase, category, module, op, training), value in zip(zip(*columns), grouped_sums(grouped)):
             if kind == "flops":
@@ -371,7 +374,7 @@ def step_series(traces: TraceSet) -> list[tuple[str, int, int]]:
     per_step: Counter = Counter()
     for batch in iter_batches(traces, "steps", ["run_id", "step", "training_flops"]):
         table = with_limbs(pa.Table.from_batches([batch]), "training_flops")
-        grouped = table.group_by(["run_id", "step"], use_threads=False).aggregate(LIMB_AGGREGATES)
+        grouped = group_by(table, ["run_id", "step"], LIMB_AGGREGATES)
         for run_id, step, flops in zip(grouped.column("run_id").to_pylist(), grouped.column("step").to_pylist(),
                                        grouped_sums(grouped)):
             per_step[(run_id, step)] += flops

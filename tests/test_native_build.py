@@ -142,6 +142,48 @@ def test_killed_build_then_metered_job_goes_on_within_the_wait_bound(tmp_path):
         _kill_builder(paths)
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from flopcount.capture.native_build import BuildLock
+assert BuildLock(Path(sys.argv[1])).acquire(blocking=False)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_held_by_a_live_process_bounds_the_wait_and_a_dead_holders_lock_is_stale(tmp_path):
+    """A process that holds the build lock and never builds (hung, stopped): a metered job waits
+    FLOPCOUNT_NATIVE_WAIT seconds, not forever, falls back to dispatch with one warning that names
+    the holder, and starts no second build. Once the holder is killed, its lock file (naming its
+    pid) is left behind and means nothing: the kernel released the flock."""
+    cache = tmp_path / "cache"
+    env = _env(cache)
+    paths = _paths(cache)
+    paths.lock.parent.mkdir(parents=True)
+    hold = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(paths.lock)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        assert native_build.holder(paths)["pid"] == hold.pid
+        job = _job(sys.executable, _env(cache, FLOPCOUNT_NATIVE_WAIT="1"), tmp_path)
+        assert job["backend"] == "dispatch"
+        assert job["matmul"] == MATMUL_FLOPS and job["steps"] == STEPS
+        assert job["entered_s"] < 30, job  # the 1 s bound plus start-up, never the holder's 600 s
+        assert len(job["warnings"]) == 1, job["warnings"]
+        assert f"is being built (by pid {hold.pid} since " in job["warnings"][0], job["warnings"]
+        assert "FLOPCOUNT_NATIVE_WAIT" in job["warnings"][0]
+        assert native_build.holder(paths)["pid"] == hold.pid and not paths.stale_private_dirs()  # no 2nd build
+    finally:
+        hold.kill()
+        hold.wait(timeout=30)
+    assert json.loads(paths.lock.read_text())["pid"] == hold.pid  # the dead holder's file stays...
+    assert native_build.holder(paths) is None  # ...and is stale: nobody holds the lock
+    info = subprocess.run([sys.executable, "-m", "flopcount.cli", "info", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert json.loads(info.stdout)["native_state"] == "not built", info.stdout
+
+
 def _venv_with_own_torch(where: Path) -> str:
     """A virtual environment with its own torch installation (the same version as ours, hard-linked
     files at another path: what two venvs on one machine have); other packages come from ours."""

@@ -92,3 +92,51 @@ def test_adamw_steps_repeat_their_keys_and_count_the_same():
     assert keys[2] == keys[-1]
     assert m.summary()["by_phase"] == d.summary()["by_phase"]
     assert m.summary()["by_op"]["aten.addcdiv_"] == d.summary()["by_op"]["aten.addcdiv_"]
+
+
+@torch.library.custom_op("flopcount_scalars::scaled_add", mutates_args=())
+def scaled_add(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    return x + alpha * y
+
+
+@scaled_add.register_fake
+def _(x, y, alpha):
+    return torch.empty_like(x)
+
+
+def _scaled_add_flops(x_shape, y_shape, alpha, *, out_shape):
+    return 2 * math.prod(out_shape)  # one multiply and one add per element, whatever alpha is
+
+
+def _scaled_add_steps(backend: str, steps: int):
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    keys = []
+    with flopcount.meter(backend=backend, warn=False) as m:
+        for step in range(steps):
+            scaled_add(x, y, 0.5 + step / 7)  # a new float every step, like a scheduled learning rate
+            m.step()
+            keys.append(len(getattr(m.capture, "keys", ())))
+    return m.summary(), keys
+
+
+@pytest.mark.parametrize("reads_scalars", [False, True])
+def test_a_user_formula_that_reads_no_scalars_keeps_the_native_keys_flat(reads_scalars):
+    op = torch.ops.flopcount_scalars.scaled_add.default
+    flopcount.register_formula(op, _scaled_add_flops, category="pointwise", reads_scalars=reads_scalars,
+                               override=True)
+    try:
+        assert classify(native.load(), op, REGISTRY.lookup(op)[1]) == (
+            native.load().Klass.FORMULA if reads_scalars else native.load().Klass.FORMULA_SHAPES)
+        steps = 6
+        summary, keys = _scaled_add_steps("native", steps)
+        dispatch, _ = _scaled_add_steps("dispatch", steps)
+        expected = steps * 2 * 4 * 6
+        assert summary["by_op"]["flopcount_scalars.scaled_add"] == {"flops": expected, "calls": steps}
+        assert summary["hardware_flops"] == expected
+        assert summary["by_phase"] == dispatch["by_phase"] and summary["by_op"] == dispatch["by_op"]
+        if reads_scalars:  # the safe default: every new float is a new key
+            assert keys == list(range(1, steps + 1)), keys
+        else:  # the first call is keyed before its op is classified, with its scalar; none after it
+            assert keys == [1] + [2] * (steps - 1), keys
+    finally:  # leave the registry as it was for the rest of the session: no user formula marked
+        flopcount.register_formula(op, _scaled_add_flops, category="pointwise", override=True)

@@ -19,6 +19,7 @@ packet, then the overload's and the op's name; the native backend receives the n
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -189,10 +190,13 @@ def launched_kernel(obj):
 def torch_formula(op) -> Formula | None:
     """Reuse a formula registered with torch's ``register_flop_formula`` for a non-aten op, booked
     as category ``other`` (register it with flopcount to choose the category). aten ops are not
-    looked up there: flopcount's own formulas and conventions cover them."""
-    from torch.utils.flop_counter import flop_registry
-
-    fn = flop_registry.get(op.overloadpacket)
+    looked up there: flopcount's own formulas and conventions cover them. Nothing can be registered
+    there before torch.utils.flop_counter is imported, and importing it imports Triton (a start-up
+    cost that a job without Triton should not pay): a process that has not imported it has none."""
+    flop_counter = sys.modules.get("torch.utils.flop_counter")
+    if flop_counter is None:
+        return None
+    fn = flop_counter.flop_registry.get(op.overloadpacket)
     if fn is None:
         return None
     return Formula(functools.partial(_call_torch_formula, fn), "other", needs_values=True)
@@ -206,13 +210,14 @@ def _targets(ops) -> Iterable:
     return ops if isinstance(ops, (list, tuple, set, frozenset)) else (ops,)
 
 
-def formula(ops, category: str, *, needs_values: bool = False, override: bool = False):
+def formula(ops, category: str, *, needs_values: bool = False, override: bool = False, reads_scalars: bool = True):
     """Decorator: register ``fn`` as the formula for one op or a list of ops (``override``: replace
-    an entry the op already has; without it that raises DuplicateFormula)."""
+    an entry the op already has; without it that raises DuplicateFormula; ``reads_scalars``: see
+    ``Formula.reads_scalars``)."""
 
     def register(fn):
         for op in _targets(ops):
-            REGISTRY.add(op, Formula(fn, category, needs_values), override=override)
+            REGISTRY.add(op, Formula(fn, category, needs_values, reads_scalars), override=override)
         return fn
 
     return register
@@ -224,20 +229,28 @@ def known_zero(*ops) -> None:
 
 
 def register_formula(op, fn: Callable | None = None, *, category: str = "other", needs_values: bool = False,
-                     override: bool = False):
+                     override: bool = False, reads_scalars: bool = True):
     """Public API: give a custom op, aten op or Triton kernel its formula.
 
     ``fn(*args, out_shape=..., **kwargs) -> int | list[Work]`` receives shapes in place of tensors
     (raw tensors with ``needs_values=True``). An op that already has a formula or a known-zero
     entry (flopcount's own, or one registered before) keeps it: registering another raises
     ``flopcount.errors.DuplicateFormula`` unless ``override=True`` asks to replace it.
+
+    ``reads_scalars=False`` promises that ``fn`` never reads the op's float scalar arguments
+    (a learning rate, a step size, an ``eps``): the native backend then leaves them out of the
+    op's key, so calls that differ only in such a value (a new one every step) share one key and
+    one evaluation of ``fn``, and ``fn`` receives NaN in their place. Leave it True (the default)
+    when the count depends on one; under the dispatch backend ``fn`` always gets the real values.
+    It has no effect with ``needs_values=True`` (``fn`` gets the real arguments) or for Triton kernels.
     Usable directly or as a decorator::
 
         @flopcount.register_formula(torch.ops.mylib.rms_norm.default, category="norm")
         def rms_norm_flops(x_shape, w_shape, eps, *, out_shape):
             return 4 * math.prod(x_shape)
     """
+    register = formula(op, category, needs_values=needs_values, override=override, reads_scalars=reads_scalars)
     if fn is None:
-        return formula(op, category, needs_values=needs_values, override=override)
-    formula(op, category, needs_values=needs_values, override=override)(fn)
+        return register
+    register(fn)
     return fn

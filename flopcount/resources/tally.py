@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from ..hardware import ASSUMED_UTILISATION, DEFAULT_DTYPE, cross_check, quantiles
 from .counters import NO_DEVICE, RAPL, RAPL_OTHER_RANK, UNAVAILABLE
 from .prose import TIME_SOURCE, TIME_SOURCE_WITHOUT_DEVICES, coverage_text
+from ..trace.arrays import arrow_array, arrow_scalar, group_by, to_numpy
 from ..trace.schema import STEPS_SCHEMA
 from .rows import RESOURCE_COLUMNS
 
@@ -19,6 +20,9 @@ J_PER_MWH = 3.6e9
 J_PER_KWH = 3.6e6
 SECONDS_PER_DAY = 86_400.0
 RATE_SAMPLE = 50_000  # per-step MFU: a uniform sample of at most this many step rows per device type
+# Arrow scalars for the compute functions: a Python value there would import pandas (trace/arrays.py).
+_FALSE, _ZERO_INT32 = arrow_scalar(False, pa.bool_()), arrow_scalar(0, pa.int32())
+_NULL_STRING = arrow_scalar(None, pa.string())
 _ROW_SCHEMA = pa.schema([STEPS_SCHEMA.field(c) for c in RESOURCE_COLUMNS])  # ResourceTally.add's one row
 
 
@@ -117,20 +121,20 @@ class ResourceTally:
         column = batch.column
 
         def floats(name: str):  # nulls as NaN
-            return column(name).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+            return to_numpy(column(name)).astype(np.float64, copy=False)
 
         def nulls(name: str):
-            return column(name).is_null().to_numpy(zero_copy_only=False)
+            return to_numpy(column(name).is_null())
 
         def equal(name: str, value: str):
-            return pc.fill_null(pc.equal(column(name), value), False).to_numpy(zero_copy_only=False)
+            return to_numpy(pc.fill_null(pc.equal(column(name), arrow_scalar(value, pa.string())), _FALSE))
 
         start = floats("start_time")
         duration = np.maximum(floats("end_time") - start, 0.0)
         count = np.nan_to_num(floats("device_count"))
         names = column("device_name")
         known = ~nulls("device_name") & (count > 0)
-        runs, ranks = pc.unique(column("run_id")).to_pylist(), column("rank").to_numpy(zero_copy_only=False)
+        runs, ranks = pc.unique(column("run_id")).to_pylist(), to_numpy(column("rank"))
         if len(runs) == 1 and ranks.min() == ranks.max():
             last = np.flatnonzero(known)[-1] if known.any() else None
             self._rank(runs[0], int(ranks[0]), float(start.min()), float(floats("end_time").max()),
@@ -141,7 +145,7 @@ class ResourceTally:
         self.rows += n
         self.rows_without_devices += int(n - known.sum())
         device_s = count * duration
-        trailing = pc.fill_null(column("trailing"), False).to_numpy(zero_copy_only=False)  # null: older traces
+        trailing = to_numpy(pc.fill_null(column("trailing"), _FALSE))  # null: older traces
         rate_ok = known & (duration > 0) & ~trailing  # trailing rows are no steps: no per-step rate
         rates = np.divide(floats("training_flops"), device_s, out=np.zeros(n), where=rate_ok)
         device_names = (pc.unique(names if known.all() else pc.filter(names, known)).to_pylist()
@@ -153,7 +157,7 @@ class ResourceTally:
         def sources(name: str, counts: Counter, value: str):
             """Count the batch's sources; the rows whose source is ``value`` (a mask)."""
             found = {item["values"]: item["counts"]
-                     for item in pc.value_counts(pc.fill_null(column(name), UNAVAILABLE)).to_pylist()}
+                     for item in pc.value_counts(pc.fill_null(column(name), arrow_scalar(UNAVAILABLE, pa.string()))).to_pylist()}
             counts.update(found)
             if value not in found:
                 return np.zeros(n, dtype=bool)
@@ -173,13 +177,13 @@ class ResourceTally:
     def _ranks_grouped(self, batch, duration) -> None:
         """Per-rank times of a batch that holds several ranks or runs."""
         column = batch.column
-        known = pc.and_(pc.is_valid(column("device_name")), pc.greater(pc.fill_null(column("device_count"), 0), 0))
+        known = pc.and_(pc.is_valid(column("device_name")), pc.greater(pc.fill_null(column("device_count"), _ZERO_INT32), _ZERO_INT32))
         table = pa.table({"run_id": column("run_id"), "rank": column("rank"), "start": column("start_time"),
-                          "end": column("end_time"), "duration": duration,
-                          "name": pc.if_else(known, column("device_name"), pa.scalar(None, pa.string())),
+                          "end": column("end_time"), "duration": arrow_array(duration.tolist(), pa.float64()),
+                          "name": pc.if_else(known, column("device_name"), _NULL_STRING),
                           "count": column("device_count")})
-        grouped = table.group_by(["run_id", "rank"], use_threads=False).aggregate(
-            [("start", "min"), ("end", "max"), ("duration", "sum"), ("name", "max"), ("count", "max")])
+        grouped = group_by(table, ["run_id", "rank"],
+                           [("start", "min"), ("end", "max"), ("duration", "sum"), ("name", "max"), ("count", "max")])
         for run_id, rank, first, last, active, name, count in zip(*(grouped.column(c).to_pylist() for c in (
                 "run_id", "rank", "start_min", "end_max", "duration_sum", "name_max", "count_max"))):
             self._rank(run_id, rank, first, last, active, name, count)

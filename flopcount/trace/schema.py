@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..conventions import BUILTIN_PHASES, CATEGORIES, DERIVED_OP_PREFIX  # noqa: F401 (documented above)
+from .arrays import arrow_array
 
 TRACE_SCHEMA = "flopcount.trace/1"
 TRACE_SCHEMA_MAJOR = 1
@@ -167,7 +168,7 @@ def record_batch(table: str, columns: dict, constants: dict, rows: int) -> pa.Re
     arrays = []
     for field in TABLES[table]:
         values = list(columns[field.name]) if field.name in columns else [constants[field.name]] * rows
-        arrays.append(pa.array(values, type=field.type))
+        arrays.append(arrow_array(values, field.type))  # pa.array would import pandas
     return pa.RecordBatch.from_arrays(arrays, schema=TABLES[table])
 
 
