@@ -174,6 +174,10 @@ def _online_dpo_vllm(raw, trainer, *args, **kwargs):
     return vllm.online_dpo_generate(raw, trainer, *args, **kwargs)
 
 
+def _online_dpo_vllm_server(raw, trainer, *args, **kwargs):
+    return vllm.online_dpo_generate_server(raw, trainer, *args, **kwargs)
+
+
 def _lm_head_projection(raw, tile, hidden, weight, *args, **kwargs):
     """One tile of the chunked divergence's LM head projections (``hidden @ weight[start:end].T``):
     in autograd's backward it recomputes logits the forward computed (recompute); in the forward,
@@ -195,7 +199,7 @@ def _graph_task_id() -> int:
 
 _CHOOSERS = {"train": _train, "_precompute_ref_logps": _precompute_ref_logps,
              "_get_per_token_logps_and_entropies": _per_token_logps, "VLLMGeneration.generate": _vllm_generation,
-             "_generate_vllm_server": _online_dpo_vllm, "_generate_vllm_colocate": _online_dpo_vllm}
+             "_generate_vllm_server": _online_dpo_vllm_server, "_generate_vllm_colocate": _online_dpo_vllm}
 # module -> module-level function -> its chooser (the phase depends on the arguments).
 FUNCTION_TAGS = {"trl.kernels.chunked_divergence": {"_project": _lm_head_projection}}
 TAGGED_MODULES = (*METHOD_TAGS, *FUNCTION_TAGS)
