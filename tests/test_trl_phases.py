@@ -278,13 +278,16 @@ class BackboneShapes:
         return [(b, n) for b, n, g in self.backbone if g == grad]
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.5])
 @pytest.mark.parametrize("backend", ["dispatch", "native"], indirect=True)
-def test_distillation_teacher_lm_head_is_teacher_work(tmp_path, backend):
+def test_distillation_teacher_lm_head_is_teacher_work(tmp_path, backend, beta):
     """TRL's DistillationTrainer: the student generates on-policy (generation), the teacher's
     backbone scores the sequences without grad, and TRL's chunked divergence projects both
     backbones' hidden states through their LM heads itself, outside either model's call. The
     teacher's LM head GEMM is teacher work; the backward's re-projection of both heads (the logits
-    the forward computed, recomputed to save memory) is recompute; the gradients are backward.
+    the forward computed, recomputed to save memory) is recompute, and so is the forward's second
+    pass of the JSD (0 < beta < 1: the mixture needs both normalisers first); the gradients are
+    backward.
 
     Closed forms: the layers 2*b*n*LW per backbone call (backward: twice the student's, input and
     weight gradients); the chunked LM heads at every completion position of the padded batch, N =
@@ -294,7 +297,7 @@ def test_distillation_teacher_lm_head_is_teacher_work(tmp_path, backend):
     teacher_layers = LAYERS * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 48 * 3)
     callback = FlopMeterCallback(backend=backend, warn=False)
     config = trl.DistillationConfig(max_steps=2, per_device_train_batch_size=2, max_completion_length=3,
-                                    temperature=0.9, **common(tmp_path))
+                                    temperature=0.9, beta=beta, **common(tmp_path))
     prompts = datasets.Dataset.from_dict({"prompt": ["t3 t4 t5", "t6 t7"]})
     trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=prompts,
                                       processing_class=tokenizer(), callbacks=[callback])
@@ -321,7 +324,8 @@ def test_distillation_teacher_lm_head_is_teacher_work(tmp_path, backend):
     assert cats["forward"]["matmul"] == student_layers + 2 * n * HIDDEN * VOCAB
     assert cats["teacher"]["matmul"] == (sum(2 * b * k * teacher_layers for b, k in t_calls.layers(grad=False))
                                          + 2 * n * 32 * VOCAB)
-    assert cats["recompute"]["matmul"] == 2 * n * HIDDEN * VOCAB + 2 * n * 32 * VOCAB
+    projections = 2 if 0 < beta < 1 else 1  # the backward's, and the JSD's second forward pass
+    assert cats["recompute"]["matmul"] == projections * (2 * n * HIDDEN * VOCAB + 2 * n * 32 * VOCAB)
     assert cats["backward"]["matmul"] == 2 * student_layers + 4 * n * HIDDEN * VOCAB
     split = summary["method"]["training_split"]
     assert set(split["no_grad_phases"]) >= {"generation", "teacher"}

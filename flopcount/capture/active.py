@@ -26,6 +26,9 @@ its own (Context, Counter, Capture).
 ``MODEL_PHASES``: models whose every call is one phase (a DPO reference model -> ``reference``),
   and their parameters (``weights``), filled by integrations/tags.py; weak: a model's tag dies
   with the model (``ModelPhases``).
+``PROJECTED``: hidden-state chunks that TRL's chunked divergence projected through an LM head
+  in its forward -> the vocabulary tiles done (integrations/tags.py): a tile projected again is
+  the second pass recomputing it. Keyed by identity, weak: an entry dies with its chunk.
 The hooks installed into torch and Triton stay for the process: they are no-ops while no meter
 is active. Lists are copied on write, so that hooks iterate them without a lock.
 """
@@ -225,3 +228,4 @@ class ModelPhases:
 
 
 MODEL_PHASES = ModelPhases()
+PROJECTED = WeakIdKeyDictionary()

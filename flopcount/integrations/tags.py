@@ -14,10 +14,10 @@ by every active meter:
   the teacher's LM head projection that DistillationTrainer's chunked divergence
   (``trl.kernels.chunked_divergence``) runs itself, outside the teacher's call: its
   ``_project`` is tagged by the weight it projects through (a tagged model's parameter);
-- ``recompute``: that chunked divergence's backward projects both models' hidden states again
-  (the logits its forward computed, recomputed instead of kept to save memory); its gradient
-  GEMMs stay backward. (With 0 < beta < 1 its forward projects twice, the second pass for the
-  mixture: that pass is booked like the first, student forward and teacher; a known overcount.)
+- ``recompute``: that chunked divergence projects both models' hidden states again where it
+  needs logits it computed before (recomputed instead of kept, to save memory): its backward,
+  and with 0 < beta < 1 its forward's second pass (the mixture's); its gradient GEMMs stay
+  backward;
 - ``reward``: reward functions and reward models scoring rollouts;
 - ``generation``, derived: rollouts that vLLM generates (``use_vllm=True``, server or colocated),
   booked from their token counts by integrations/vllm.py (``VLLMGeneration.generate``, online
@@ -40,7 +40,7 @@ import functools
 import importlib
 import sys
 
-from ..capture.active import MODEL_PHASES, active_contexts
+from ..capture.active import MODEL_PHASES, PROJECTED, active_contexts
 from ..conventions import EVAL, GENERATION, RECOMPUTE, REFERENCE, REWARD, TEACHER
 from . import vllm
 
@@ -178,17 +178,29 @@ def _online_dpo_vllm_server(raw, trainer, *args, **kwargs):
     return vllm.online_dpo_generate_server(raw, trainer, *args, **kwargs)
 
 
-def _lm_head_projection(raw, tile, hidden, weight, *args, **kwargs):
-    """One tile of the chunked divergence's LM head projections (``hidden @ weight[start:end].T``):
-    in autograd's backward it recomputes logits the forward computed (recompute); in the forward,
-    through a tagged model's weight (the teacher's), it is that model's work; else the student's."""
+def _lm_head_projection(raw, tile, hidden, weight, bias, start, *args, **kwargs):
+    """One tile of the chunked divergence's LM head projections (``hidden @ weight[start:].T``):
+    in autograd's backward, or a tile of the same hidden chunk projected again in the forward (the
+    JSD's second pass), it recomputes logits computed before (recompute); else, through a tagged
+    model's weight (the teacher's), it is that model's work; else the student's."""
     if not active_contexts():
-        return raw(tile, hidden, weight, *args, **kwargs)
-    phase = RECOMPUTE if _graph_task_id() != -1 else MODEL_PHASES.weights.get(weight)
+        return raw(tile, hidden, weight, bias, start, *args, **kwargs)
+    recomputed = _graph_task_id() != -1 or _projected_before(hidden, start)
+    phase = RECOMPUTE if recomputed else MODEL_PHASES.weights.get(weight)
     if phase is None:
-        return raw(tile, hidden, weight, *args, **kwargs)
+        return raw(tile, hidden, weight, bias, start, *args, **kwargs)
     with tag(phase):
-        return raw(tile, hidden, weight, *args, **kwargs)
+        return raw(tile, hidden, weight, bias, start, *args, **kwargs)
+
+
+def _projected_before(hidden, start) -> bool:
+    """Whether this forward projected the tile at ``start`` of this hidden chunk already (each
+    pass of TRL's forward projects one chunk of rows, kept as one tensor, at every tile)."""
+    done = PROJECTED.setdefault(hidden, set())
+    if start in done:
+        return True
+    done.add(start)
+    return False
 
 
 def _graph_task_id() -> int:
