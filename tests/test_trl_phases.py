@@ -1,6 +1,7 @@
 """No-grad training work with real TRL trainers on CPU: DPO's reference, GRPO's and RLOO's rollouts
-and GKD's teacher and on-policy generation are training compute, in their own phases; evaluate()
-is eval.
+and GKD's and DistillationTrainer's teacher and on-policy generation are training compute, in their
+own phases (the DistillationTrainer's teacher LM head too, projected by TRL's chunked divergence
+outside the teacher's call); evaluate() is eval.
 
 Closed forms (tiny Llama: hidden 64, 4 heads of 16, 2 KV heads, MLP 96, vocab 128, 2 layers): a
 forward of B sequences of L positions multiplies each position once by every Linear of the
@@ -250,3 +251,83 @@ def test_online_dpo_rollouts_and_reference_are_training(tmp_path):
     policy, reference = Shapes(trainer.model), Shapes(trainer.ref_model)
     trainer.train()
     assert_rollouts_and_reference(callback.summary(), trainer, policy, reference, min_rollouts=2)
+
+
+class BackboneShapes:
+    """Records (batch, length, grad enabled) of every call of a causal LM's backbone (TRL's
+    DistillationTrainer runs the backbone alone and projects its hidden states itself) and the
+    positions its own LM head projected in calls of the whole model (generate)."""
+
+    def __init__(self, model) -> None:
+        self.backbone: list[tuple[int, int, bool]] = []
+        self.head_positions = 0
+        model.base_model.register_forward_pre_hook(self._backbone, with_kwargs=True)
+        model.register_forward_pre_hook(self._model, with_kwargs=True)
+
+    def _backbone(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.backbone.append((int(ids.shape[0]), int(ids.shape[1]), torch.is_grad_enabled()))
+
+    def _model(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):  # a call of the whole model (not TRL's forward redirection)
+            b, n, keep = int(ids.shape[0]), int(ids.shape[1]), kwargs.get("logits_to_keep") or 0
+            self.head_positions += b * (min(keep, n) if keep else n)
+
+    def layers(self, grad: bool) -> list[tuple[int, int]]:
+        return [(b, n) for b, n, g in self.backbone if g == grad]
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+@pytest.mark.parametrize("backend", ["dispatch", "native"], indirect=True)
+def test_distillation_teacher_lm_head_is_teacher_work(tmp_path, backend, beta):
+    """TRL's DistillationTrainer: the student generates on-policy (generation), the teacher's
+    backbone scores the sequences without grad, and TRL's chunked divergence projects both
+    backbones' hidden states through their LM heads itself, outside either model's call. The
+    teacher's LM head GEMM is teacher work; the backward's re-projection of both heads (the logits
+    the forward computed, recomputed to save memory) is recompute, and so is the forward's second
+    pass of the JSD (0 < beta < 1: the mixture needs both normalisers first); the gradients are
+    backward.
+
+    Closed forms: the layers 2*b*n*LW per backbone call (backward: twice the student's, input and
+    weight gradients); the chunked LM heads at every completion position of the padded batch, N =
+    B*K rows (on CPU TRL projects masked rows too), 2*N*H*V per head, the student's gradients
+    4*N*64*V (hidden states and weight)."""
+    student, teacher = tiny_llama(), tiny_llama(hidden_size=32, intermediate_size=48)  # a smaller teacher
+    teacher_layers = LAYERS * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 48 * 3)
+    callback = FlopMeterCallback(backend=backend, warn=False)
+    config = trl.DistillationConfig(max_steps=2, per_device_train_batch_size=2, max_completion_length=3,
+                                    temperature=0.9, beta=beta, **common(tmp_path))
+    prompts = datasets.Dataset.from_dict({"prompt": ["t3 t4 t5", "t6 t7"]})
+    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=prompts,
+                                      processing_class=tokenizer(), callbacks=[callback])
+    s_calls, t_calls = BackboneShapes(trainer.model), BackboneShapes(trainer.teacher_model)
+    rows = []  # N = B*K of each loss: the completion positions the chunked divergence projected
+    compute_loss = trainer._compute_loss
+
+    def recording(student_model, inputs, num_items_in_batch):
+        rows.append(int(inputs["completion_ids"].numel()))
+        return compute_loss(student_model, inputs, num_items_in_batch)
+    trainer._compute_loss = recording
+    trainer.train()
+    summary = callback.summary()
+    assert summary["steps"] == trainer.state.global_step == 2
+    cats = summary["by_phase_category"]
+    n = sum(rows)
+    assert len(rows) == 2 and n > 0
+    generated = s_calls.layers(grad=False)
+    assert len(generated) >= 2 and {length for _, length in generated[1:]} >= {1}  # prefill, then decoding
+    assert cats["generation"]["matmul"] == (sum(2 * b * k * LW for b, k in generated)
+                                            + 2 * s_calls.head_positions * HEAD)
+    student_layers = sum(2 * b * k * LW for b, k in s_calls.layers(grad=True))
+    assert len(s_calls.layers(grad=True)) == 2 and not t_calls.layers(grad=True)
+    assert cats["forward"]["matmul"] == student_layers + 2 * n * HIDDEN * VOCAB
+    assert cats["teacher"]["matmul"] == (sum(2 * b * k * teacher_layers for b, k in t_calls.layers(grad=False))
+                                         + 2 * n * 32 * VOCAB)
+    projections = 2 if 0 < beta < 1 else 1  # the backward's, and the JSD's second forward pass
+    assert cats["recompute"]["matmul"] == projections * (2 * n * HIDDEN * VOCAB + 2 * n * 32 * VOCAB)
+    assert cats["backward"]["matmul"] == 2 * student_layers + 4 * n * HIDDEN * VOCAB
+    split = summary["method"]["training_split"]
+    assert set(split["no_grad_phases"]) >= {"generation", "teacher"}
+    assert summary["training_flops"] == split["gradient_work"] + split["no_grad_training_work"]
+    assert "recompute" not in summary["method"]["phases_included"] and "eval" not in summary["by_phase"]

@@ -4,11 +4,14 @@ are derived from the token counts that come back through TRL's client interface.
 vLLM cannot run here. A real GRPOTrainer drives TRL's real ``VLLMGeneration`` (weight sync,
 sampling parameters, the client call, slicing, logprobs); only the server connection is replaced
 by a stand-in client with ``VLLMClient``'s methods and signatures, which answers with recorded
-completions of chosen lengths. Closed form per completion of C tokens after a prompt of P: a
+completions of chosen lengths. Online DPO's server path (its own ``_generate_vllm_server``) is
+driven the same way on a real OnlineDPOTrainer. Closed form per completion of C tokens after a prompt of P: a
 causal forward over N = P + C - 1 positions keeping C logits: matmul 2*(N*LW + C*HEAD),
 attention 2 * N(N+1)/2 pairs * (16 + 16) per head * 4 heads * 2 layers.
 """
 from __future__ import annotations
+
+import contextlib
 
 import pyarrow.parquet as pq
 import pytest
@@ -159,3 +162,63 @@ def test_grpo_vllm_rollouts_without_token_counts_are_uncounted(tmp_path, monkeyp
     assert summary["uncounted_ops"] == {"vllm.generate": 2}  # one per generation call, never a silent zero
     assert "vllm.generate" in summary["method"]["uncertainty"]
     assert "derived.vllm.generate" not in summary["by_op"]
+
+
+class StandInTextServer(StandInClient):
+    """``VLLMClient`` as online DPO's server mode uses it: text prompts, which the server tokenizes
+    itself (each prompt alone, no padding: what its engine runs), and one grouped weight update."""
+
+    def __init__(self, lengths, tok) -> None:
+        super().__init__(lengths)
+        self.tok = tok
+
+    @contextlib.contextmanager
+    def weight_update(self):
+        yield
+
+    def update_named_param(self, name, weights):
+        self.weights_received += 1
+
+    def generate(self, prompts, **kwargs):
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return super().generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["dispatch", "native"], indirect=True)
+def test_online_dpo_vllm_server_rollouts_count_no_pad_tokens(tmp_path, backend):
+    """Online DPO's ``_generate_vllm_server`` (TRL's real method, a real trainer; only the server
+    is a stand-in) re-tokenises the prompts locally with left padding for the ids it returns. The
+    server ran each prompt unpadded: the derived rollouts count its real tokens, never the pads."""
+    from types import SimpleNamespace
+
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from flopcount.integrations import tags
+
+    tags.install()
+    tok = tokenizer()
+    prompts = ["t3 t4 t5 t6 t7", "t8", "t9 t3"]  # 5, 1 and 2 tokens: 0, 4 and 3 pads on the left
+    config = OnlineDPOConfig(max_steps=1, per_device_train_batch_size=3, max_new_tokens=3, **common(tmp_path))
+    trainer = OnlineDPOTrainer(model=tiny_llama(), ref_model=tiny_llama(), reward_funcs=[completion_reward],
+                               args=config, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+                               processing_class=tok)
+    client = StandInTextServer([3, 1, 2, 3, 1, 2], tok)
+    # What use_vllm=True, vllm_mode="server" sets up (vLLM cannot be installed here): the client,
+    # and the sampling parameters' max_tokens (vLLM's SamplingParams).
+    trainer.vllm_mode, trainer.vllm_client = "server", client
+    trainer.generation_config = SimpleNamespace(max_tokens=3)
+    with flopcount.meter(backend=backend, warn=False) as m:
+        completion_ids, prompt_ids = trainer._generate_vllm_server(prompts)
+    # TRL returns the prompts padded on the left to the longest (5 tokens), two copies each.
+    assert [len(p) for p in prompt_ids] == [5] * 6 and prompt_ids[1][:4] == [tok.pad_token_id] * 4
+    # The closed form's prompt lengths are the non-pad tokens of that batch (its attention mask).
+    padded = tok(prompts, padding=True, padding_side="left", add_special_tokens=False)
+    real = [sum(mask) for mask in padded["attention_mask"]]
+    assert real == [5, 1, 2] and client.weights_received > 0
+    assert client.asked == [(real, 2, [3, 1, 2, 3, 1, 2])]
+    matmul, attention, completions = closed_form(client.asked)
+    summary = m.summary()
+    cats = summary["by_phase_category"]["generation"]
+    assert (cats["matmul"], cats["attention"]) == (matmul, attention)
+    assert summary["by_op"]["derived.vllm.generate"]["calls"] == completions == len(completion_ids) == 6
+    assert not summary["uncounted_ops"]

@@ -24,7 +24,11 @@ its own (Context, Counter, Capture).
   never removed (Dynamo guards on them); a Context subscribes while its meter is active
   (``Context.install`` / ``remove``), so do the integrations' module watches.
 ``MODEL_PHASES``: models whose every call is one phase (a DPO reference model -> ``reference``),
-  filled by integrations/tags.py; weak: a model's tag dies with the model (``ModelPhases``).
+  and their parameters (``weights``), filled by integrations/tags.py; weak: a model's tag dies
+  with the model (``ModelPhases``).
+``PROJECTED``: hidden-state chunks that TRL's chunked divergence projected through an LM head
+  in its forward -> the vocabulary tiles done (integrations/tags.py): a tile projected again is
+  the second pass recomputing it. Keyed by identity, weak: an entry dies with its chunk.
 The hooks installed into torch and Triton stay for the process: they are no-ops while no meter
 is active. Lists are copied on write, so that hooks iterate them without a lock.
 """
@@ -36,6 +40,7 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 class Hooks:
@@ -192,10 +197,15 @@ class ModelPhases:
     distillation teacher -> "teacher" (integrations/tags.py fills it; weak: a model's tag dies
     with it). Each of their submodules is listed, so a call of the backbone alone is tagged too.
     ``version`` counts the changes: the module hooks keep each module's tag with the version
-    they read it at (capture/context.py), instead of looking it up on every call."""
+    they read it at (capture/context.py), instead of looking it up on every call.
+
+    ``weights``: the same models' parameters -> phase, for code that uses a weight outside any
+    call of its model (TRL's chunked distillation loss projects through the teacher's LM head
+    weight itself). Keyed by identity (a tensor's ``==`` is elementwise), weak like the models."""
 
     def __init__(self) -> None:
         self.phases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.weights = WeakIdKeyDictionary()
         self.version = 0
 
     def get(self, module, default=None):
@@ -218,3 +228,4 @@ class ModelPhases:
 
 
 MODEL_PHASES = ModelPhases()
+PROJECTED = WeakIdKeyDictionary()

@@ -4,7 +4,9 @@ Phase rules (docs/conventions.md, "Phases"):
   1. inside ``optimizer.step()`` (global optimizer step hooks)           -> optimizer
   2. inside autograd's backward (graph task active), grad mode enabled     -> recompute
      (activation checkpointing re-runs forward code under enable_grad during backward,
-     reentrant and non-reentrant alike); grad mode disabled                -> backward
+     reentrant and non-reentrant alike), or an integration's ``recompute`` tag (a custom
+     backward re-running forward work under no_grad, integrations/tags.py) -> recompute;
+     grad mode disabled                                                    -> backward
   3. inside ``Meter.phase(name)``                                          -> that user phase
   4. grad enabled when the outermost module call or autograd.Function.apply began (or, outside
      both, grad enabled now)                                               -> forward, else
@@ -107,11 +109,13 @@ def resolve_phase(optimizer: bool, in_backward: bool, grad_enabled: bool, user_p
                   outer_grad: bool) -> str:
     """The phase rules above as one pure function, shared by the dispatch and native backends.
 
-    ``outer_grad``: grad mode when the outermost module call or Function.apply began."""
+    ``outer_grad``: grad mode when the outermost module call or Function.apply began. A user
+    phase never re-tags backward work, except ``recompute``: only integrations open it (a custom
+    backward that recomputes forward values under no_grad, Meter.phase refuses the name)."""
     if optimizer:
         return OPTIMIZER
     if in_backward:
-        return RECOMPUTE if grad_enabled else BACKWARD
+        return RECOMPUTE if grad_enabled or user_phase == RECOMPUTE else BACKWARD
     if user_phase:
         return user_phase
     return FORWARD if grad_enabled or outer_grad else PROVISIONAL_NO_GRAD

@@ -10,7 +10,14 @@ by every active meter:
 - ``reference``: reference models (DPO, GRPO, RLOO, online DPO; also PEFT's adapter-disabled
   reference, ``use_adapter``) and DPO's ``compute_ref_log_probs``, including the
   ``precompute_ref_log_probs`` pass over the training set that runs before training;
-- ``teacher``: the teacher model of the distillation trainers (GKD, DistillationTrainer);
+- ``teacher``: the teacher model of the distillation trainers (GKD, DistillationTrainer), and
+  the teacher's LM head projection that DistillationTrainer's chunked divergence
+  (``trl.kernels.chunked_divergence``) runs itself, outside the teacher's call: its
+  ``_project`` is tagged by the weight it projects through (a tagged model's parameter);
+- ``recompute``: that chunked divergence projects both models' hidden states again where it
+  needs logits it computed before (recomputed instead of kept, to save memory): its backward,
+  and with 0 < beta < 1 its forward's second pass (the mixture's); its gradient GEMMs stay
+  backward;
 - ``reward``: reward functions and reward models scoring rollouts;
 - ``generation``, derived: rollouts that vLLM generates (``use_vllm=True``, server or colocated),
   booked from their token counts by integrations/vllm.py (``VLLMGeneration.generate``, online
@@ -18,12 +25,13 @@ by every active meter:
 - ``eval``: ``Trainer.evaluate`` and ``Trainer.predict`` (and DPO's reference pass over an
   evaluation set): held-out evaluation, which always wins over the tags inside it.
 
-A tag opens only where no phase is open yet, so the outermost decides and an explicit
-``Meter.phase`` / ``Meter.evaluating()`` wins. Models are tagged when ``Trainer.train`` starts (or
-the DPO reference pass runs): their attributes ``ref_model``, ``teacher_model``, ``reward_model``
-and the ``nn.Module`` entries of ``reward_funcs``. ``install()`` patches the classes once per
-process (the HF callback and ``flopcount run`` call it); the wrappers do nothing while no meter
-is active.
+A tag opens only where no phase is open yet (``recompute``, like ``eval``, always opens), so the
+outermost decides and an explicit ``Meter.phase`` / ``Meter.evaluating()`` wins. Models are
+tagged when ``Trainer.train`` starts (or the DPO reference pass runs): their attributes
+``ref_model``, ``teacher_model``, ``reward_model`` and the ``nn.Module`` entries of
+``reward_funcs``, with their parameters (``MODEL_PHASES.weights``). ``install()`` patches the
+classes and functions once per process (the HF callback and ``flopcount run`` call it); the
+wrappers do nothing while no meter is active.
 """
 from __future__ import annotations
 
@@ -32,8 +40,8 @@ import functools
 import importlib
 import sys
 
-from ..capture.active import MODEL_PHASES, active_contexts
-from ..conventions import EVAL, GENERATION, REFERENCE, REWARD, TEACHER
+from ..capture.active import MODEL_PHASES, PROJECTED, active_contexts
+from ..conventions import EVAL, GENERATION, RECOMPUTE, REFERENCE, REWARD, TEACHER
 from . import vllm
 
 # module -> class -> method -> phase. A phase of None: the method tags by its arguments (below).
@@ -60,11 +68,12 @@ _WRAPPED = "__flopcount_tag__"
 
 @contextlib.contextmanager
 def tag(phase: str):
-    """Open ``phase`` in every active meter (evaluation: always; other tags: where none is open)."""
+    """Open ``phase`` in every active meter (evaluation and recompute: always; other tags: where
+    none is open)."""
     opened = []
     for context in active_contexts():
-        if phase == EVAL:
-            context.push_user_phase(EVAL)
+        if phase in (EVAL, RECOMPUTE):
+            context.push_user_phase(phase)
             opened.append(context)
         elif context.push_tag(phase):
             opened.append(context)
@@ -77,7 +86,7 @@ def tag(phase: str):
 
 def tag_models(trainer) -> None:
     """Tag the trainer's reference, teacher and reward models (each submodule: a call of the
-    backbone alone is tagged too)."""
+    backbone alone is tagged too; each parameter: a weight used outside the model's calls)."""
     import torch
 
     models = [(getattr(trainer, attr, None), phase) for attr, phase in MODEL_ATTRIBUTES.items()]
@@ -86,6 +95,8 @@ def tag_models(trainer) -> None:
         if isinstance(model, torch.nn.Module) and model is not getattr(trainer, "model", None):
             for module in model.modules():
                 MODEL_PHASES.setdefault(module, phase)
+            for weight in model.parameters():
+                MODEL_PHASES.weights.setdefault(weight, phase)
 
 
 def _wrap(cls, name: str, phase: str | None) -> None:
@@ -163,9 +174,47 @@ def _online_dpo_vllm(raw, trainer, *args, **kwargs):
     return vllm.online_dpo_generate(raw, trainer, *args, **kwargs)
 
 
+def _online_dpo_vllm_server(raw, trainer, *args, **kwargs):
+    return vllm.online_dpo_generate_server(raw, trainer, *args, **kwargs)
+
+
+def _lm_head_projection(raw, tile, hidden, weight, bias, start, *args, **kwargs):
+    """One tile of the chunked divergence's LM head projections (``hidden @ weight[start:].T``):
+    in autograd's backward, or a tile of the same hidden chunk projected again in the forward (the
+    JSD's second pass), it recomputes logits computed before (recompute); else, through a tagged
+    model's weight (the teacher's), it is that model's work; else the student's."""
+    if not active_contexts():
+        return raw(tile, hidden, weight, bias, start, *args, **kwargs)
+    recomputed = _graph_task_id() != -1 or _projected_before(hidden, start)
+    phase = RECOMPUTE if recomputed else MODEL_PHASES.weights.get(weight)
+    if phase is None:
+        return raw(tile, hidden, weight, bias, start, *args, **kwargs)
+    with tag(phase):
+        return raw(tile, hidden, weight, bias, start, *args, **kwargs)
+
+
+def _projected_before(hidden, start) -> bool:
+    """Whether this forward projected the tile at ``start`` of this hidden chunk already (each
+    pass of TRL's forward projects one chunk of rows, kept as one tensor, at every tile)."""
+    done = PROJECTED.setdefault(hidden, set())
+    if start in done:
+        return True
+    done.add(start)
+    return False
+
+
+def _graph_task_id() -> int:
+    import torch
+
+    return torch._C._current_graph_task_id()
+
+
 _CHOOSERS = {"train": _train, "_precompute_ref_logps": _precompute_ref_logps,
              "_get_per_token_logps_and_entropies": _per_token_logps, "VLLMGeneration.generate": _vllm_generation,
-             "_generate_vllm_server": _online_dpo_vllm, "_generate_vllm_colocate": _online_dpo_vllm}
+             "_generate_vllm_server": _online_dpo_vllm_server, "_generate_vllm_colocate": _online_dpo_vllm}
+# module -> module-level function -> its chooser (the phase depends on the arguments).
+FUNCTION_TAGS = {"trl.kernels.chunked_divergence": {"_project": _lm_head_projection}}
+TAGGED_MODULES = (*METHOD_TAGS, *FUNCTION_TAGS)
 
 
 def _meter_callback_start(trainer) -> None:
@@ -201,8 +250,23 @@ def patch_module(module_name: str) -> None:
         if cls is not None:
             for name, phase in methods.items():
                 _wrap(cls, name, phase)
+    for name, chooser in FUNCTION_TAGS.get(module_name, {}).items():
+        _wrap_function(module, name, chooser)
     if module_name in ADAPTER_MODULES:
         _wrap_adapter(module)
+
+
+def _wrap_function(module, name: str, chooser) -> None:
+    """Wrap a module-level function (its module's own code calls it through the module's globals)."""
+    raw = getattr(module, name, None)
+    if raw is None or getattr(raw, _WRAPPED, False):
+        return
+
+    @functools.wraps(raw)
+    def function(*args, **kwargs):
+        return chooser(raw, *args, **kwargs)
+    setattr(function, _WRAPPED, True)
+    setattr(module, name, function)
 
 
 class _AfterImport:
@@ -210,7 +274,7 @@ class _AfterImport:
     trainers lazily)."""
 
     def find_spec(self, name, path=None, target=None):
-        if name not in METHOD_TAGS or name in sys.modules:
+        if name not in TAGGED_MODULES or name in sys.modules:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -244,7 +308,7 @@ def install() -> None:
     """Patch the tagged modules already imported and those imported later (once per process)."""
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
-    for module_name in METHOD_TAGS:
+    for module_name in TAGGED_MODULES:
         if module_name in sys.modules:
             patch_module(module_name)
 

@@ -3,8 +3,10 @@
 vLLM runs its own kernels, in a server process or through a colocated ``vllm.LLM``: no capture
 path sees them. TRL hands every rollout back as token ids, through ``VLLMGeneration.generate``
 (GRPO, RLOO, distillation: server and colocate mode alike) or online DPO's
-``_generate_vllm_server`` / ``_generate_vllm_colocate``. From the prompt and completion lengths
-flopcount derives what the engine computed (docs/conventions.md, "Rollouts outside PyTorch"):
+``_generate_vllm_server`` / ``_generate_vllm_colocate`` (the server's prompt ids are TRL's local,
+left-padded re-tokenisation: their pad tokens are dropped, the engine never ran them). From the
+prompt and completion lengths flopcount derives what the engine computed (docs/conventions.md,
+"Rollouts outside PyTorch"):
 
 - a completion of C tokens after a prompt of P tokens is the policy's forward at every position
   it processed, P prompt positions and the C - 1 generated tokens fed back, each attending to its
@@ -215,10 +217,41 @@ def vllm_generation_generate(raw, generation, *args, **kwargs):
 
 
 def online_dpo_generate(raw, trainer, *args, **kwargs):
-    """Online DPO's ``_generate_vllm_server`` / ``_generate_vllm_colocate`` -> (completion_ids, prompt_ids)."""
+    """Online DPO's ``_generate_vllm_colocate`` -> (completion_ids, prompt_ids): the engine's own
+    prompt token ids."""
     out = raw(trainer, *args, **kwargs)
     _safely(lambda: book_rollouts(trainer.model, out[1], out[0]))
     return out
+
+
+def online_dpo_generate_server(raw, trainer, *args, **kwargs):
+    """Online DPO's ``_generate_vllm_server`` -> (completion_ids, prompt_ids): the server got the
+    prompts as text and ran each alone, but TRL re-tokenises them locally as one left-padded batch
+    for the ids it returns. The engine's prompt lengths are those ids without their left padding."""
+    out = raw(trainer, *args, **kwargs)
+    _safely(lambda: book_rollouts(trainer.model, without_left_padding(out[1], _pad_token_id(trainer)), out[0]))
+    return out
+
+
+def without_left_padding(prompt_ids, pad_id):
+    """Each prompt's ids without the leading pad tokens (pad_id None: as they are). A prompt whose
+    own text began with the pad token would lose those tokens too; chat templates and plain
+    prompts start with text or a BOS token, not the pad token."""
+    if pad_id is None or prompt_ids is None:
+        return prompt_ids
+    out = []
+    for ids in prompt_ids:
+        ids = list(ids)
+        start = next((i for i, token in enumerate(ids) if token != pad_id), len(ids))
+        out.append(ids[start:])
+    return out
+
+
+def _pad_token_id(trainer):
+    """The pad id TRL padded with: its tokenizer's (a processor's tokenizer for multimodal models)."""
+    tokenizer = getattr(trainer, "_tokenizer", None) or getattr(trainer, "processing_class", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    return getattr(tokenizer, "pad_token_id", None)
 
 
 def _safely(book) -> None:
