@@ -285,12 +285,13 @@ class Meter:
         if self.writer is not None:
             self.writer.write(batches)
         self.last_step = record
-        self.step_index += 1
+        if not trailing:  # a trailing record is no step: the next step takes its number (ranks stay aligned)
+            self.step_index += 1
         self._optimizer_steps_closed = self.context.optimizer_steps
         self._step_start = record.end_time
         self.context.reset_backward()
-        if self.sync_every is not None and self.step_index % self.sync_every == 0:
-            self.global_totals()
+        if self.sync_every is not None and not trailing and self.step_index % self.sync_every == 0:
+            self.global_totals()  # a collective: at the same steps on every rank, whatever trailing work each has
         if self.strict and record.dark_modules:
             names = ", ".join(f"{name} ({cls})" for name, cls in record.dark_modules.items())
             raise UncountedOpError(f"flopcount: module(s) whose forward booked no FLOPs: {names}; their work "
