@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 import warnings
@@ -24,6 +25,7 @@ from .config import BACKENDS, MeterConfig, init_signature  # noqa: F401  (BACKEN
 from .conventions import BACKWARD, BUILTIN_PHASES, EVAL, NO_GRAD_TRAINING_PHASES, PROVISIONAL_NO_GRAD, TRAINING_PHASES
 from .distributed import rank_and_world_size
 from .errors import BadInput
+from .integrations import dataloader as dataloader_workers
 from .resources import device_columns, open_energy_meter
 from .summary import LiveTotals, summarize_batches
 from .trace.writer import TraceWriter, WriterIdentity
@@ -91,6 +93,7 @@ class Meter:
         self.rank, self.world_size = 0, 1
         self.writer = None
         self._active = False
+        self._entered_in: int | None = None  # the pid of the process that entered the meter
         self._explicit_steps = not config.auto_steps  # auto_steps=False: only step() closes steps
         self._caller_counts_steps = not config.auto_steps  # a framework callback: each step() is a trainer step
         self._optimizer_steps_closed = 0  # optimizer steps seen when the last step closed
@@ -120,9 +123,11 @@ class Meter:
         from .integrations.kernels import watch_api_kernels
 
         self.context.handles += watch_api_kernels(self.counter)  # libraries counted at their Python API
+        dataloader_workers.install()  # before a DataLoader iterated under this meter starts its workers
         self.capture.__enter__()
         compiled_regions.attach(self)  # torch.compile regions, Triton launches, CUDA graph replays
         self._active = True
+        self._entered_in = os.getpid()  # a forked child holds a copy of the meter (stop_in_worker)
         self._step_start = time.time()
         self.energy.start(self._step_start)  # baseline of the cumulative counters
         return self
@@ -147,6 +152,24 @@ class Meter:
         if dark is not None and exc_type is None:
             raise dark
         return False
+
+    def stop_in_worker(self) -> None:
+        """This process became a DataLoader worker (integrations/dataloader.py): stop seeing its
+        ops and book none of them (data preparation is not the model's training compute). A meter
+        this process inherited by fork leaves the trace to the process that entered it: its
+        writer (that process's files and lease) is not touched here. One entered in this process
+        (``flopcount run`` meters each spawned Python process from its start) closes its writer,
+        if it has one: a worker never steps, so it writes nothing."""
+        if not self._active:
+            return
+        self._active = False
+        compiled_regions.detach(self)
+        try:
+            self.capture.discard()
+        finally:
+            self.context.remove()
+        if self.writer is not None and self._entered_in == os.getpid():
+            self.writer.close(self.summary())
 
     def _make_capture(self):
         from .capture.dispatch import DispatchCapture
@@ -262,12 +285,13 @@ class Meter:
         if self.writer is not None:
             self.writer.write(batches)
         self.last_step = record
-        self.step_index += 1
+        if not trailing:  # a trailing record is no step: the next step takes its number (ranks stay aligned)
+            self.step_index += 1
         self._optimizer_steps_closed = self.context.optimizer_steps
         self._step_start = record.end_time
         self.context.reset_backward()
-        if self.sync_every is not None and self.step_index % self.sync_every == 0:
-            self.global_totals()
+        if self.sync_every is not None and not trailing and self.step_index % self.sync_every == 0:
+            self.global_totals()  # a collective: at the same steps on every rank, whatever trailing work each has
         if self.strict and record.dark_modules:
             names = ", ".join(f"{name} ({cls})" for name, cls in record.dark_modules.items())
             raise UncountedOpError(f"flopcount: module(s) whose forward booked no FLOPs: {names}; their work "

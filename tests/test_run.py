@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -114,12 +115,65 @@ def test_run_torchrun_budget_stops_every_rank_at_the_same_step(tmp_path):
 
 
 def test_run_meters_ranks_started_by_multiprocessing_spawn(tmp_path):
-    """mp.spawn's ranks are metered like torchrun's; their spawn-started DataLoader workers (and the
-    parent, which only spawns) never step, so they write nothing: exactly two ranks' steps."""
+    """mp.spawn's ranks are metered like torchrun's; their spawn-started DataLoader workers are not
+    metered and the parent, which only spawns, never steps: exactly two ranks' steps."""
     result = run_metered(tmp_path / "run", [sys.executable, "train_spawn.py"], OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = assert_per_rank_matmuls(tmp_path / "run", ranks=2)
     assert summary["by_phase"].get("eval", 0) == 0
+
+
+WORKER_CONTEXTS = ["spawn", "forkserver", "fork"]
+
+
+@pytest.mark.parametrize("context", WORKER_CONTEXTS)
+def test_run_strict_leaves_dataloader_workers_unmetered(tmp_path, context, backend):
+    """DataLoader workers prepare data (collate, transforms), not the model's training compute:
+    they are not metered (docs/conventions.md, "Data loading"). Their collate runs aten.median,
+    which has no formula: metered under --strict, it raised in the worker and ended the training.
+    The training process is metered as ever: exactly the closed form, no uncounted op."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "flopcount.cli", "run", "--strict", "--backend", backend, "--out", str(out),
+               "--", sys.executable, "train_loader.py"]
+    environ = {**os.environ, "STEPS": str(STEPS), "CONTEXT": context, "WORKERS": "2", "OMP_NUM_THREADS": "1"}
+    environ.pop("FLOPCOUNT_RUN", None)
+    result = subprocess.run(command, env=environ, cwd=SCRIPTS, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "UncountedOpError" not in result.stderr and ": verified; digest" in result.stdout
+    summary = assert_per_rank_matmuls(out, ranks=1)
+    assert summary["uncounted_ops"] == {} and not any("median" in op for op in summary["by_op"])
+    assert sorted(os.listdir(out / "manifest")) == ["r00000.jsonl"]  # one writer: the training process
+    assert subprocess.run([sys.executable, "-m", "flopcount.cli", "verify", str(out)],
+                          capture_output=True, timeout=120).returncode == 0
+
+
+FORKED_WORKERS_UNDER_A_METER = textwrap.dedent("""
+    import sys
+    import flopcount, train_loader
+    if __name__ == "__main__":
+        with flopcount.meter(out=sys.argv[1], strict=True, backend=sys.argv[2], flush_every=1):
+            train_loader.main()
+""")
+
+
+@pytest.mark.parametrize("context", WORKER_CONTEXTS)
+def test_a_strict_meter_leaves_its_dataloader_workers_unmetered(tmp_path, context, backend):
+    """Without `flopcount run`: a fork-started worker inherits a copy of the meter, whose strict
+    mode raised in the worker; and its copy of the trace writer (flush_every=1) must never write
+    the parent's files."""
+    script = tmp_path / "metered.py"
+    script.write_text(FORKED_WORKERS_UNDER_A_METER)
+    out = tmp_path / "run"
+    environ = {**os.environ, "STEPS": str(STEPS), "CONTEXT": context, "WORKERS": "2", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    environ.pop("FLOPCOUNT_RUN", None)
+    result = subprocess.run([sys.executable, str(script), str(out), backend], env=environ, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = assert_per_rank_matmuls(out, ranks=1)
+    assert summary["uncounted_ops"] == {}
+    assert subprocess.run([sys.executable, "-m", "flopcount.cli", "verify", str(out)],
+                          capture_output=True, timeout=120).returncode == 0
 
 
 def test_run_accelerate_launch_two_processes(tmp_path):

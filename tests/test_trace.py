@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import flopcount
 from flopcount.conventions import BUILTIN_PHASES, CATEGORIES
@@ -19,7 +20,7 @@ from flopcount.trace import manifest as mf
 from flopcount.trace.reader import open_traces
 from flopcount.trace.schema import STEPS_SCHEMA, TRACE_SCHEMA
 from flopcount.trace.storage import TraceError
-from tracegen import BATCH, MATMUL_PER_STEP, TOKENS_PER_SAMPLE, train, tree_digest
+from tracegen import BATCH, IN, MATMUL_PER_STEP, OUT, TOKENS_PER_SAMPLE, train, tree_digest
 
 
 def test_steps_table_has_one_row_per_step_with_closed_form_values(tmp_path):
@@ -102,6 +103,75 @@ def test_resume_appends_a_segment_and_continues_step_numbers(tmp_path):
     assert mf.verify(open_traces(tmp_path / "run").traces[0].storage).ok
     with pytest.raises(ValueError, match="pass run_id='run' to resume"):
         train(tmp_path / "run", steps=1, run_id="other")
+
+
+JOB_WITH_A_FINAL_EVALUATION = textwrap.dedent("""
+    import sys, torch, flopcount
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6, bias=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with flopcount.meter(out=sys.argv[1], flush_every=2, backend="dispatch") as m:
+        for _ in range(3):
+            layer(torch.randn(4, 8)).sum().backward(); opt.step(); opt.zero_grad()
+        with torch.no_grad():
+            layer(torch.randn(4, 8))  # the final evaluation: trailing work, not a step
+""")
+
+
+def test_a_resumed_job_numbers_its_steps_after_the_last_step_not_after_the_trailing_row(tmp_path):
+    """A job (3 optimizer steps, then a final evaluation: a trailing row) is closed and restarted
+    in a new process. Step numbers are the rank's optimizer steps: the resumed job's first step is
+    step 3; each trailing row carries the number of the step that follows it."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB_WITH_A_FINAL_EVALUATION)
+    run = tmp_path / "run"
+    for _ in range(2):
+        subprocess.run([sys.executable, str(script), str(run)], check=True, timeout=120)
+    frame = flopcount.read_trace(run)
+    steps = frame[~frame["trailing"].astype(bool)]
+    assert steps["step"].tolist() == list(range(6)) and steps["segment"].tolist() == [0] * 3 + [1] * 3
+    trailing = frame[frame["trailing"].astype(bool)]
+    assert trailing["step"].tolist() == [3, 6] and trailing["segment"].tolist() == [0, 1]
+    summary = flopcount.summarize(run)
+    product = 2 * BATCH * IN * OUT  # one Linear(8, 6) product on 4 rows
+    assert summary["steps"] == 6
+    assert summary["by_phase_category"]["forward"]["matmul"] == 6 * product
+    assert summary["by_phase_category"]["backward"]["matmul"] == 6 * product  # the weight gradient
+    assert summary["by_phase_category"]["eval"]["matmul"] == 2 * product  # both final evaluations
+    assert summary["trailing_flops"] == summary["by_phase"]["eval"]
+    assert summary["hardware_flops"] == int(frame["hardware_flops"].sum())
+    verify = subprocess.run([sys.executable, "-m", "flopcount.cli", "verify", str(run)], capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_ranks_keep_the_same_step_numbers_when_only_one_has_trailing_work(tmp_path, monkeypatch):
+    """Rank 0 alone runs a final evaluation (a trailing row) and the job is resumed: the ranks'
+    step numbers stay the same, so the job's steps count once per optimizer step (3 + 3)."""
+    product = 2 * BATCH * IN * OUT
+    for _ in range(2):
+        for rank in (0, 1):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            torch.manual_seed(0)
+            layer = torch.nn.Linear(IN, OUT, bias=False)
+            opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+            with flopcount.meter(out=tmp_path / "job", flush_every=2, backend="dispatch"):
+                for _ in range(3):
+                    layer(torch.randn(BATCH, IN)).sum().backward(); opt.step(); opt.zero_grad()
+                if rank == 0:
+                    with torch.no_grad():
+                        layer(torch.randn(BATCH, IN))
+    frame = flopcount.read_trace(tmp_path / "job")
+    steps = frame[~frame["trailing"].astype(bool)]
+    for rank in (0, 1):
+        assert steps[steps["rank"] == rank]["step"].tolist() == list(range(6))
+    summary = flopcount.summarize(tmp_path / "job")
+    assert summary["steps"] == 6
+    assert summary["by_phase_category"]["forward"]["matmul"] == 2 * 6 * product
+    assert summary["by_phase_category"]["eval"]["matmul"] == 2 * product
+    assert subprocess.run([sys.executable, "-m", "flopcount.cli", "verify", str(tmp_path / "job")],
+                          capture_output=True, timeout=120).returncode == 0
 
 
 def test_ranks_write_side_by_side_and_keep_their_own_step_numbers(tmp_path, monkeypatch):

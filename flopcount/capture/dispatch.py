@@ -10,7 +10,7 @@ import contextlib
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # Subclasses that only propagate shapes (DTensor's sharding propagation, torch.compile tracing).
@@ -36,6 +36,13 @@ class DispatchCapture(TorchDispatchMode):
 
     def mark_step_end(self) -> None:
         """The Counter reports the next step's first op to the Meter itself (``on_work``)."""
+
+    def discard(self) -> None:
+        """Every op passes through uncounted from now on (each is booked as it runs: nothing is
+        held back); off this thread's mode stack when it is on top of it."""
+        self.suspended += 1
+        if _get_current_dispatch_mode() is self:
+            self.__exit__(None, None, None)
 
     @contextlib.contextmanager
     def suspend(self):

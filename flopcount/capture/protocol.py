@@ -40,3 +40,7 @@ class Capture(Protocol):
 
     def mark_step_end(self) -> None:
         """``optimizer.step()`` ended the open step: the next op with FLOPs opens the next one."""
+
+    def discard(self) -> None:
+        """Stop seeing ops for good and book nothing it holds back: this process's ops are
+        nobody's (a DataLoader worker, integrations/dataloader.py). Instead of ``__exit__``."""

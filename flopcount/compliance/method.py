@@ -26,6 +26,8 @@ CONVENTIONS = (
     "elementwise, normalisation, reduction, loss and optimizer ops by per-element constants; "
     "views, copies, indexing, casts and communication are zero",
     "each rank counts its local work only; ranks add up without double counting",
+    "DataLoader worker processes (data loading, collate, transforms) are not metered: data preparation "
+    "is not the model's training compute; data work in the training process itself is counted",
     "work that feeds a training step's loss is training compute with or without gradients: rollouts "
     "(generation), reference and teacher forwards, reward scoring; only held-out evaluation is eval",
 )

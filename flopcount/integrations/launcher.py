@@ -9,7 +9,7 @@ How it works
 - ``sitecustomize`` waits until the program imports torch itself (so that environment variables the
   program sets before ``import torch`` still work), then opens a meter around the rest of the
   process. Launcher processes (torchrun, accelerate, deepspeed) are not metered: they only start
-  workers. Steps close after each ``optimizer.step()``; evaluation (no grad) is its own phase.
+  workers; nor are DataLoader workers (integrations/dataloader.py). Steps close after each ``optimizer.step()``; evaluation (no grad) is its own phase.
 - A process opens its trace writer at its first closed step, when its rank is known (after
   ``init_process_group``); a process that never steps (a launcher, a data-prep helper, the parent of
   ``mp.spawn`` ranks) writes nothing, unless it is COMMAND itself and nobody else wrote a trace.

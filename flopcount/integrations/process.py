@@ -2,8 +2,9 @@
 
 ``start()`` runs right after the program imported torch. It opens a meter for the rest of the
 process (steps close after each ``optimizer.step()``), unless the process is a launcher that only
-starts workers, or a multiprocessing helper (forkserver, resource tracker). Processes that never
-step (DataLoader workers, the parent of ``mp.spawn`` ranks) write nothing.
+starts workers, or a multiprocessing helper (forkserver, resource tracker). A DataLoader worker
+stops its meter when its worker loop starts (integrations/dataloader.py): it is not metered.
+Processes that never step (the parent of ``mp.spawn`` ranks) write nothing.
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def main_module(orig_argv: list[str]) -> str | None:
 def multiprocessing_helper(orig_argv: list[str]) -> bool:
     """multiprocessing's forkserver or resource tracker (``-c 'from multiprocessing...'``): they run no
     program code. Children started by spawn (``--multiprocessing-fork``: ``mp.spawn`` ranks,
-    spawn-started DataLoader workers) run the program's code and are metered; those that never
-    step (DataLoader workers) write nothing."""
+    spawn-started DataLoader workers) run the program's code and are metered from their start;
+    a DataLoader worker stops its meter when its worker loop starts (integrations/dataloader.py)."""
     return "--multiprocessing-fork" not in orig_argv and any(a.startswith("from multiprocessing") for a in orig_argv)
 
 

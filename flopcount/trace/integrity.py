@@ -149,19 +149,19 @@ def segment_problems(manifests: dict[str, list[dict]]) -> list[str]:
     honest writer never breaks these; an edited manifest that was re-hashed can.)"""
     problems = []
     for rel, entries in sorted(manifests.items()):
-        last_step, seq = -1, 0
+        next_step, seq = 0, 0  # the first step number a part may start with (after a trailing row: its own)
         for segment, parts, close in mf.segments_of(entries):
             name = f"{rel} segment {segment['segment']}"
             for part in parts:
                 if part["seq"] != seq:
                     problems.append(f"{name}: part {part['seq']} is out of sequence (expected part {seq})")
-                if part["first_step"] <= last_step:
-                    problems.append(f"{name}: part {part['seq']} repeats steps up to {last_step} "
+                if part["first_step"] < next_step:
+                    problems.append(f"{name}: part {part['seq']} repeats steps up to {next_step - 1} "
                                     f"(steps {part['first_step']}-{part['last_step']})")
                 if part["steps"]["rows"] != part["rows"]:
                     problems.append(f"{name}: part {part['seq']} lists {part['rows']} rows but its steps file "
                                     f"{part['steps']['rows']}")
-                seq, last_step = part["seq"] + 1, max(last_step, part["last_step"])
+                seq, next_step = part["seq"] + 1, max(next_step, mf.next_step(part))
             if close is not None and close["steps"] != sum(p["rows"] for p in parts):
                 problems.append(f"{name}: its close counts {close['steps']} steps, its parts "
                                 f"{sum(p['rows'] for p in parts)}")

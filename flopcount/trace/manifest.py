@@ -158,7 +158,7 @@ ENTRY_FIELDS = {
 ENTRY_OPTIONAL = {
     "segment": {"world_size": lambda v: _is_int(v) and v >= 1, "process": _is_count, "segment_id": _is_str,
                 "manifest": _is_str, "schema": _is_str},
-    "part": {},
+    "part": {"next_step": _is_count},
     "close": {"training_flops": _optional(_is_count), "hardware_flops": _optional(_is_count),
               "unwritten": lambda v: isinstance(v, list) and all(
                   isinstance(r, list) and len(r) == 2 and all(map(_is_count, r)) for r in v)},
@@ -178,6 +178,13 @@ def _depth_problem(value, depth: int = 0) -> str | None:
         if problem:
             return problem
     return None
+
+
+def next_step(part: dict) -> int:
+    """The number of the first step after a part entry: one more than its last step, or its
+    last step itself when its last row is trailing (a trailing row carries the number of the step
+    that follows it). Entries written before ``next_step`` was recorded: one more."""
+    return part.get("next_step", part["last_step"] + 1)
 
 
 def entry_problem(entry) -> str | None:
@@ -209,6 +216,8 @@ def entry_problem(entry) -> str | None:
     if kind == "part":
         if entry["last_step"] < entry["first_step"]:
             return "the part's last_step is before its first_step"
+        if next_step(entry) not in (entry["last_step"], entry["last_step"] + 1):
+            return "the part's next_step is neither its last_step (a trailing last row) nor the step after it"
         for table in ("steps", "breakdown"):
             part = entry[table]
             for name, check in PART_FIELDS.items():

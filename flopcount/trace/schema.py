@@ -84,7 +84,8 @@ STEPS_COLUMNS = [
     Column("rank", pa.int32(), "this rank", "run", nullable=False),
     Column("world_size", pa.int32(), "ranks in the job", "run", nullable=False),
     Column("segment", pa.int32(), "0 for the first opening of DIR, +1 per resume", "run", nullable=False),
-    _int64("step", "step number; continues across segments", "step"),
+    _int64("step", "the rank's step number: optimizer steps from 0, continuing across segments; a trailing "
+           "row carries the number of the step after it", "step"),
     Column("start_time", pa.float64(), "Unix seconds", "step", nullable=False),
     Column("end_time", pa.float64(), "Unix seconds", "step", nullable=False),
     Column("tokens", pa.int64(), "as given to `Meter.step()`; null when not given", "counts"),

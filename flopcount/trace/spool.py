@@ -35,11 +35,13 @@ class StorageWarning(UserWarning):
 
 @dataclass
 class PendingPart:
-    """One flushed window of steps: [first_step, last_step], its row count, its encoded files."""
+    """One flushed window of steps: [first_step, last_step], its row count, its encoded files and
+    the number of the step after it (``last_step``, not one more, when its last row is trailing)."""
     first_step: int
     last_step: int
     rows: int
     files: dict = field(default_factory=dict)  # table name -> (Parquet bytes, rows)
+    next_step: int | None = None  # None: last_step + 1
 
 
 def fault_kind(exc: BaseException) -> str:

@@ -108,9 +108,9 @@ class TraceWriter:
         self.last_t_us = max((mf.entry_time_us(e) for entries in manifests.values() for e in entries), default=0)
         self.segment = sum(e["type"] == "segment" for e in own)
         self.seq = sum(e["type"] == "part" for e in own)
-        # Resume: this writer's steps continue after the last step it committed (rows are keyed by rank).
-        last_steps = [e["last_step"] for e in own if e["type"] == "part"]
-        self.first_step = max([identity.first_step] + [s + 1 for s in last_steps])
+        # Resume: this writer's steps continue after the last step it committed (rows are keyed by
+        # rank); a trailing row takes no step's number (mf.next_step).
+        self.first_step = max([identity.first_step] + [mf.next_step(e) for e in own if e["type"] == "part"])
         # The values of this writer's columns in every row it writes (trace/schema.py).
         self.constants = {"run_id": self.run_id, "rank": self.rank, "world_size": self.world_size,
                           "segment": self.segment, "device_name": identity.device_name,
@@ -196,16 +196,20 @@ class TraceWriter:
         if len(self.window):
             rows = len(self.window)
             tables = self.window.batches(self.constants)
-            first, last = tables["steps"].column("step")[0].as_py(), tables["steps"].column("step")[-1].as_py()
+            steps = tables["steps"]
+            first, last = steps.column("step")[0].as_py(), steps.column("step")[-1].as_py()
+            # A trailing row carries the number of the step that follows it (Meter._close_step).
+            next_step = last if steps.column("trailing")[-1].as_py() else last + 1
             files = {name: (_parquet_bytes(pa.Table.from_batches([batch])), batch.num_rows)
                      for name, batch in tables.items()}
-            self.spool.add(PendingPart(first, last, rows, files))
+            self.spool.add(PendingPart(first, last, rows, files, next_step))
         self.spool.drain()
 
     def _commit(self, part: PendingPart) -> None:
         """Write one part's files and its manifest entry (the spool calls this; raises on a fault)."""
         entry = {"type": "part", "seq": self.seq, "segment": self.segment, "first_step": part.first_step,
-                 "last_step": part.last_step, "rows": part.rows, "written": time.time()}
+                 "last_step": part.last_step,
+                 "next_step": part.last_step + 1 if part.next_step is None else part.next_step, "rows": part.rows, "written": time.time()}
         for name, (data, rows) in part.files.items():
             rel = part_path(name, self.rank, self.seq, self.process)
             self.storage.write_atomic(rel, data)

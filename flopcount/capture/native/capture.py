@@ -115,16 +115,27 @@ class NativeCapture:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop_observing()
+        try:
+            self.flush(raise_strict=exc_type is None)
+        finally:
+            self._release()
+        return False
+
+    def discard(self) -> None:
+        """Stop seeing ops; what the extension aggregated since the last flush is dropped."""
+        self._stop_observing()
+        self._release()
+
+    def _stop_observing(self) -> None:
         self.lib.disable(self.slot)
         self.context.use_fast_path(None)
         self.context.listener = None
         self.context.backward = self.python_backward
-        try:
-            self.flush(raise_strict=exc_type is None)
-        finally:
-            self.lib.release(self.slot)
-            self.slot = None  # flush() is a no-op from now on
-        return False
+
+    def _release(self) -> None:
+        self.lib.release(self.slot)
+        self.slot = None  # flush() is a no-op from now on
 
     @contextlib.contextmanager
     def suspend(self):
