@@ -12,7 +12,7 @@ not verify -- every command that reads traces runs ``verify``'s one integrity ch
 Parquet part, unknown schema version or base model, bad flag values, unwritable output), one
 line on stderr without a traceback (errors.py: exit codes by exception type). ``run`` exits
 with its COMMAND's exit status (128 + N when COMMAND died of signal N; 1 when COMMAND succeeded
-but its trace does not verify).
+but its trace does not verify, or under ``--strict`` records a dark module or an uncounted op).
 """
 from __future__ import annotations
 

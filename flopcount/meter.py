@@ -145,8 +145,8 @@ class Meter:
                 # counted in its phases, in a record marked trailing: it is not a training step.
                 try:
                     self._close(end=self._pending_end, trailing=self._pending_end is None)
-                except UncountedOpError as error:  # strict dark modules: raised once traces are closed
-                    dark = error
+                except UncountedOpError as error:  # strict dark modules: raised once the writer closed,
+                    dark = error  # so that every row and the close entry are written (docs/conventions.md)
             if self.writer is not None:
                 self.writer.close(self.summary())
         if dark is not None and exc_type is None:

@@ -285,6 +285,52 @@ def test_re_hashed_step_ranges_that_disagree_with_the_parts_are_reported(tmp_pat
         "manifest/r00000.jsonl segment 0: its close counts 5 steps, its parts 4"]
 
 
+def test_a_segment_closed_twice_is_reported(tmp_path):
+    """An honest writer closes its segment once (TraceWriter.close gives its lease back); a second
+    close entry (a writer that wrote on without its lease) is a finding, even re-hashed."""
+    run = tmp_path / "run"
+    train(run, steps=2, flush_every=2)
+    entries = read_entries(manifest_file(run))
+    write_entries(manifest_file(run), rechain(entries + [dict(entries[-1])]))
+    assert integrity(run).problems == ["manifest/r00000.jsonl segment 0: closed 2 times (a writer closes its "
+                                       "segment once)"]
+    assert cli("verify", run).returncode == 1
+
+
+def test_strict_dark_module_at_exit_is_raised_once_the_trace_is_closed(tmp_path):
+    """The dark module of the trailing work is found as the meter exits: the error reaches the
+    program after the writer closed, with every row written and one close entry; closing the
+    writer again (a caller's clean-up) writes nothing."""
+    import torch
+
+    class NumpyHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x):
+            return torch.from_numpy(x.detach().numpy() @ self.weight.detach().numpy().T)
+
+    run = tmp_path / "run"
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.raises(flopcount.UncountedOpError, match=r"booked no FLOPs: 1 \("):
+        with flopcount.meter(out=run, backend="dispatch", strict=True, warn=False) as m:
+            for _ in range(2):
+                layer(torch.randn(4, 8)).sum().backward(); opt.step(); opt.zero_grad()
+            with torch.no_grad():
+                torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), NumpyHead())(torch.randn(4, 8))
+    assert m.writer.closed
+    m.writer.close(m.summary())
+    entries = read_entries(manifest_file(run))
+    assert [e["type"] for e in entries] == ["segment", "part", "close"] and entries[-1]["steps"] == 3
+    summary = flopcount.summarize(run)
+    assert summary["steps"] == 2 and summary["dark_modules"] == {"1": f"{__name__}.NumpyHead"}
+    assert summary["by_phase_category"]["forward"]["matmul"] == 2 * 2 * 4 * 8 * 6
+    assert summary["by_phase_category"]["eval"]["matmul"] == 2 * 4 * 8 * 6
+    assert cli("verify", run).returncode == 0
+
+
 # ---- signatures without and with keys ------------------------------------------------------------------
 
 def test_stale_hmac_without_the_key_is_never_called_signed(tmp_path, monkeypatch):

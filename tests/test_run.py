@@ -7,6 +7,7 @@ needs no gradient). The plain script then runs one no-grad forward: phase eval.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -174,6 +175,31 @@ def test_a_strict_meter_leaves_its_dataloader_workers_unmetered(tmp_path, contex
     assert summary["uncounted_ops"] == {}
     assert subprocess.run([sys.executable, "-m", "flopcount.cli", "verify", str(out)],
                           capture_output=True, timeout=120).returncode == 0
+
+
+def test_run_strict_dark_module_at_exit_closes_the_trace_once_and_fails_the_run(tmp_path):
+    """Under --strict a dark module found when the meter closes at exit (the program's last work)
+    is an error, raised once the trace is closed. It used to reach `flopcount run`'s process
+    bootstrap as a failure of the close: the bootstrap closed the writer a second time (a second
+    close entry, written after the lease was given back) and the run exited 0."""
+    out = tmp_path / "run"
+    result = subprocess.run([*FLOPCOUNT, "--strict", "--out", str(out), "--", sys.executable, "train_dark_end.py"],
+                            env={**os.environ, "STEPS": str(STEPS)}, cwd=SCRIPTS, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "module(s) whose forward booked no FLOPs: 1 (__main__.NumpyLinear)" in result.stderr
+    assert "Traceback" not in result.stderr and "after an error" not in result.stderr
+    entries = [json.loads(line) for line in (out / "manifest" / "r00000.jsonl").read_text().splitlines()]
+    assert [e["type"] for e in entries] == ["segment", "part", "close"]
+    assert entries[-1]["steps"] == STEPS + 1  # the steps and the trailing row, all written
+    summary = flopcount.summarize(str(out))
+    cats = summary["by_phase_category"]
+    assert cats["forward"]["matmul"] == STEPS * FORWARD and cats["backward"]["matmul"] == STEPS * BACKWARD
+    assert cats["eval"]["matmul"] == 2 * BATCH * 16 * 4  # the final evaluation's Linear 16 -> 4
+    assert summary["steps"] == STEPS and summary["dark_modules"] == {"1": "__main__.NumpyLinear"}
+    assert subprocess.run([sys.executable, "-m", "flopcount.cli", "verify", str(out)],
+                          capture_output=True, timeout=120).returncode == 0
+    assert (out / "report.md").is_file()  # the report is written all the same
 
 
 def test_run_accelerate_launch_two_processes(tmp_path):

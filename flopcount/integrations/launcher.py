@@ -15,7 +15,9 @@ How it works
   ``mp.spawn`` ranks) writes nothing, unless it is COMMAND itself and nobody else wrote a trace.
 - At exit, also after an exception or SIGTERM, the process closes its meter (flushes its trace).
   Then the parent writes ``report.md`` / ``report.json`` into the trace dir, prints the compliance
-  summary, and exits with COMMAND's exit code (128 + N when COMMAND died of signal N).
+  summary, and exits with COMMAND's exit code (128 + N when COMMAND died of signal N; 1 when it
+  succeeded but its trace does not verify, or under --strict records what strict forbids: a
+  dark module or uncounted op found as a meter closed at exit, which no program can catch).
 """
 from __future__ import annotations
 
@@ -69,8 +71,25 @@ def run(command: list[str], out: str, options: dict) -> int:
     except OSError as e:
         raise BadInput(f"flopcount: cannot start {command[0]!r}: {e.strerror}") from None
     status = exit_status(_wait_forwarding_signals(child))
-    verified = finish_report(out, options, status)
-    return 1 if status == 0 and verified is False else status  # a trace that does not verify is a finding
+    report = finish_report(out, options, status)
+    verified = report["integrity"]["verified"] if report else report
+    if status == 0 and verified is False:
+        return 1  # a trace that does not verify is a finding
+    finding = strict_finding(report["method"]) if status == 0 and options.get("strict") and report else None
+    if finding:
+        sys.stderr.write(f"{finding}\n")
+        return 1
+    return status
+
+
+def strict_finding(method: dict) -> str | None:
+    """What ``--strict`` forbids and the trace records anyway (one line), or None. The program
+    met it in its last step or trailing work, found as its meter closed at exit: too late to
+    raise into the program, so the run fails here."""
+    found = [f"{what} {', '.join(names)}" for what, names in
+             (("dark module(s)", method.get("dark_modules") or {}), ("uncounted op(s)", method.get("uncounted_ops") or {}))
+             if names]
+    return f"flopcount: --strict: the trace records {' and '.join(found)}" if found else None
 
 
 def check_out(out: str) -> None:
@@ -110,10 +129,10 @@ def _wait_forwarding_signals(child: subprocess.Popen) -> int:
             signal.signal(signum, handler)
 
 
-def finish_report(out: str, options: dict, status: int) -> bool | None:
+def finish_report(out: str, options: dict, status: int) -> dict | bool | None:
     """Write report.md and report.json into ``out`` and print the compliance summary, with the
-    integrity check's result and the trace digest to keep. Whether the trace verifies (None: no
-    report)."""
+    integrity check's result and the trace digest to keep. The report; False: the trace does not
+    verify and cannot be read; None: no report."""
     from ..report import RENDERERS, build_report
     from ..report.text import report_summary
     from ..trace.schema import MANIFEST_DIR
@@ -145,4 +164,4 @@ def finish_report(out: str, options: dict, status: int) -> bool | None:
     if status:
         sys.stdout.write(f"  command              exited with status {status}\n")
     sys.stdout.flush()
-    return report["integrity"]["verified"]
+    return report

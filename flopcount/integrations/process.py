@@ -16,6 +16,7 @@ import sys
 import threading
 
 from ..distributed import rank_and_world_size
+from ..errors import UncountedOpError, one_line
 from ..meter import Meter
 from ..trace.schema import MANIFEST_DIR
 from .launcher import ENV_VAR, PARENT_VAR
@@ -104,7 +105,9 @@ def finish(meter, pid: int) -> None:
             meter.lazy_out = None
     try:
         meter.__exit__(None, None, None)
-    except Exception as e:  # e.g. interrupted inside an op: still save what the writer holds
+    except UncountedOpError as e:  # strict: found as the meter closed, raised once its trace was closed
+        sys.stderr.write(f"{one_line(e)}\n")  # `flopcount run --strict` exits 1 for it (launcher.py)
+    except Exception as e:  # e.g. interrupted inside an op: still save what the writer holds (once)
         if meter.writer is not None:
             meter.writer.close(meter.summary())
         sys.stderr.write(f"flopcount: closed the meter after an error: {e}\n")

@@ -162,6 +162,9 @@ def segment_problems(manifests: dict[str, list[dict]]) -> list[str]:
                     problems.append(f"{name}: part {part['seq']} lists {part['rows']} rows but its steps file "
                                     f"{part['steps']['rows']}")
                 seq, next_step = part["seq"] + 1, max(next_step, mf.next_step(part))
+            closes = sum(e["type"] == "close" and e.get("segment") == segment["segment"] for e in entries)
+            if closes > 1:
+                problems.append(f"{name}: closed {closes} times (a writer closes its segment once)")
             if close is not None and close["steps"] != sum(p["rows"] for p in parts):
                 problems.append(f"{name}: its close counts {close['steps']} steps, its parts "
                                 f"{sum(p['rows'] for p in parts)}")

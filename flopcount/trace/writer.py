@@ -116,7 +116,8 @@ class TraceWriter:
                           "segment": self.segment, "device_name": identity.device_name,
                           "device_count": identity.device_count}
         self.steps_written = 0
-        self.closed = False
+        self.closed = False  # the close entry is written
+        self.finished = False  # close() was called: the lease is given back
         self._digest = None
         # Parts not written yet (a storage fault): retried at each flush, bounded (spool.py).
         self.spool = Spool(self._commit, max_unwritten_steps(self.flush_every), self.storage.describe(), self.rank)
@@ -160,7 +161,11 @@ class TraceWriter:
 
     def close(self, summary: dict) -> None:
         """Flush, then append the close entry; never raises a storage fault (the missing close is
-        then the finding). Releases the lease whatever happens."""
+        then the finding). Releases the lease whatever happens. Once: a writer that gave its lease
+        back never writes again (another writer may hold the files by then)."""
+        if self.finished:
+            return
+        self.finished = True
         try:
             self.flush()
             entry = {"type": "close", "segment": self.segment, "steps": self.steps_written,
