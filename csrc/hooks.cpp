@@ -166,8 +166,10 @@ void hook_nodes(int64_t index, c10::ArrayRef<c10::intrusive_ptr<torch::autograd:
     return;
   }
   auto state = std::make_shared<MultiNodeState>(index, incarnation, module, enter);
-  for (const auto& node : nodes) state->nodes.emplace_back(node);
-  for (const auto& node : nodes) node->add_pre_hook(std::make_unique<MultiNodeHook>(state));
+  for (const auto& node : nodes) {  // no hook fires before backward: the state is complete by then
+    state->nodes.emplace_back(node);
+    node->add_pre_hook(std::make_unique<MultiNodeHook>(state));
+  }
 }
 
 // ---- one call per module call ---------------------------------------------------------------
@@ -257,8 +259,7 @@ void backward_event(int64_t index, int64_t module, bool enter) {
 bool add_module_hook(int64_t index, const at::Tensor& tensor, int64_t module, bool enter) {
   const auto& node = tensor.grad_fn();
   if (!node) return false;
-  Slot& s = slot(index);
-  node->add_pre_hook(std::make_unique<ModuleHook>(index, s.incarnation.load(), module, enter));
+  hook_nodes(index, node, module, enter);
   return true;
 }
 
