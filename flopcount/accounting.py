@@ -17,8 +17,7 @@ from typing import Callable
 import pyarrow as pa
 
 from .conventions import BUILTIN_PHASES, TRAINING_PHASES
-from .errors import BadInput
-from .resources.rows import energy_columns
+from .resources.rows import ENERGY_J_COLUMNS, energy_columns
 from .trace.schema import (BREAKDOWN_KINDS, CATEGORY_COLUMNS, INT64_MAX, PHASE_COLUMNS, USER_PHASE_COLUMN, column_names,
                            record_batch)
 
@@ -197,50 +196,73 @@ class StepRecord:
 
     def to_batches(self, rows: "StepRows | None" = None) -> dict[str, dict[str, list]]:
         """This step as the rows of the trace tables, column name -> values (trace/schema.py):
-        ``steps``, one row without the writer's columns (run_id, rank, world_size, segment and the
+        ``steps``, its rows without the writer's columns (run_id, rank, world_size, segment and the
         devices, which ``StepWindow.batches`` adds), and ``breakdown``, one row per key
-        (KEY_COLUMNS and ``value``). Raises BadInput when the step's FLOPs do not fit an int64 column.
+        (KEY_COLUMNS and ``value``). A step fits one ``steps`` row unless its FLOPs leave int64:
+        then they take several rows of the same step (``StepRows``, docs/traces.md "Integers").
 
         ``rows``: ``StepRows.of`` a step with the same content, when known (Meter._close_step:
         a step that books what the previous one booked); else derived here."""
         rows = rows if rows is not None else StepRows.of(self)
-        steps = {"step": self.step, "start_time": self.start_time, "end_time": self.end_time,
-                 "tokens": self.tokens, "samples": self.samples, **rows.sums,
-                 **energy_columns(self.energy), "trailing": bool(self.trailing)}
-        return {"steps": {name: [value] for name, value in steps.items()}, "breakdown": rows.breakdown}
+        if len(rows.sums) == 1:
+            steps = {"step": self.step, "start_time": self.start_time, "end_time": self.end_time,
+                     "tokens": self.tokens, "samples": self.samples, **rows.sums[0],
+                     **energy_columns(self.energy), "trailing": bool(self.trailing)}
+            return {"steps": {name: [value] for name, value in steps.items()}, "breakdown": rows.breakdown}
+        return {"steps": self._split_rows(rows), "breakdown": rows.breakdown}
+
+    def _split_rows(self, rows: "StepRows") -> dict[str, list]:
+        """The ``steps`` rows of a step whose FLOPs take several rows: each row a slice of the
+        step's time and energy in proportion to its FLOPs (``rows.bounds``), so time, energy and
+        FLOP/s add up as for one row; the step's tokens and samples in its first row."""
+        energy = energy_columns(self.energy)
+        span = self.end_time - self.start_time
+        times = [self.start_time + span * b for b in rows.bounds[:-1]] + [self.end_time]
+        columns: defaultdict[str, list] = defaultdict(list)
+        for i, sums in enumerate(rows.sums):
+            share = rows.bounds[i + 1] - rows.bounds[i]
+            row = {"step": self.step, "start_time": times[i], "end_time": times[i + 1],
+                   "tokens": self.tokens if i == 0 else None, "samples": self.samples if i == 0 else None,
+                   **sums, **energy, "trailing": bool(self.trailing)}
+            for name in ENERGY_J_COLUMNS:
+                if row[name] is not None:
+                    row[name] = row[name] * share
+            for name, value in row.items():
+                columns[name].append(value)
+        return dict(columns)
 
 
 @dataclass(frozen=True, eq=False)
 class StepRows:
     """What ``StepRecord.to_batches`` derives from a step's content (its FLOPs, calls, uncounted
     and communication counts, dark modules and training phases; not its time, tokens, samples or
-    energy): the sums of its ``steps`` row and its ``breakdown`` rows. Steps with the same content
-    share one (and a StepWindow sums a shared breakdown once): nobody changes them once made."""
+    energy): the sums of its ``steps`` rows and its ``breakdown`` rows. Steps with the same content
+    share one (and a StepWindow sums a shared breakdown once): nobody changes them once made.
 
-    sums: dict[str, int]
+    ``sums``: one row's sums, or, for a step over INT64_MAX FLOPs, several rows' (``split_flops``:
+    each row's FLOP columns add up as one row's do, and the rows add up to the step; the counts
+    in the first row). ``bounds``: where each row's share of the step's time and energy starts,
+    as a fraction of it (its share of the training FLOPs, else of all), and 1.0."""
+
+    sums: tuple[dict[str, int], ...]
     breakdown: dict[str, list]
+    bounds: tuple[float, ...] = (0.0, 1.0)
 
     @classmethod
     def of(cls, record: StepRecord) -> "StepRows":
-        """The rows of ``record``'s content; BadInput when its FLOPs do not fit an int64 column."""
-        phases: dict[str, int] = defaultdict(int)
-        categories: dict[str, int] = defaultdict(int)
-        for (phase, category, _, _), f in record.flops.items():
-            phases[phase] += f
-            categories[category] += f
-        hardware = sum(phases.values())
-        if hardware > INT64_MAX:
-            raise BadInput(f"flopcount: step {record.step} has {hardware} FLOPs, more than a trace column holds "
-                           "(2**63-1); close steps more often")
+        """The rows of ``record``'s content."""
         training = record.training_phases
-        sums = {"training_flops": sum(f for phase, f in phases.items() if phase in training),
-                "hardware_flops": hardware,
-                **{column: phases.get(phase, 0) for phase, column in PHASE_COLUMNS.items()},
-                USER_PHASE_COLUMN: sum(f for phase, f in phases.items() if phase not in BUILTIN_PHASES),
-                **{column: categories.get(category, 0) for category, column in CATEGORY_COLUMNS.items()},
-                "uncounted_calls": sum(record.uncounted.values()),
-                "collective_calls": sum(record.collectives.values()),
-                "collective_bytes": sum(record.collective_bytes.values())}
+        sums = _flop_sums(record.flops, training)
+        counts = {"uncounted_calls": sum(record.uncounted.values()),
+                  "collective_calls": sum(record.collectives.values()),
+                  "collective_bytes": sum(record.collective_bytes.values())}
+        if sums["hardware_flops"] <= INT64_MAX:
+            rows, bounds = ({**sums, **counts},), (0.0, 1.0)
+        else:  # a step beyond a trace column's int64: several rows of the same step
+            pieces = [_flop_sums(piece, training) for piece in split_flops(record.flops)]
+            rows = tuple({**piece, **(counts if i == 0 else dict.fromkeys(counts, 0))} for i, piece in enumerate(pieces))
+            bounds = _bounds([p["training_flops"] for p in pieces] if sums["training_flops"] else
+                             [p["hardware_flops"] for p in pieces])
         flops, calls, dark = record.flops, record.calls, record.dark_modules
         phase, category, module, op = (list(c) for c in zip(*flops)) if flops else ([], [], [], [])
         kinds = [  # one part per kind, each column by name (absent key columns are null)
@@ -253,7 +275,59 @@ class StepRows:
             _kind_rows("dark_module", [1] * len(dark), module=list(dark),
                        op=list(dark.values())),  # one step in which each was dark
         ]
-        return cls(sums, {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS})
+        return cls(rows, {name: [v for part in kinds for v in part[name]] for name in ROW_COLUMNS}, bounds)
+
+
+def _flop_sums(flops: dict, training: frozenset) -> dict[str, int]:
+    """The FLOP columns of a steps row holding ``flops`` (by (phase, category, module, op))."""
+    phases: dict[str, int] = defaultdict(int)
+    categories: dict[str, int] = defaultdict(int)
+    for (phase, category, _, _), f in flops.items():
+        phases[phase] += f
+        categories[category] += f
+    return {"training_flops": sum(f for phase, f in phases.items() if phase in training),
+            "hardware_flops": sum(phases.values()),
+            **{column: phases.get(phase, 0) for phase, column in PHASE_COLUMNS.items()},
+            USER_PHASE_COLUMN: sum(f for phase, f in phases.items() if phase not in BUILTIN_PHASES),
+            **{column: categories.get(category, 0) for category, column in CATEGORY_COLUMNS.items()}}
+
+
+def int64_pieces(value: int) -> list[int]:
+    """``value`` (>= 0) as the fewest values of at most INT64_MAX (a trace column's range) that add
+    up to it: itself when it fits, else INT64_MAX as often as it goes and the remainder."""
+    if value <= INT64_MAX:
+        return [value]
+    full, rest = divmod(value, INT64_MAX)
+    return [INT64_MAX] * full + ([rest] if rest else [])
+
+
+def split_flops(flops: dict) -> list[dict]:
+    """``flops`` (key -> FLOPs) as the fewest dicts whose sums fit int64, filled in key order;
+    a key that does not fit the room left is split across the next ones. They add up to ``flops``."""
+    pieces: list[dict] = []
+    piece: dict = {}
+    room = INT64_MAX
+    for key, value in flops.items():
+        while value > room:
+            if room:
+                piece[key] = room
+            value -= room
+            pieces.append(piece)
+            piece, room = {}, INT64_MAX
+        piece[key] = value
+        room -= value
+    pieces.append(piece)
+    return pieces
+
+
+def _bounds(weights: list[int]) -> tuple[float, ...]:
+    """Where each weight's share of the whole starts (0.0 first), and 1.0: exact integer running
+    sums, divided once."""
+    total, running, out = sum(weights), 0, [0.0]
+    for weight in weights[:-1]:
+        running += weight
+        out.append(running / total)
+    return (*out, 1.0)
 
 
 def _kind_rows(kind: str, values: list, **keys: list) -> dict[str, list]:
@@ -265,7 +339,8 @@ def _kind_rows(kind: str, values: list, **keys: list) -> dict[str, list]:
 class StepWindow:
     """The batches of closed steps not yet handed on: their ``steps`` rows, and their
     ``breakdown`` rows summed by key. ``on_full`` is called to take them (``batches``) before a
-    step whose FLOPs would take a breakdown sum past int64, and once ``size`` steps are held.
+    step whose FLOPs would take a breakdown sum past int64, and once ``size`` rows are held. A
+    single step past int64 is taken alone, its sums past int64 as several rows of one key.
 
     Consecutive steps that share one breakdown (``StepRows``: a steady loop) are held as that
     breakdown and how many steps hold it: its rows are summed once, times the steps, when another
@@ -286,7 +361,7 @@ class StepWindow:
         steps, breakdown = batches["steps"], batches["breakdown"]
         hardware = sum(steps["hardware_flops"])
         if self.rows and self.hardware_flops + hardware > INT64_MAX:
-            self.on_full()  # keep every breakdown sum inside int64
+            self.on_full()  # keep the breakdown sums inside int64 (one row per key) while steps fit
         for name, values in steps.items():
             self.steps[name].extend(values)
         repeated = self.repeated
@@ -321,9 +396,12 @@ class StepWindow:
         window = {"first_step": steps["step"][0], "last_step": steps["step"][-1]} if self.rows else {}
         self._sum_repeated()
         keys = sorted(self.keys.items(), key=lambda kv: _KIND_ORDER[kv[0][_KIND]])  # kind by kind, first seen first
-        columns = list(zip(*((*key, value) for key, value in keys))) if keys else [()] * len(ROW_COLUMNS)
+        # A sum beyond int64 (one step over INT64_MAX FLOPs) takes several rows of the same key.
+        rows = [(*key, piece) for key, value in keys
+                for piece in ((value,) if value <= INT64_MAX else int64_pieces(value))]
+        columns = list(zip(*rows)) if rows else [()] * len(ROW_COLUMNS)
         breakdown = dict(zip(ROW_COLUMNS, columns))
         out = {"steps": record_batch("steps", steps, constants, self.rows),
-               "breakdown": record_batch("breakdown", breakdown, {**constants, **window}, len(keys))}
+               "breakdown": record_batch("breakdown", breakdown, {**constants, **window}, len(rows))}
         self._reset()
         return out

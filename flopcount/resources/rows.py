@@ -9,6 +9,9 @@ from .sampler import EnergyMeter, StepEnergy
 # and the devices and energy.
 RESOURCE_COLUMNS = column_names("steps", "run", "step", "devices", "energy")
 RESOURCE_COLUMNS.insert(RESOURCE_COLUMNS.index("end_time") + 1, "training_flops")
+# The energy columns that hold amounts (the rest say where they come from): a step split across
+# several rows (accounting.StepRows) gives each row its share of them.
+ENERGY_J_COLUMNS = ("gpu_energy_j", "cpu_energy_j")
 
 
 def device_columns(meter: EnergyMeter | None) -> dict:
