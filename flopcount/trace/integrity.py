@@ -26,7 +26,7 @@ from . import ledger as ledger_log
 from . import manifest as mf
 from .keys import load_verifier
 from .lease import active_holders, describe_holder
-from .storage import TraceError
+from .storage import TraceError, pa_errors
 
 
 @dataclass
@@ -74,7 +74,7 @@ def check_integrity(traces, *, digest: str | None = None, public_key=None, ledge
                 problems += [label + p for p in found]
             hmacs = hmacs or any("hmac" in e for e in entries)
             signatures.update(e.get("key_id") for e in entries if "sig" in e)
-        found, checked = mf.part_problems(trace.storage, trace.all_manifests)
+        found, checked = mf.part_problems(trace.storage, trace.all_manifests, next_step_problems)
         problems += [label + p for p in found]
         parts += checked
         problems += [label + p for p in segment_problems(trace.manifests)]
@@ -169,6 +169,51 @@ def segment_problems(manifests: dict[str, list[dict]]) -> list[str]:
                 problems.append(f"{name}: its close counts {close['steps']} steps, its parts "
                                 f"{sum(p['rows'] for p in parts)}")
     return problems
+
+
+def next_step_problems(part: dict, data: bytes, manifest: str) -> list[str]:
+    """A part entry's ``last_step`` and ``next_step`` against the last row of its steps file
+    (``data``, intact: its SHA-256 matched): the step after the part is that row's step when the
+    row is trailing (it carries the number of the step after it), else the one after it. Resume
+    and the step-order check (``segment_problems``) read ``next_step``, so an edited, re-hashed
+    value is a finding here. Entries without ``next_step`` were written when a trailing row still
+    took a step number of its own: the step after them is always the one after their last row.
+    A file that does not read as a steps part is left to the readers (bad input, exit 2)."""
+    end = _last_row(data)
+    if end is None:
+        return []
+    step, trailing = end
+    expected = step if trailing and "next_step" in part else step + 1
+    name = f"{manifest} segment {part['segment']} part {part['seq']}"
+    problems = []
+    if part["last_step"] != step:
+        problems.append(f"{name}: lists last_step {part['last_step']}, but its steps file {part['steps']['file']} "
+                        f"ends with step {step}")
+    if mf.next_step(part) != expected:
+        row = "a trailing row" if trailing else "a step"
+        problems.append(f"{name}: records next_step {mf.next_step(part)}, but its steps file {part['steps']['file']} "
+                        f"ends with {row} numbered {step}, so the next step is {expected}")
+    return problems
+
+
+def _last_row(data: bytes) -> tuple[int, bool] | None:
+    """(step, trailing) of the last row of a steps part's bytes; None when they are not a readable
+    steps part with rows (trailing absent or null in older traces: not trailing)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        part = pq.ParquetFile(pa.BufferReader(data))
+        schema = part.schema_arrow
+        if "step" not in schema.names or schema.field("step").type != pa.int64() or part.metadata.num_rows == 0:
+            return None
+        columns = ["step"] + (["trailing"] if "trailing" in schema.names else [])
+        last = next(g for g in reversed(range(part.num_row_groups)) if part.metadata.row_group(g).num_rows)
+        group = part.read_row_group(last, columns=columns)
+        trailing = group.column("trailing")[-1].as_py() if "trailing" in columns else None
+        return group.column("step")[-1].as_py(), trailing is True
+    except (OSError, *pa_errors()):
+        return None
 
 
 def rank_integrity(manifests: dict[str, list[dict]], label: str = "") -> dict:

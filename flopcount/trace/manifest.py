@@ -354,9 +354,10 @@ class Verification:
         return not self.problems
 
 
-def part_problems(storage, manifests: dict[str, list[dict]]) -> tuple[list[str], int]:
+def part_problems(storage, manifests: dict[str, list[dict]], steps_check=None) -> tuple[list[str], int]:
     """(problems, parts checked): every listed part exists as a regular file with its SHA-256, and
-    every part file is listed."""
+    every part file is listed. ``steps_check(entry, data, manifest)``: the problems of an intact
+    steps part (its SHA-256 matched) against its part entry, read from the bytes already read."""
     problems, checked = [], 0
     listed: dict[str, str] = {}
     for rel, entries in manifests.items():
@@ -375,8 +376,11 @@ def part_problems(storage, manifests: dict[str, list[dict]]) -> tuple[list[str],
                     problems.append(f"{part['file']}: missing (listed in {rel})")
                     continue
                 # storage.read refuses anything but a regular file (TraceError): a FIFO would block open()
-                if hashlib.sha256(storage.read(part["file"])).hexdigest() != part["sha256"]:
+                data = storage.read(part["file"])
+                if hashlib.sha256(data).hexdigest() != part["sha256"]:
                     problems.append(f"{part['file']}: SHA-256 does not match {rel} (file altered)")
+                elif table == "steps" and steps_check is not None:
+                    problems += steps_check(entry, data, rel)
     for table in ("steps", "breakdown"):
         for name in storage.listdir(table):
             rel = f"{table}/{name}"
