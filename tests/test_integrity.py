@@ -567,3 +567,83 @@ def test_flopcount_run_refuses_an_out_that_a_live_meter_writes(tmp_path):
                                 capture_output=True, text=True, timeout=120, env=environ)
     assert result.returncode == 2 and "is being written by another meter" in result.stderr
     assert f"pid {os.getpid()}" in result.stderr and result.stderr.count("\n") == 1
+
+
+# ---- next_step against the rows it covers ----------------------------------------------------------
+
+def train_with_final_eval(out, steps: int, flush_every: int = 2):
+    """``steps`` real training steps closed by ``m.step()``, then a final evaluation: trailing work,
+    written at exit in one row that carries the number of the step after the last one."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6, bias=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with flopcount.meter(out=out, backend="dispatch", flush_every=flush_every) as m:
+        for _ in range(steps):
+            layer(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            m.step()
+        with torch.no_grad(), m.evaluating():
+            layer(torch.randn(4, 8))
+
+
+def parts_of(entries):
+    return [e for e in entries if e["type"] == "part"]
+
+
+def test_a_re_hashed_next_step_that_disagrees_with_the_rows_is_reported(tmp_path):
+    """A part's next_step (what resume and the step-order check read) must be what its steps file's
+    last row says: its own number after a trailing row, else the one after it. Flipping it, with
+    the chain re-hashed so that only this check can see it, fails verify in one line."""
+    run = tmp_path / "run"
+    train(run, steps=4, flush_every=2)  # parts: steps 0-1 and 2-3, no trailing row
+    path = manifest_file(run)
+    honest = read_entries(path)
+    assert [p["next_step"] for p in parts_of(honest)] == [2, 4]
+    assert integrity(run).verified and cli("verify", run).returncode == 0
+    entries = read_entries(path)
+    parts_of(entries)[1]["next_step"] = 3  # claims a trailing last row: a resume could reuse step 3
+    write_entries(path, rechain(entries))
+    assert integrity(run).problems == [
+        "manifest/r00000.jsonl segment 0 part 1: records next_step 3, but its steps file "
+        "steps/r00000-000001.parquet ends with a step numbered 3, so the next step is 4"]
+    result = cli("verify", run)
+    assert result.returncode == 1 and "records next_step 3, but its steps file" in result.stdout + result.stderr
+    entries = read_entries(path)
+    parts_of(entries)[1].update(last_step=4, next_step=5)  # a range past the rows, consistent in itself
+    write_entries(path, rechain(entries))
+    assert integrity(run).problems == [
+        "manifest/r00000.jsonl segment 0 part 1: lists last_step 4, but its steps file "
+        "steps/r00000-000001.parquet ends with step 3",
+        "manifest/r00000.jsonl segment 0 part 1: records next_step 5, but its steps file "
+        "steps/r00000-000001.parquet ends with a step numbered 3, so the next step is 4"]
+
+
+def test_next_step_after_a_trailing_row_is_checked_before_and_after_a_resume(tmp_path):
+    run = tmp_path / "run"
+    train_with_final_eval(run, steps=3)  # steps 0-2, trailing row 3 (parts 0-1, then 2 and the trailing row)
+    train_with_final_eval(run, steps=2)  # resumed: steps 3-4, trailing row 5
+    path = manifest_file(run)
+    entries = read_entries(path)
+    parts = parts_of(entries)
+    assert [(p["segment"], p["first_step"], p["last_step"], p["next_step"]) for p in parts] == [
+        (0, 0, 1, 2), (0, 2, 3, 3), (1, 3, 4, 5), (1, 5, 5, 5)]
+    assert integrity(run).verified and cli("verify", run).returncode == 0
+    assert flopcount.summarize(str(run))["steps"] == 5
+    parts[1]["next_step"] = 4  # segment 0 now claims its trailing row 3 was a step
+    write_entries(path, rechain(entries))
+    problems = integrity(run).problems
+    assert problems[0] == ("manifest/r00000.jsonl segment 0 part 1: records next_step 4, but its steps file "
+                           "steps/r00000-000001.parquet ends with a trailing row numbered 3, so the next step is 3")
+    # ... and the resumed segment, which honestly starts at step 3, is now out of order with it.
+    assert problems[1:] == ["manifest/r00000.jsonl segment 1: part 2 repeats steps up to 3 (steps 3-4)"]
+    result = cli("verify", run)
+    assert result.returncode == 1 and "ends with a trailing row numbered 3" in result.stdout + result.stderr
+    entries = read_entries(path)
+    parts_of(entries)[1]["next_step"] = 3  # restored
+    parts_of(entries)[3]["next_step"] = 6  # the last part: nothing follows it, only its rows can tell
+    write_entries(path, rechain(entries))
+    assert integrity(run).problems == [
+        "manifest/r00000.jsonl segment 1 part 3: records next_step 6, but its steps file "
+        "steps/r00000-000003.parquet ends with a trailing row numbered 5, so the next step is 5"]
