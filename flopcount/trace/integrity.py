@@ -144,9 +144,10 @@ def _against_ledger(traces, location, notes: list[str]) -> list[str]:
 
 
 def segment_problems(manifests: dict[str, list[dict]]) -> list[str]:
-    """Each writer's segments agree with their parts: step ranges in order and not overlapping,
-    part sequence numbers counting up, a close's step count equal to its parts' rows. (An
-    honest writer never breaks these; an edited manifest that was re-hashed can.)"""
+    """Each writer's segments agree with their parts: step ranges in order and not overlapping
+    (each part after the previous part's ``next_step``, which ``next_step_problems`` checks
+    against the rows), part sequence numbers counting up, a close's step count equal to its
+    parts' rows. (An honest writer never breaks these; an edited manifest that was re-hashed can.)"""
     problems = []
     for rel, entries in sorted(manifests.items()):
         next_step, seq = 0, 0  # the first step number a part may start with (after a trailing row: its own)

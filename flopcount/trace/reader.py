@@ -234,7 +234,8 @@ def read_table(location, table: str = "steps", columns: list[str] | None = None)
 
 
 def read_trace(location, table: str = "steps"):
-    """A pandas DataFrame of a trace dir (or a project dir of several): one row per step per rank.
+    """A pandas DataFrame of a trace dir (or a project dir of several): one row per step per rank
+    (several rows of one step for a step over 2**63 - 1 FLOP: docs/traces.md, "Integers").
 
     ``table="breakdown"`` gives the per-module / per-op long table instead (see trace/schema.py).
     """

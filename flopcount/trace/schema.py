@@ -5,7 +5,7 @@ A trace directory (``meter(out=DIR)``) holds one run, written by every rank of t
     DIR/
       manifest/r00000.jsonl        one chained, hashed log per writer (see manifest.py)
       lease/r00000.lease           the lease of the writer that is writing now (see lease.py)
-      steps/r00000-000000.parquet  table ``steps``: one row per step per rank
+      steps/r00000-000000.parquet  table ``steps``: one row per step per rank (a step past int64: several)
       breakdown/r00000-000000.parquet  table ``breakdown``: long-format FLOPs and calls per flush window
 
 Each flush writes one ``steps`` part and one ``breakdown`` part per rank, with the same sequence
@@ -25,9 +25,13 @@ rollouts, from the engine's prompt and completion token counts: integrations/vll
 like ops, under an op name that starts with ``DERIVED_OP_PREFIX`` (``derived.vllm.generate``), so
 every table, summary and report can tell derived FLOPs from captured ones without a new column.
 
-FLOP values are int64: one step of one rank fits (9.2e18 is about 26 hours of a 100 PFLOP/s
-machine). A breakdown window is flushed early before its sums could leave int64. Totals across
-steps, ranks and runs are summed exactly in Python integers, never in int64 columns (exact.py).
+FLOP values are int64 (up to 9.2e18, about 26 hours of one 100 TFLOP/s GPU) and never leave
+it: a step of one rank over INT64_MAX FLOPs is several ``steps`` rows of the same step number,
+each adding up as one row does, slicing the step's time and energy, its counts in the first
+(accounting.StepRows); a breakdown sum over it is several rows of the same key. A breakdown
+window is flushed early before its sums could leave int64, so only such a step is split. Totals
+across steps, ranks and runs are summed exactly in Python integers, never in int64 columns
+(exact.py), so split rows add up like any others.
 
 Documentation: every column is defined once, below, with its type and meaning (``Column``); the
 column tables of docs/traces.md are this module's output (``python -m flopcount.trace.schema
