@@ -611,6 +611,14 @@ def test_a_re_hashed_next_step_that_disagrees_with_the_rows_is_reported(tmp_path
     result = cli("verify", run)
     assert result.returncode == 1 and "records next_step 3, but its steps file" in result.stdout + result.stderr
     entries = read_entries(path)
+    parts_of(entries)[1]["next_step"] = 4  # restored
+    parts_of(entries)[0]["next_step"] = 1  # a part inside the segment claiming a trailing row
+    write_entries(path, rechain(entries))
+    assert integrity(run).problems == [
+        "manifest/r00000.jsonl segment 0 part 0: records next_step 1, but its steps file "
+        "steps/r00000-000000.parquet ends with a step numbered 1, so the next step is 2"]
+    entries = read_entries(path)
+    parts_of(entries)[0]["next_step"] = 2
     parts_of(entries)[1].update(last_step=4, next_step=5)  # a range past the rows, consistent in itself
     write_entries(path, rechain(entries))
     assert integrity(run).problems == [
