@@ -63,6 +63,7 @@ class DarkModuleWatch:
 
     def __init__(self, context) -> None:
         self.context = context
+        self.stack = context.forward_stack  # a list the Context never rebinds: this call's frame is last
         self.kinds = SeenModules()  # module -> _Kind, found in one dict lookup per module call
         self.ran: dict[str, str] = {}
         self.always_dark: dict[str, str] = {}
@@ -77,13 +78,18 @@ class DarkModuleWatch:
             if entry is None or entry.ref() is not module:
                 entry = self.kinds.add(module, _Kind(self.kinds.ref(module), module))
             if entry.kind:
-                stack = self.context.forward_stack
-                if not stack or stack[-1].ref() is not module:  # the Context did not take this call
+                stack = self.stack
+                if not stack:
                     return
+                frame = stack[-1]
+                if frame is not entry.frame:  # a frame of another name, or not this module's
+                    if frame.ref() is not module:  # the Context did not take this call
+                        return
+                    entry.frame = frame  # a module's untagged frames are made once per name
                 cls_name = entry.cls_name
                 if type(module) is not entry.cls:  # its class was swapped since (a wrapper library)
                     cls_name = class_name(type(module))
-                (self.always_dark if entry.kind == 2 else self.ran)[stack[-1].name] = cls_name
+                (self.always_dark if entry.kind == 2 else self.ran)[frame.name] = cls_name
         except Exception as exc:  # a meter never breaks training
             self.context.guard.failed("dark module watch", exc)
 
@@ -132,12 +138,12 @@ class DarkModuleWatch:
 
 class _Kind:
     """A module as the watch sees it: 0 skip, 1 watch or 2 bypassing (``_kind``), its class and
-    class name when first seen."""
-    __slots__ = ("ref", "kind", "cls", "cls_name")
+    class name when first seen, the Context's frame of its last call (checked once per frame)."""
+    __slots__ = ("ref", "kind", "cls", "cls_name", "frame")
 
     def __init__(self, ref, module) -> None:
         self.ref, self.kind, self.cls = ref, _kind(module), type(module)
-        self.cls_name = class_name(self.cls)
+        self.cls_name, self.frame = class_name(self.cls), None
 
 
 def _kind(module) -> int:
