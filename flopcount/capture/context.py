@@ -209,13 +209,14 @@ class ModuleNames:
     ``Context._seen``: an outermost call makes current the module's own table (it is a root),
     else the latest table holding it, else a new one rooted at it; a call inside the current
     root is named in its table. The other roots stay out of the view so that their next
-    outermost call comes here: a reused model's own calls inside a wrapper take Python's path,
-    every other module keeps the fast one; the view is rebuilt only when the root changes."""
+    outermost call comes here: a reused model's root module takes Python's path when called
+    inside a wrapper, every other module keeps the fast one; the view is rebuilt (one dict pass
+    over the table) only when the root changes."""
 
     def __init__(self, view: SeenModules) -> None:
         self.view = view
-        self.tables: dict[int, SeenModules] = {}  # id(root) -> its table, the latest current last
-        self.current: SeenModules | None = None
+        self.tables: dict[int, _RootTable] = {}  # id(root) -> its table, the latest current last
+        self.current: _RootTable | None = None
 
     def outermost(self, module) -> Seen:
         """The entry of ``module`` called as the outermost module, its table made current."""
@@ -234,7 +235,7 @@ class ModuleNames:
         if entry is None:
             child = next((n for n, m in parent.module._modules.items() if m is module), type(module).__name__)
             entry = self._add(table, module, child if parent.name == ROOT_MODULE else f"{parent.name}.{child}")
-            if id(module) not in self.tables:  # another root: its outermost calls must come here
+            if id(module) not in self.tables:  # another table's root stays out: its outermost calls come here
                 self.view.by_id[id(module)] = entry
         return entry
 
@@ -243,15 +244,15 @@ class ModuleNames:
         entry = self.current.get(module) if self.current is not None else None
         return entry.name if entry is not None else type(module).__name__
 
-    def _new_table(self, root) -> SeenModules:
-        table = SeenModules()
+    def _new_table(self, root) -> "_RootTable":
+        table = _RootTable()
         for fqn, sub in root.named_modules():  # each module once, by its first name
             self._add(table, sub, fqn or ROOT_MODULE)
         table.root = table.by_id[id(root)].ref
         self.tables[id(root)] = table
         return table
 
-    def _make_current(self, table: SeenModules) -> None:
+    def _make_current(self, table: "_RootTable") -> None:
         key = id(table.root())
         self.tables[key] = self.tables.pop(key)  # the latest current last
         if table is self.current:
@@ -261,7 +262,7 @@ class ModuleNames:
         by_id.clear()  # in place: the native fast path holds this dict
         by_id.update({k: entry for k, entry in table.by_id.items() if k == key or k not in roots})
 
-    def _add(self, table: SeenModules, module, name: str) -> Seen:
+    def _add(self, table: "_RootTable", module, name: str) -> Seen:
         """A new entry for ``module`` in ``table``; when the module dies it leaves the table and
         the view, and a root takes its table along."""
         key, view = id(module), self.view.by_id
@@ -271,13 +272,21 @@ class ModuleNames:
                 entry = by_id.get(key)
                 if entry is not None and entry.ref is ref:
                     del by_id[key]
-            if getattr(table, "root", None) is ref:
+            if table.root is ref:
                 if self.tables.get(key) is table:
                     del self.tables[key]
                 if self.current is table:
                     self.current = None
                     view.clear()
         return table.add(module, Seen(weakref.ref(module, forget), name))
+
+
+class _RootTable(SeenModules):
+    """One root's entries (``ModuleNames``), and the weak reference to the root its entry holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = None
 
 
 class Context:
