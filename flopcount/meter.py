@@ -140,7 +140,7 @@ class Meter:
             self.context.remove()
             self._active = False
             dark = None
-            if not self.counter.acc.empty() or self.dark.ran or self.dark.always_dark:
+            if not self.counter.acc.empty() or self.dark.holds():
                 # Work after the last optimizer step (auto steps) or after the last step() is
                 # counted in its phases, in a record marked trailing: it is not a training step.
                 try:
@@ -218,6 +218,7 @@ class Meter:
                 self.capture.flush()
             self._pending_end = time.time()
             self.capture.mark_step_end()  # the step closes before the next op with FLOPs
+            self.dark.step_ended()  # the module calls from now on are the next step's
             if self.budget is not None:  # decide before the next step runs, this open step included
                 self._enforce_budget(pending=self._open_training_flops())
 
@@ -226,7 +227,7 @@ class Meter:
         the work booked so far (the capture calling this is the one booking: no flush)."""
         if self._pending_end is not None:
             end, self._pending_end = self._pending_end, None
-            self._close_step(end=end)
+            self._close_step(end=end, ended=True)
 
     def _open_training_flops(self) -> int:
         acc = self.counter.acc
@@ -254,8 +255,10 @@ class Meter:
         self.capture.flush()
         return self._close_step(tokens=tokens, samples=samples, end=end, trailing=trailing)
 
-    def _close_step(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False) -> StepRecord:
+    def _close_step(self, tokens=None, samples=None, end: float | None = None, trailing: bool = False,
+                    ended: bool = False) -> StepRecord:
         """Close the open step with the work booked so far: the record, live totals, the writer.
+        ``ended``: it is the step optimizer.step() ended, closing at the next step's first op.
         A step that books what the previous one booked (``_Derived.booked_by``: a steady loop)
         reuses what was derived from it: its settled FLOPs and calls (the records share them),
         dark modules and trace rows."""
@@ -273,7 +276,7 @@ class Meter:
                 training_phases=training_phases,
                 collectives=dict(acc.collectives), collective_bytes=dict(acc.collective_bytes),
                 trailing=trailing)
-        record.dark_modules = self.dark.take(flops, repeated=repeats)  # capture/dark.py
+        record.dark_modules = self.dark.take(flops, repeated=repeats, ended=ended)  # capture/dark.py
         record.energy = self.energy.sample() if self.energy is not None else None  # step boundary
         if repeats and record.dark_modules == last.dark_modules and training_phases == last.training_phases:
             rows = last.rows  # the same content: the same trace rows

@@ -6,6 +6,7 @@ import torch
 
 import flopcount
 from conftest import tiny_llama
+from flopcount.conventions import NO_MODULE, ROOT_MODULE
 from flopcount.trace.reader import read_table
 
 NUMPY = f"{__name__}.NumpyLinear"
@@ -110,3 +111,117 @@ def test_dark_rule_is_by_name_prefix():
     keys = [("forward", "matmul", "a.b.x", "aten.mm")]
     assert dark_in_step(ran, {}, keys) == {"c": "C"}  # a's submodule booked work: a is not dark
     assert dark_in_step(ran, {"t": "T"}, []) == {"a": "A", "a.b": "B", "c": "C", "t": "T"}
+
+
+# ---- one model object reused as a submodule of a new wrapper (a new outermost module) -------------
+M, D, OUT = 3, 8, 4  # rows, width, the numpy head's width
+
+
+def linear_forward() -> int:
+    """nn.Linear(D, D) on [M, D]: the product, then the bias add."""
+    return 2 * M * D * D + M * D
+
+
+def linear_backward() -> int:
+    """Its weight gradient (a product) and bias gradient (a row sum): the input needs none."""
+    return 2 * M * D * D + M * D
+
+
+def train_then_wrap(backend, model, steps: int, fresh_wrapper: bool):
+    """``steps`` times: train ``model`` alone (forward, backward), then run it under no_grad
+    inside a wrapper with a numpy head (the wrapper is the outermost module of that call): one
+    wrapper for all steps, or a new one each step (``fresh_wrapper``)."""
+    torch.manual_seed(0)
+    head, x = NumpyLinear(D, OUT), torch.randn(M, D)
+    wrapper = torch.nn.Sequential(model, head)
+    per_step = []
+    with flopcount.meter(backend=backend, warn=False) as m:
+        for _ in range(steps):
+            model(x).sum().backward()  # the loss's sum runs outside every module
+            model.zero_grad(set_to_none=True)
+            m.step()
+            per_step.append((dict(m.last_step.flops), dict(m.last_step.dark_modules)))
+            with torch.no_grad():
+                (torch.nn.Sequential(model, head) if fresh_wrapper else wrapper)(x)
+            m.step()
+            per_step.append((dict(m.last_step.flops), dict(m.last_step.dark_modules)))
+    return m.summary(), per_step
+
+
+def by_module(flops: dict) -> dict:
+    out: dict = {}
+    for (_, _, module, _), f in flops.items():
+        out[module] = out.get(module, 0) + f
+    return out
+
+
+@pytest.mark.parametrize("fresh_wrapper", [False, True])
+def test_a_trained_linear_reused_in_a_wrapper_names_the_wrappers_modules(backend, fresh_wrapper):
+    """A bare Linear is the root while it trains, then ``0`` of the wrapper whose ``1`` is dark."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, D)
+    s, per_step = train_then_wrap(backend, model, steps=2, fresh_wrapper=fresh_wrapper)
+    for train, wrapped in zip(per_step[::2], per_step[1::2]):
+        assert train[1] == {}  # training: nothing dark
+        assert by_module(train[0]) == {ROOT_MODULE: linear_forward() + linear_backward(), NO_MODULE: M * D}
+        assert wrapped[1] == {"1": NUMPY}
+        assert by_module(wrapped[0]) == {"0": linear_forward()}
+    assert s["dark_modules"] == {"1": NUMPY}
+    steps = 2
+    assert s["by_module"] == {ROOT_MODULE: steps * (linear_forward() + linear_backward()),
+                              NO_MODULE: steps * M * D, "0": steps * linear_forward()}
+    assert s["hardware_flops"] == steps * (2 * linear_forward() + linear_backward() + M * D)
+
+
+@pytest.mark.parametrize("fresh_wrapper", [False, True])
+def test_a_trained_model_reused_in_a_wrapper_finds_the_wrappers_dark_module(backend, fresh_wrapper):
+    """The model's own ``1`` (a Linear that books FLOPs) is ``0.1`` in the wrapper: the wrapper's
+    numpy ``1`` is dark, not hidden behind the model's name."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Linear(D, D))
+    s, per_step = train_then_wrap(backend, model, steps=2, fresh_wrapper=fresh_wrapper)
+    for train, wrapped in zip(per_step[::2], per_step[1::2]):
+        assert train[1] == {}
+        assert by_module(train[0]) == {"0": linear_forward() + linear_backward(),
+                                       "1": linear_forward() + 2 * (2 * M * D * D) + M * D,
+                                       NO_MODULE: M * D}
+        assert wrapped[1] == {"1": NUMPY}
+        assert by_module(wrapped[0]) == {"0.0": linear_forward(), "0.1": linear_forward()}
+    assert s["dark_modules"] == {"1": NUMPY}
+    steps = 2
+    assert s["by_module"] == {"0": steps * (linear_forward() + linear_backward()),
+                              "1": steps * (linear_forward() + 2 * (2 * M * D * D) + M * D),
+                              NO_MODULE: steps * M * D, "0.0": steps * linear_forward(), "0.1": steps * linear_forward()}
+    assert s["hardware_flops"] == steps * (2 * linear_forward() + linear_backward() + 2 * (2 * M * D * D) + M * D
+                                           + M * D + 2 * linear_forward())
+
+
+def sgd_step(params: int) -> int:
+    """Plain SGD: one multiply-add per parameter element (p -= lr * grad)."""
+    return 2 * params
+
+
+@pytest.mark.parametrize("reuse", ["same model", "another model"])
+def test_modules_called_after_optimizer_step_belong_to_the_next_step(backend, reuse):
+    """Automatic steps: optimizer.step() ends a step that closes at the next op with FLOPs, after
+    the next call's first module hooks ran: those modules are the next step's, never dark in the
+    one that closes (a bare Linear trained, then ``0`` of a wrapper, or of another model)."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(D, D), torch.randn(M, D)
+    head = NumpyLinear(D, OUT)
+    wrapper = torch.nn.Sequential(model if reuse == "same model" else torch.nn.Linear(D, D), head)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 2
+    with flopcount.meter(backend=backend, warn=False) as m:
+        for _ in range(steps):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                wrapper(x)
+    s = m.summary()
+    assert s["dark_modules"] == {"1": NUMPY}
+    assert s["steps"] == steps
+    assert s["by_module"] == {ROOT_MODULE: steps * (linear_forward() + linear_backward()),
+                              NO_MODULE: steps * (M * D + sgd_step(D * D + D)), "0": steps * linear_forward()}
+    assert s["hardware_flops"] == steps * (2 * linear_forward() + linear_backward() + M * D + sgd_step(D * D + D))

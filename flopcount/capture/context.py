@@ -17,7 +17,9 @@ forward (reentrant checkpoint's first forward, custom autograd.Function forwards
 always runs with grad disabled) stays forward.
 
 Modules: global forward pre/post hooks keep a stack of fully qualified names (as
-``named_modules()`` gives them, relative to the outermost module called). Backward ops are
+``named_modules()`` gives them, relative to the outermost module called: ``ModuleNames``, one
+table per outermost module, so that a model reused inside a new wrapper takes the wrapper's
+names there and keeps its own when called alone). Backward ops are
 attributed through gradient hooks on each module's outputs (entered) and inputs (left), one
 stack per autograd graph task, so reentrant backward inside checkpointing keeps its own
 (``BackwardModules``; the native backend swaps in the same stacks kept in C++, whose gradient
@@ -193,6 +195,100 @@ class SeenModules:
         return entry
 
 
+class ModuleNames:
+    """Module names relative to the outermost module called (its *root*): one table per root.
+
+    A root's table is made at its first outermost call from ``root.named_modules()`` (so that a
+    submodule keeps its full name when called on its own later) and grows by the modules called
+    inside the root that it does not hold, named after their parent. A module reused under
+    several roots (a model trained alone, then run inside a new wrapper) has one name in each.
+
+    ``view`` (the Context's ``seen``, which the native fast path reads too) holds the entries
+    of the *current* table, the latest outermost call's, except the roots of other tables: the
+    module hooks find a module's name there in one dict lookup. A module not there takes
+    ``Context._seen``: an outermost call makes current the module's own table (it is a root),
+    else the latest table holding it, else a new one rooted at it; a call inside the current
+    root is named in its table. The other roots stay out of the view so that their next
+    outermost call comes here: a reused model's root module takes Python's path when called
+    inside a wrapper, every other module keeps the fast one; the view is rebuilt (one dict pass
+    over the table) only when the root changes."""
+
+    def __init__(self, view: SeenModules) -> None:
+        self.view = view
+        self.tables: dict[int, _RootTable] = {}  # id(root) -> its table, the latest current last
+        self.current: _RootTable | None = None
+
+    def outermost(self, module) -> Seen:
+        """The entry of ``module`` called as the outermost module, its table made current."""
+        table = self.tables.get(id(module))
+        if table is None or table.root() is not module:
+            table = next((t for t in reversed(self.tables.values()) if t.get(module) is not None), None)
+            if table is None:
+                table = self._new_table(module)
+        self._make_current(table)
+        return table.get(module)
+
+    def inside(self, module, parent: Frame) -> Seen:
+        """The entry of ``module`` called inside ``parent``'s call, in the current root's table."""
+        table = self.current
+        entry = table.get(module)
+        if entry is None:
+            child = next((n for n, m in parent.module._modules.items() if m is module), type(module).__name__)
+            entry = self._add(table, module, child if parent.name == ROOT_MODULE else f"{parent.name}.{child}")
+            if id(module) not in self.tables:  # another table's root stays out: its outermost calls come here
+                self.view.by_id[id(module)] = entry
+        return entry
+
+    def name_of(self, module) -> str:
+        """Its name in the current table, else its class name (a module seen in no call)."""
+        entry = self.current.get(module) if self.current is not None else None
+        return entry.name if entry is not None else type(module).__name__
+
+    def _new_table(self, root) -> "_RootTable":
+        table = _RootTable()
+        for fqn, sub in root.named_modules():  # each module once, by its first name
+            self._add(table, sub, fqn or ROOT_MODULE)
+        table.root = table.by_id[id(root)].ref
+        self.tables[id(root)] = table
+        return table
+
+    def _make_current(self, table: "_RootTable") -> None:
+        key = id(table.root())
+        self.tables[key] = self.tables.pop(key)  # the latest current last
+        if table is self.current:
+            return
+        self.current = table
+        roots, by_id = self.tables, self.view.by_id
+        by_id.clear()  # in place: the native fast path holds this dict
+        by_id.update({k: entry for k, entry in table.by_id.items() if k == key or k not in roots})
+
+    def _add(self, table: "_RootTable", module, name: str) -> Seen:
+        """A new entry for ``module`` in ``table``; when the module dies it leaves the table and
+        the view, and a root takes its table along."""
+        key, view = id(module), self.view.by_id
+
+        def forget(ref) -> None:
+            for by_id in (table.by_id, view):
+                entry = by_id.get(key)
+                if entry is not None and entry.ref is ref:
+                    del by_id[key]
+            if table.root is ref:
+                if self.tables.get(key) is table:
+                    del self.tables[key]
+                if self.current is table:
+                    self.current = None
+                    view.clear()
+        return table.add(module, Seen(weakref.ref(module, forget), name))
+
+
+class _RootTable(SeenModules):
+    """One root's entries (``ModuleNames``), and the weak reference to the root its entry holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = None
+
+
 class Context:
     """Phase and module tracking for one meter. ``install()`` adds global hooks; ``remove()``."""
 
@@ -207,8 +303,8 @@ class Context:
         self.forward_stack: list[Frame] = []
         self.function_grad: list[bool] = []  # grad mode at each active autograd.Function.apply
         self.backward = BackwardModules()  # which module's backward runs, per graph task
-        self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.seen = SeenModules()  # module -> Seen: what the module hooks read per call
+        self.names = ModuleNames(self.seen)  # fills ``seen`` with the current root's names
         self.handles: list = []
         self.leaf_hooks: list = []  # gradient hooks on leaf tensors (removed when a step closes)
         # Told about every change of the state above (the native backend mirrors it in C++).
@@ -324,29 +420,12 @@ class Context:
             self.on_optimizer_step()  # closes the step; BudgetExceeded passes the guard
 
     # ---- modules --------------------------------------------------------------------------
-    def _name(self, module) -> str:
-        name = self.names.get(module)
-        if name is not None:
-            return name
-        parent = self.forward_stack[-1] if self.forward_stack else None
-        if parent is None:
-            # A new outermost module: name its whole tree at once, as named_modules() does, so
-            # that submodules keep their full names even when called on their own later.
-            for fqn, sub in module.named_modules():
-                self.names.setdefault(sub, fqn or ROOT_MODULE)
-            name = self.names[module]
-        else:
-            child = next((n for n, m in parent.module._modules.items() if m is module), type(module).__name__)
-            name = child if parent.name == ROOT_MODULE else f"{parent.name}.{child}"
-        self.names[module] = name
-        return name
-
     def _seen(self, module) -> Seen:
-        """The module's Seen entry, made at its first call (its name, from ``_name``)."""
-        seen = self.seen.get(module)
-        if seen is None:
-            seen = self.seen.add(module, Seen(self.seen.ref(module), self._name(module)))
-        return seen
+        """The module's entry for this call, where ``seen`` has none (``ModuleNames``)."""
+        stack = self.forward_stack
+        if stack and self.names.current is not None:
+            return self.names.inside(module, stack[-1])
+        return self.names.outermost(module)
 
     # The module hooks run for every module call of the job: the common case (a named module,
     # calls nested properly) is a few dict and list operations, one call into the extension with
@@ -457,7 +536,7 @@ class Context:
             self.leaf_hooks.append(handle)
 
     def _names_get(self, module) -> str:
-        return self.names.get(module, type(module).__name__)
+        return self.names.name_of(module)
 
     def reset_backward(self) -> None:
         """Drop finished graph tasks' module stacks (modules whose inputs need no grad never leave)."""

@@ -56,42 +56,78 @@ def dark_in_step(ran: dict[str, str], always_dark: dict[str, str], flops_keys) -
 
 
 class DarkModuleWatch:
-    """A module-hook subscriber (as capture.context.Context is): records the modules with own
-    parameters whose forward ran, named by the meter's Context. One dict lookup per module call."""
+    """A module-hook subscriber (as capture.context.Context is, subscribed after it): records
+    the modules with own parameters whose forward ran, by the name the meter's Context gave this
+    call (the frame it just pushed: a module reused under several outermost modules has a name
+    in each, capture/context.py ModuleNames). One dict lookup per module call."""
 
     def __init__(self, context) -> None:
         self.context = context
+        self.stack = context.forward_stack  # a list the Context never rebinds: this call's frame is last
         self.kinds = SeenModules()  # module -> _Kind, found in one dict lookup per module call
         self.ran: dict[str, str] = {}
         self.always_dark: dict[str, str] = {}
+        # (ran, always_dark) of the steps optimizer.step() ended that have not closed yet, oldest
+        # first: a step closes at the next op with FLOPs, after the next step's first module calls.
+        self.ended: list[tuple[dict, dict]] = []
         self.last: tuple | None = None  # take's last answer: (ran, always_dark, dark modules)
 
     def _module_pre(self, module, args) -> None:
-        entry = self.kinds.by_id.get(id(module))  # SeenModules.get, inlined
-        if entry is None or entry.ref() is not module:
-            entry = self.kinds.add(module, _Kind(self.kinds.ref(module), module))
-        if entry.kind:
-            name = entry.name
-            if name is None:  # the Context names a module once, for good
-                name = entry.name = self.context.names.get(module)
-                if name is None:
+        try:
+            entry = self.kinds.by_id.get(id(module))  # SeenModules.get, inlined
+            if entry is None or entry.ref() is not module:
+                entry = self.kinds.add(module, _Kind(self.kinds.ref(module), module))
+            if entry.kind:
+                stack = self.stack
+                if not stack:
                     return
-            cls_name = entry.cls_name
-            if type(module) is not entry.cls:  # its class was swapped since (a wrapper library)
-                cls_name = class_name(type(module))
-            (self.always_dark if entry.kind == 2 else self.ran)[name] = cls_name
+                frame = stack[-1]
+                if frame is not entry.frame:  # a frame of another name, or not this module's
+                    if frame.ref() is not module:  # the Context did not take this call
+                        return
+                    entry.frame = frame  # a module's untagged frames are made once per name
+                cls_name = entry.cls_name
+                if type(module) is not entry.cls:  # its class was swapped since (a wrapper library)
+                    cls_name = class_name(type(module))
+                (self.always_dark if entry.kind == 2 else self.ran)[frame.name] = cls_name
+        except Exception as exc:  # a meter never breaks training
+            self.context.guard.failed("dark module watch", exc)
 
     _module_post = None  # nothing to do when a call ends (ModuleHooks skips it)
 
-    def take(self, flops, repeated: bool = False) -> dict[str, str]:
+    def step_ended(self) -> None:
+        """optimizer.step() ended the open step (automatic steps): the module calls from now on
+        are the next step's, though the step closes only at the next op with FLOPs."""
+        self.ended.append((self.ran, self.always_dark))
+        self.ran, self.always_dark = {}, {}
+
+    def holds(self) -> bool:
+        """Some module call is recorded for a step not closed yet."""
+        return bool(self.ran or self.always_dark or self.ended)
+
+    def _record(self, ended: bool) -> tuple[dict, dict]:
+        """The closing step's (ran, always_dark): the oldest ended step's when the step that
+        optimizer.step() ended closes (``ended``), else everything recorded so far."""
+        if ended and self.ended:
+            return self.ended.pop(0)
+        ran, always_dark = {}, {}
+        for earlier_ran, earlier_always_dark in self.ended:
+            ran.update(earlier_ran)
+            always_dark.update(earlier_always_dark)
+        ran.update(self.ran)
+        always_dark.update(self.always_dark)
+        self.ended, self.ran, self.always_dark = [], {}, {}
+        return ran, always_dark
+
+    def take(self, flops, repeated: bool = False, ended: bool = False) -> dict[str, str]:
         """Dark modules of the step whose FLOPs are ``flops``; starts the next step's record.
         ``repeated``: ``flops`` equal those of the last call (a steady loop): when the same modules
-        ran, the last answer is the answer."""
-        ran, always_dark = self.ran, self.always_dark
+        ran, the last answer is the answer. ``ended``: the step optimizer.step() ended closes
+        (``step_ended``), the module calls since are the next step's."""
+        ran, always_dark = self._record(ended)
         if not ran and not always_dark:
             self.last = None
             return {}
-        self.ran, self.always_dark = {}, {}
         last = self.last
         if repeated and last is not None and last[0] == ran and last[1] == always_dark:
             return dict(last[2])
@@ -102,12 +138,12 @@ class DarkModuleWatch:
 
 class _Kind:
     """A module as the watch sees it: 0 skip, 1 watch or 2 bypassing (``_kind``), its class and
-    class name when first seen, its name once the Context has one."""
-    __slots__ = ("ref", "kind", "cls", "cls_name", "name")
+    class name when first seen, the Context's frame of its last call (checked once per frame)."""
+    __slots__ = ("ref", "kind", "cls", "cls_name", "frame")
 
     def __init__(self, ref, module) -> None:
         self.ref, self.kind, self.cls = ref, _kind(module), type(module)
-        self.cls_name, self.name = class_name(self.cls), None
+        self.cls_name, self.frame = class_name(self.cls), None
 
 
 def _kind(module) -> int:
