@@ -612,38 +612,10 @@ def build_parser() -> Parser:
     return parser
 
 
-class _NoPandas:
-    """A meta-path finder that says "no pandas" (for _pyarrow_without_pandas)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-def _pyarrow_without_pandas() -> None:
-    """pyarrow imports pandas (a third of `flopcount check`'s start-up) the first time it converts a
-    Python value, only to ask whether the value is a pandas object; the CLI's never are. Its first
-    probe finds no pandas here; pyarrow keeps that answer for its probes and still imports pandas
-    when a DataFrame is asked for (read_trace)."""
-    if "pandas" in sys.modules:
-        return
-    hide = _NoPandas()
-    sys.meta_path.insert(0, hide)
-    try:
-        import pyarrow
-
-        pyarrow.scalar(0)  # the probe
-    finally:
-        sys.meta_path.remove(hide)
-
-
 def main(argv: list[str] | None = None) -> int:
     from .errors import FlopcountError, IntegrityError, exit_code, one_line, printable
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "dir", None) is not None:  # a command that reads traces
-        _pyarrow_without_pandas()
     try:
         return args.run(args)
     except FlopcountError as e:  # by type (errors.EXIT_CODES): one line, no traceback
