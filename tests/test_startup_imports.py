@@ -144,3 +144,23 @@ def test_the_clis_analysis_commands_import_neither_pandas_nor_torch(tmp_path):
                                 text=True, timeout=300)
         assert result.returncode == 0, (command, result.stderr[-3000:])
         assert json.loads(result.stdout.strip().splitlines()[-1]) == {"code": 0, "loaded": []}, command
+
+
+DISPATCH_FIRST_OP = """
+import json, sys, torch, flopcount
+a, b = torch.randn(3, 5), torch.randn(5, 7)
+with flopcount.meter(backend="dispatch") as m:
+    for _ in range(2):
+        a @ b
+        m.step()
+print(json.dumps({"flops": m.summary()["hardware_flops"],
+                  "loaded": [n for n in ("torch._dynamo", "triton") if n in sys.modules]}))
+"""
+
+
+def test_the_dispatch_backend_imports_no_dynamo_at_its_first_op():
+    """torch wraps a TorchDispatchMode's __torch_dispatch__ in _disable_dynamo, which imports
+    Dynamo (Inductor, Triton: about a second) at the first op; the dispatch backend keeps Dynamo
+    off its frames without it (capture/dispatch.py)."""
+    got = run(DISPATCH_FIRST_OP)
+    assert got == {"flops": 2 * (2 * 3 * 5 * 7), "loaded": []}
