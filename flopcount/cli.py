@@ -487,16 +487,80 @@ def cmd_keys(args) -> int:
     return EXIT_OK
 
 
+BUILD_LOCK_WAIT_S = 900.0  # several builds' time (1.5-6 min each on two cores): only a stuck holder lasts longer
+
+
 def add_build_native(parser) -> None:
+    parser.add_argument("--wait", type=seconds, default=BUILD_LOCK_WAIT_S, metavar="SECONDS",
+                        help=f"wait at most this long for a build another process holds the lock for "
+                             f"(default {BUILD_LOCK_WAIT_S:g}); past it exit 1 naming the lock and its holder")
     parser.epilog = ("Builds into FLOPCOUNT_NATIVE_CACHE (default ~/.cache/flopcount/native), keyed by the torch "
-                     "installation, compiler, flags, source and Python ABI; waits for a build another process runs. "
-                     "Exit 0 when the extension loads, 1 otherwise (the dispatch backend is then used).")
+                     "installation, compiler, flags, source and Python ABI; waits for a build another process runs, "
+                     "at most --wait seconds. Exit 0 when the extension loads, 1 otherwise (the dispatch backend "
+                     "is then used).")
+
+
+def seconds(text: str) -> float:
+    value = finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} must be a number of seconds >= 0")
+    return value
 
 
 def cmd_build_native(args) -> int:
-    from .capture.native import build
+    from .capture.native import build, builder
 
-    return build()
+    paths = _unbuilt_paths(builder)
+    if paths is not None:
+        try:
+            lock = _take_build_lock(builder, paths, args.wait)
+        except OSError:  # an unwritable cache dir: build() below says so in one line
+            return build()
+        if lock is None:
+            print(f"flopcount: the native build lock {paths.lock} is still held {builder.building_line(paths)} "
+                  f"after {args.wait:g} s (--wait); let that build finish and run `flopcount build-native` "
+                  f"again, or stop that process if it is stuck", file=sys.stderr)
+            return EXIT_FINDING
+        if not paths.library.is_file():
+            print(f"flopcount: building the native extension into {paths.final} (about a minute)", file=sys.stderr)
+        try:
+            why = builder.build(builder.source_path(), paths, lock)  # releases the lock
+        except Exception as e:  # e.g. a full disk
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            print(f"flopcount: native backend unavailable ({why}); the dispatch backend will be used",
+                  file=sys.stderr)
+            return EXIT_FINDING
+    return build()  # loads the built library and says so (or why not, in one line)
+
+
+def _unbuilt_paths(builder):
+    """This environment's build paths while its library is still to be built; None when it is
+    built or never built here (``build()`` reports those, and an unreadable cache, itself)."""
+    try:
+        if builder.unsupported() is None:
+            paths = builder.paths_for(builder.source_path())
+            return None if paths.library.is_file() else paths
+    except Exception:
+        pass
+    return None
+
+
+def _take_build_lock(builder, paths, wait: float):
+    """The build lock of ``paths``, held, or None when another process held it for ``wait`` seconds.
+    The library's own loader bounds its wait the same way (FLOPCOUNT_NATIVE_WAIT)."""
+    import time
+
+    lock = builder.BuildLock(paths.lock)
+    if lock.acquire(blocking=False):
+        return lock
+    print(f"flopcount: waiting for the build {builder.building_line(paths)} (at most {wait:g} s)", file=sys.stderr)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(builder.POLL_S)
+        if lock.acquire(blocking=False):
+            return lock
+    return None
 
 
 def add_plan(parser) -> None:
@@ -548,38 +612,10 @@ def build_parser() -> Parser:
     return parser
 
 
-class _NoPandas:
-    """A meta-path finder that says "no pandas" (for _pyarrow_without_pandas)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-def _pyarrow_without_pandas() -> None:
-    """pyarrow imports pandas (a third of `flopcount check`'s start-up) the first time it converts a
-    Python value, only to ask whether the value is a pandas object; the CLI's never are. Its first
-    probe finds no pandas here; pyarrow keeps that answer for its probes and still imports pandas
-    when a DataFrame is asked for (read_trace)."""
-    if "pandas" in sys.modules:
-        return
-    hide = _NoPandas()
-    sys.meta_path.insert(0, hide)
-    try:
-        import pyarrow
-
-        pyarrow.scalar(0)  # the probe
-    finally:
-        sys.meta_path.remove(hide)
-
-
 def main(argv: list[str] | None = None) -> int:
     from .errors import FlopcountError, IntegrityError, exit_code, one_line, printable
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "dir", None) is not None:  # a command that reads traces
-        _pyarrow_without_pandas()
     try:
         return args.run(args)
     except FlopcountError as e:  # by type (errors.EXIT_CODES): one line, no traceback

@@ -133,6 +133,8 @@ class Meter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self._active:  # stopped in this process (stop_in_worker: a forked child unwinding
+            return False  # through `with`, a DataLoader worker) or exited: nothing is this exit's to close
         try:
             compiled_regions.detach(self)
             self.capture.__exit__(exc_type, exc, tb)
@@ -154,12 +156,13 @@ class Meter:
         return False
 
     def stop_in_worker(self) -> None:
-        """This process became a DataLoader worker (integrations/dataloader.py): stop seeing its
-        ops and book none of them (data preparation is not the model's training compute). A meter
-        this process inherited by fork leaves the trace to the process that entered it: its
-        writer (that process's files and lease) is not touched here. One entered in this process
-        (``flopcount run`` meters each spawned Python process from its start) closes its writer,
-        if it has one: a worker never steps, so it writes nothing."""
+        """This process is not metered: a DataLoader worker (integrations/dataloader.py; data
+        preparation is not the model's training compute) or a forked child (capture/active.py,
+        at the fork). Stop seeing its ops and book none of them. A meter this process inherited
+        by fork leaves the trace to the process that entered it: its writer (that process's files
+        and lease) is not touched here, nor later (``step()`` raises, ``__exit__`` does nothing).
+        One entered in this process (``flopcount run`` meters each spawned Python process from
+        its start) closes its writer, if it has one: a worker never steps, so it writes nothing."""
         if not self._active:
             return
         self._active = False
@@ -417,6 +420,9 @@ class Meter:
         return writer
 
     def _require_active(self, what: str) -> None:
+        if not self._active and self._entered_in not in (None, os.getpid()):
+            raise RuntimeError(f"flopcount: Meter.{what} in pid {os.getpid()}, a child forked from metered pid "
+                               f"{self._entered_in}: forked children are not metered; open a meter in the child")
         if not self._active:
             raise RuntimeError(f"flopcount: Meter.{what} needs an active meter: use it inside `with meter:`")
 

@@ -271,3 +271,40 @@ def test_value_dependent_formula_in_a_compiled_region():
             fn(x, torch.tensor(offsets))
         flops.append(m.summary()["by_op"]["flopcount_tests.segment_scale"]["flops"])
     assert flops == [4 * 3, 7 * 3, 4 * 3]
+
+
+def _with_an_eager_part():
+    """f(x, w) = sum((y @ y.T) @ y) with y = x @ w, whose middle product runs eagerly inside the
+    compiled function (a frame Dynamo skips: eager ops while compiled code runs). A new function
+    (code object) per call, so that each compiles afresh."""
+    @torch.compiler.disable(recursive=False)
+    def eager_part(y):
+        return y @ y.T
+
+    def f(x, w):
+        y = x @ w
+        return (eager_part(y) @ y).sum()
+
+    return f
+
+
+def test_dispatch_meter_counts_eager_ops_inside_compiled_code_without_dynamo_tracing_it():
+    """The dispatch backend's __torch_dispatch__ runs while Dynamo's frame callback is set (the
+    eager part): Dynamo must not trace it (capture/dispatch.py, _outside_dynamo). The meter's
+    run compiles exactly the frames an unmetered run compiles, and every op is counted."""
+    x, w = torch.randn(4, 8), torch.randn(8, 6)
+    frames = counters["frames"]["total"]
+    torch.compile(_with_an_eager_part(), backend="inductor")(x, w)
+    unmetered_frames = counters["frames"]["total"] - frames
+    compiled = torch.compile(_with_an_eager_part(), backend="inductor")
+    frames = counters["frames"]["total"]
+    with flopcount.meter(backend="dispatch", warn=False) as m:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):
+                compiled(x, w)
+                m.step()
+    assert counters["frames"]["total"] - frames == unmetered_frames
+    per_step = 2 * 4 * 8 * 6 + 2 * 4 * 6 * 4 + 2 * 4 * 4 * 6  # x @ w, y @ y.T, (y @ y.T) @ y
+    summary = m.summary()
+    assert summary["by_category"]["matmul"] == 3 * per_step and summary["steps"] == 3
+    assert summary["by_op"]["aten.mm"]["calls"] == 9

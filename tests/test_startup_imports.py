@@ -110,3 +110,57 @@ def test_arrays_built_and_read_from_buffers_equal_pyarrows_own():
     assert ours.to_pylist() == [{"key": "a", "value_sum": 11, "value_max": 6},
                                 {"key": "b", "value_sum": 7, "value_max": 5},
                                 {"key": None, "value_sum": 3, "value_max": 3}]
+
+
+# The CLI's analysis commands on a real trace, each in a fresh interpreter: pandas (through
+# pyarrow's conversions) and torch stay out (trace/arrays.py builds and reads Arrow arrays itself).
+ANALYSIS = """
+import contextlib, io, json, sys
+from flopcount import cli
+with contextlib.redirect_stdout(io.StringIO()):
+    code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "loaded": [n for n in ("pandas", "torch") if n in sys.modules]}))
+"""
+TRACE = """
+import sys, torch, flopcount
+a, b = torch.randn(3, 5), torch.randn(5, 7)
+with flopcount.meter(out=sys.argv[1], backend="dispatch") as m:
+    for _ in range(2):
+        a @ b
+        m.step()
+"""
+
+
+def test_the_clis_analysis_commands_import_neither_pandas_nor_torch(tmp_path):
+    out = str(tmp_path / "run")
+    made = subprocess.run([sys.executable, "-W", "ignore", "-c", TRACE, out], capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    commands = [["summarize", out, "--json"], ["verify", out], ["check", out, "--base-model-flops", "1e24"],
+                ["estimate", out, "--steps", "10"],
+                ["report", out, "--format", "html", "-o", str(tmp_path / "report.html")]]
+    for command in commands:
+        result = subprocess.run([sys.executable, "-W", "ignore", "-c", ANALYSIS, *command], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == {"code": 0, "loaded": []}, command
+
+
+DISPATCH_FIRST_OP = """
+import json, sys, torch, flopcount
+a, b = torch.randn(3, 5), torch.randn(5, 7)
+with flopcount.meter(backend="dispatch") as m:
+    for _ in range(2):
+        a @ b
+        m.step()
+print(json.dumps({"flops": m.summary()["hardware_flops"],
+                  "loaded": [n for n in ("torch._dynamo", "triton") if n in sys.modules]}))
+"""
+
+
+def test_the_dispatch_backend_imports_no_dynamo_at_its_first_op():
+    """torch wraps a TorchDispatchMode's __torch_dispatch__ in _disable_dynamo, which imports
+    Dynamo (Inductor, Triton: about a second) at the first op; the dispatch backend keeps Dynamo
+    off its frames without it (capture/dispatch.py)."""
+    got = run(DISPATCH_FIRST_OP)
+    assert got == {"flops": 2 * (2 * 3 * 5 * 7), "loaded": []}

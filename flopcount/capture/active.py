@@ -31,10 +31,17 @@ its own (Context, Counter, Capture).
   the second pass recomputing it. Keyed by identity, weak: an entry dies with its chunk.
 The hooks installed into torch and Triton stay for the process: they are no-ops while no meter
 is active. Lists are copied on write, so that hooks iterate them without a lock.
+
+A forked child (os.fork, multiprocessing's fork start method, a fork-started DataLoader worker)
+is not metered (docs/conventions.md, "Data loading"): one hook, registered
+with ``os.register_at_fork`` when this module is first imported, stops in the child every meter
+it inherited (``Hooks.stop_meters``) before the child runs any code of its own.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import weakref
 
@@ -63,6 +70,19 @@ class Hooks:
 
     def remove_context(self, context) -> None:
         self.contexts = [c for c in self.contexts if c is not context]
+
+    def stop_meters(self, where: str) -> list:
+        """This process is not metered (``where``: a DataLoader worker, a forked child): stop every
+        active meter in it (``Meter.stop_in_worker``: nothing booked, nothing of its parent's trace
+        written). Returns the meters stopped. A failure only says so: the process runs on."""
+        stopped = []
+        for meter in list(self.meters):
+            try:
+                meter.stop_in_worker()
+                stopped.append(meter)
+            except Exception as e:  # a meter never breaks the program
+                sys.stderr.write(f"flopcount: could not stop metering {where} pid {os.getpid()}: {e}\n")
+        return stopped
 
     def region_depth(self) -> int:
         return getattr(self.local, "depth", 0)
@@ -106,6 +126,35 @@ def _pop_captures(meters: list) -> list:
 
 
 HOOKS = Hooks()
+
+
+def _stop_meters_in_forked_child() -> None:
+    """``os.fork`` returned in the child: its inherited meters and their trace writers are the
+    parent's. They stop here; a child that then trains (optimizer steps) is told, once, that its
+    work is in no trace."""
+    if HOOKS.stop_meters("forked child"):
+        try:
+            _warn_once_if_training(os.getppid())
+        except Exception as e:  # a meter never breaks the program
+            sys.stderr.write(f"flopcount: forked child pid {os.getpid()} is not metered ({e})\n")
+
+
+def _warn_once_if_training(parent: int) -> None:
+    warned = []  # the hook stays (torch iterates its hooks: no removing from inside one)
+
+    def on_optimizer_step(optimizer, args, kwargs) -> None:
+        if not warned:
+            warned.append(True)
+            sys.stderr.write(f"flopcount: pid {os.getpid()}, forked from metered pid {parent}, runs optimizer "
+                             "steps that no meter counts (forked children are not metered); start training "
+                             "processes with spawn, forkserver or a launcher, or open a meter in the child\n")
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook  # torch.optim imports it lazily
+
+    register_optimizer_step_post_hook(on_optimizer_step)
+
+
+os.register_at_fork(after_in_child=_stop_meters_in_forked_child)  # once: at this module's first import
 
 
 def active_contexts() -> list:

@@ -2,7 +2,9 @@
 
 It implements the Capture protocol (capture/protocol.py): it books each op as it runs, so
 ``flush`` has nothing to do, and the Counter reports the step boundary (its ``on_work``, the
-first op with FLOPs after ``optimizer.step()``), so ``mark_step_end`` has nothing to do either."""
+first op with FLOPs after ``optimizer.step()``), so ``mark_step_end`` has nothing to do either.
+Dynamo never traces ``__torch_dispatch__`` (``_outside_dynamo``), and an eager job never imports
+Dynamo for it."""
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +26,12 @@ class DispatchCapture(TorchDispatchMode):
         super().__init__()
         self.counter = counter
         self.suspended = 0  # > 0 inside suspend(): compiled code (counted from its graph), the meter's own work
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Not torch's wrapper around __torch_dispatch__ (it imports Dynamo and Triton at the first
+        # op): _outside_dynamo, below the class, keeps Dynamo off our frames just as well.
+        return False
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -70,3 +78,31 @@ class DispatchCapture(TorchDispatchMode):
         if entry is not None:
             self.counter.count(entry, args, kwargs, out)
         return out
+
+
+
+def _outside_dynamo(dispatch):
+    """``dispatch`` that Dynamo never traces, as torch's own ``_disable_dynamo(recursive=True)``
+    makes it, without importing Dynamo (and with it Inductor and Triton, about a second) at the
+    first op of an eager job: only a thread that runs compiled code (its eval-frame callback set,
+    Dynamo imported already) takes torch's disabled path. The wrapper's own frame is skipped the
+    way torch's ``skip_code`` skips one. Without those torch._C hooks: torch's wrapper."""
+    disabled = torch._disable_dynamo(dispatch, recursive=True)
+    frames = getattr(torch._C, "_dynamo", None)
+    frames = getattr(frames, "eval_frame", None)
+    if not all(hasattr(frames, name) for name in ("get_eval_frame_callback", "set_code_exec_strategy",
+                                                  "_FrameExecStrategy", "_FrameAction")):
+        return disabled
+    callback = frames.get_eval_frame_callback
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if callback() is None:  # no compiled code runs in this thread: Dynamo sees no frame
+            return dispatch(self, func, types, args, kwargs)
+        return disabled(self, func, types, args, kwargs)
+
+    skip = frames._FrameExecStrategy(frames._FrameAction.SKIP, frames._FrameAction.DEFAULT)
+    frames.set_code_exec_strategy(__torch_dispatch__.__code__, skip)
+    return __torch_dispatch__
+
+
+DispatchCapture.__torch_dispatch__ = _outside_dynamo(DispatchCapture.__dict__["__torch_dispatch__"])

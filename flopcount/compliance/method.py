@@ -28,6 +28,8 @@ CONVENTIONS = (
     "each rank counts its local work only; ranks add up without double counting",
     "DataLoader worker processes (data loading, collate, transforms) are not metered: data preparation "
     "is not the model's training compute; data work in the training process itself is counted",
+    "children forked from a metered process (os.fork, multiprocessing's fork start method) are not "
+    "metered: the parent's meter counts the parent's work only",
     "work that feeds a training step's loss is training compute with or without gradients: rollouts "
     "(generation), reference and teacher forwards, reward scoring; only held-out evaluation is eval",
 )

@@ -10,14 +10,13 @@ worker, which ended the training.
 Every worker, however it is started, runs torch's worker loop (``_worker_loop``, the target of
 its process). ``install`` (Meter.__enter__, once per process) wraps it: the wrapper stops every
 meter active in the worker (``Meter.stop_in_worker``) before the loop runs. The training process
-only hands the wrapper to its workers: a forked worker calls it, a spawned one looks it up by
-name in its own flopcount-patched torch (``flopcount run``) or gets torch's own loop.
+only hands the wrapper to its workers: a forked worker calls it (its inherited meters already
+stopped at the fork, like those of every forked child: capture/active.py), a spawned one looks
+it up by name in its own flopcount-patched torch (``flopcount run``) or gets torch's own loop.
 """
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 from torch.utils.data._utils import worker
 
@@ -40,9 +39,6 @@ def install() -> None:
 
 
 def stop_meters_in_worker() -> None:
-    """Stop every meter active in this DataLoader worker; a failure only says so (the worker runs on)."""
-    for meter in list(HOOKS.meters):
-        try:
-            meter.stop_in_worker()
-        except Exception as e:  # a meter never breaks training
-            sys.stderr.write(f"flopcount: could not stop metering DataLoader worker pid {os.getpid()}: {e}\n")
+    """Stop every meter active in this DataLoader worker; a failure only says so (the worker runs on).
+    A fork-started worker has none left: they stopped at the fork (capture/active.py)."""
+    HOOKS.stop_meters("DataLoader worker")
