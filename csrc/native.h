@@ -28,8 +28,10 @@
 #include <ATen/record_function.h>
 #include <c10/core/Event.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -95,9 +97,121 @@ struct KeyHash {
 
 using Table = std::unordered_map<std::vector<int64_t>, int64_t, KeyHash>;
 
+// A key's hash for KeyCache: one multiply per value, then a final mix so that the low bits (the
+// table index) depend on every value.
+inline uint64_t key_hash(const int64_t* key, size_t n) noexcept {
+  uint64_t h = 0x9e3779b97f4a7c15ull ^ n;
+  for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<uint64_t>(key[i])) * 0x100000001b3ull;
+  h ^= h >> 32;
+  h *= 0xd6e8feb86659fd93ull;
+  return h ^ (h >> 32);
+}
+
+// One thread's key -> id cache (ThreadTable::ids), looked up once per recorded op: the keys back to
+// back in one array and open addressing on their hashes, so a lookup hashes the key once and
+// compares it in place, and a cached key costs no node of its own.
+class KeyCache {
+ public:
+  int64_t find(const std::vector<int64_t>& key, uint64_t h) const {  // -1: not cached
+    if (slots_.empty()) return -1;
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = h & mask;; i = (i + 1) & mask) {
+      const Entry& e = slots_[i];
+      if (e.length == 0) return -1;
+      if (e.hash == h && e.length == key.size() &&
+          std::memcmp(arena_.data() + e.offset, key.data(), key.size() * sizeof(int64_t)) == 0) {
+        return e.id;
+      }
+    }
+  }
+  void insert(const std::vector<int64_t>& key, uint64_t h, int64_t id) {  // key not cached yet
+    if ((count_ + 1) * 2 > slots_.size()) grow();
+    place(Entry{h, arena_.size(), key.size(), id});
+    arena_.insert(arena_.end(), key.begin(), key.end());
+    ++count_;
+  }
+  void clear() {
+    slots_.clear();
+    arena_.clear();
+    count_ = 0;
+  }
+  size_t size() const { return count_; }
+
+ private:
+  struct Entry {
+    uint64_t hash = 0;
+    size_t offset = 0;  // into arena_
+    size_t length = 0;  // 0: an empty slot (keys are never empty)
+    int64_t id = 0;
+  };
+  void place(const Entry& e) {
+    const size_t mask = slots_.size() - 1;
+    size_t i = e.hash & mask;
+    while (slots_[i].length != 0) i = (i + 1) & mask;
+    slots_[i] = e;
+  }
+  void grow() {
+    std::vector<Entry> old(std::max<size_t>(256, slots_.size() * 2));
+    old.swap(slots_);
+    for (const Entry& e : old) {
+      if (e.length != 0) place(e);
+    }
+  }
+  std::vector<Entry> slots_;  // a power of two, at most half full
+  std::vector<int64_t> arena_;
+  size_t count_ = 0;
+};
+
+// key id -> calls, iterated in first-call order. Open addressing over arrays that are reused (clear
+// keeps them), so counting a steady step's calls allocates nothing, and a steady step's calls come
+// out in the same order every step (drain relies on that: see Slot::recent_planned).
+class CallCounts {
+ public:
+  void add(int64_t id, int64_t calls) {
+    if ((order_.size() + 1) * 2 > slots_.size()) grow();
+    const size_t mask = slots_.size() - 1;
+    size_t i = static_cast<size_t>((static_cast<uint64_t>(id) * 0x9e3779b97f4a7c15ull) >> 32) & mask;
+    while (slots_[i].id != kEmpty && slots_[i].id != id) i = (i + 1) & mask;
+    if (slots_[i].id == kEmpty) {
+      slots_[i].id = id;
+      order_.push_back(i);
+    }
+    slots_[i].calls += calls;
+  }
+  template <typename F>
+  void for_each(F&& f) const {  // f(key id, calls), in first-call order
+    for (size_t i : order_) f(slots_[i].id, slots_[i].calls);
+  }
+  size_t size() const { return order_.size(); }
+  void clear() {
+    for (size_t i : order_) slots_[i] = Entry{};
+    order_.clear();
+  }
+
+ private:
+  static constexpr int64_t kEmpty = -1;  // key ids are >= 0
+  struct Entry {
+    int64_t id = kEmpty;
+    int64_t calls = 0;
+  };
+  void grow() {
+    std::vector<Entry> old(std::max<size_t>(64, slots_.size() * 2));
+    old.swap(slots_);
+    std::vector<size_t> old_order;
+    old_order.swap(order_);
+    for (size_t i : old_order) add(old[i].id, old[i].calls);  // the same order
+  }
+  std::vector<Entry> slots_;  // a power of two, at most half full
+  std::vector<size_t> order_;  // slots in first-call order
+};
+
 struct Generation {
-  std::unordered_map<int64_t, int64_t> calls;      // key id -> calls
+  CallCounts calls;                                // key id -> calls
   std::unordered_map<int64_t, int64_t> uncounted;  // op id -> calls
+  void clear() {
+    calls.clear();
+    uncounted.clear();
+  }
 };
 
 struct PendingValues {  // a device tensor's values on their way to pinned host memory
@@ -124,12 +238,29 @@ State& state();
 struct Counts {
   int64_t first = 0;  // the slot's generation number of gens[0]
   std::deque<Generation> gens;
+  std::vector<Generation> spare;  // emptied by drain (recycle), their arrays kept for the next step
   Generation& at(int64_t generation) {
     if (gens.empty()) first = generation;
     if (generation < first) generation = first;  // a boundary raced with a drain: the oldest kept
-    while (first + static_cast<int64_t>(gens.size()) <= generation) gens.emplace_back();
+    while (first + static_cast<int64_t>(gens.size()) <= generation) {
+      if (spare.empty()) {
+        gens.emplace_back();
+      } else {
+        gens.push_back(std::move(spare.back()));
+        spare.pop_back();
+      }
+    }
     return gens[static_cast<size_t>(generation - first)];
   }
+  void recycle() {  // drain has read every generation
+    for (auto& gen : gens) {
+      if (spare.size() >= kSpareGenerations) break;
+      gen.clear();
+      spare.push_back(std::move(gen));
+    }
+    gens.clear();
+  }
+  static constexpr size_t kSpareGenerations = 2;
 };
 
 // One thread's key table for one meter, merged at drain (like torch's profiler, which gives each
@@ -139,7 +270,7 @@ struct Counts {
 struct ThreadTable {
   int64_t incarnation = 0;  // the meter (Slot::incarnation) this table belongs to
   int64_t key_epoch = 0;    // Slot::key_epoch when ``ids`` was filled
-  Table ids;                // key -> id, as interned in the slot (the owner thread's cache)
+  KeyCache ids;             // key -> id, as interned in the slot (the owner thread's cache)
   std::unordered_map<std::string, int64_t> string_ids;  // the owner thread's cache of interned strings
   Counts buffers[2];
   std::atomic<Counts*> active{&buffers[0]};
@@ -163,6 +294,7 @@ struct Slot {
   // calls over apart from the rest: a steady step's planned calls repeat and are reused whole.
   std::vector<uint8_t> planned;
   std::vector<PendingValues> pending_values;
+  std::vector<Generation> merged;  // drain's scratch (drain holds its lock): the tables' counts summed
   // The Python dicts of planned calls that recent drains handed over, with their content ((key id,
   // calls) in order): a steady step's are the same, so drain hands over the same dict and Python
   // finds its summed totals by identity (capture.py _book). Touched by drain only (drain_mu), and

@@ -141,9 +141,11 @@ int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, boo
     table.ids.clear();
     table.key_epoch = epoch;
   }
+  uint64_t hash = 0;
   if (!per_drain) {
-    auto it = table.ids.find(key);
-    if (it != table.ids.end()) return it->second;
+    hash = key_hash(key.data(), key.size());
+    int64_t cached = table.ids.find(key, hash);
+    if (cached >= 0) return cached;
   }
   std::lock_guard<std::mutex> lock(s.mu);
   int64_t id;
@@ -168,7 +170,7 @@ int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, boo
     s.key_ids.emplace(key, id);
     s.new_keys.emplace_back(id, key);
   }
-  table.ids.emplace(key, id);
+  table.ids.insert(key, hash, id);
   return id;
 }
 
@@ -269,7 +271,7 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* observer_ctx) {
   for (const auto& out : fn.outputs()) encode_output(s, table, out, key, ctx->extra, per_drain);
   int64_t id = key_id(s, table, key, per_drain);
   Writing w(table);
-  w.counts->at(s.generation.load()).calls[id] += 1;
+  w.counts->at(s.generation.load()).calls.add(id, 1);
 }
 
 // RecordFunction takes plain function pointers: one start function per slot.
@@ -309,10 +311,11 @@ void merge(ThreadTable& table, int64_t first, std::vector<Generation>& out) {
     int64_t number = std::max(old->first + static_cast<int64_t>(g), first);
     size_t at = static_cast<size_t>(number - first);
     if (out.size() <= at) out.resize(at + 1);
-    for (const auto& [id, calls] : old->gens[g].calls) out[at].calls[id] += calls;
-    for (const auto& [id, calls] : old->gens[g].uncounted) out[at].uncounted[id] += calls;
+    Generation& into = out[at];
+    old->gens[g].calls.for_each([&](int64_t id, int64_t calls) { into.calls.add(id, calls); });
+    for (const auto& [id, calls] : old->gens[g].uncounted) into.uncounted[id] += calls;
   }
-  old->gens.clear();
+  old->recycle();
 }
 
 }  // namespace
@@ -400,7 +403,14 @@ void set_planned(int64_t index, const std::vector<int64_t>& ids, bool planned) {
 // were forgotten. Waiting on a copy's event blocks only until that copy is done (the copies are
 // queued early in the step); it does not synchronise the device.
 namespace {
-constexpr size_t kRecentPlanned = 4;  // a drain holds a step's end and the next one's start: parts alternate
+constexpr size_t kRecentPlanned = 4;
+
+// Empty drain's scratch (Slot::merged) for the next drain, keeping its first generations' arrays.
+void recycle_merged(std::vector<Generation>& generations) {
+  constexpr size_t kKept = 2;
+  if (generations.size() > kKept) generations.resize(kKept);
+  for (auto& gen : generations) gen.clear();
+}  // a drain holds a step's end and the next one's start: parts alternate
 
 // The dict of planned calls for ``planned`` (key id, calls, in the drain's order, which the trace's
 // rows follow): a recent drain's own when it holds the same in the same order, else a new one,
@@ -433,7 +443,8 @@ py::tuple drain(int64_t index) {
     tables = s.tables;
     first = s.drained;
   }
-  std::vector<Generation> generations;
+  std::vector<Generation>& generations = s.merged;  // its generations' arrays kept from the last drain
+  recycle_merged(generations);  // empty (already, unless the last drain failed half way)
   for (auto& table : tables) merge(*table, first, generations);
   std::vector<PendingValues> pending;
   std::vector<std::pair<int64_t, std::vector<int64_t>>> new_keys;
@@ -448,10 +459,10 @@ py::tuple drain(int64_t index) {
     for (const auto& gen : generations) {
       auto& flags = is_planned.emplace_back();
       flags.reserve(gen.calls.size());
-      for (const auto& entry : gen.calls) {
-        auto id = static_cast<size_t>(entry.first);
+      gen.calls.for_each([&](int64_t key, int64_t) {
+        auto id = static_cast<size_t>(key);
         flags.push_back(id < s.planned.size() ? s.planned[id] : 0);
-      }
+      });
     }
     pending.swap(s.pending_values);
     new_keys.swap(s.new_keys);
@@ -476,15 +487,16 @@ py::tuple drain(int64_t index) {
     std::vector<std::pair<int64_t, int64_t>> planned;
     py::dict other;
     size_t i = 0;
-    for (const auto& [id, calls] : generations[g].calls) {  // the order in which is_planned was filled
+    generations[g].calls.for_each([&](int64_t id, int64_t calls) {  // the order in which is_planned was filled
       if (is_planned[g][i++]) {
         planned.emplace_back(id, calls);
       } else {
         other[py::int_(id)] = py::int_(calls);
       }
-    }
+    });
     out.append(py::make_tuple(planned_dict(s, std::move(planned)), other, py::cast(generations[g].uncounted)));
   }
+  recycle_merged(generations);
   py::dict keys;
   for (auto& [id, key] : new_keys) keys[py::int_(id)] = py::tuple(py::cast(key));
   return py::make_tuple(out, keys, values, reset);
