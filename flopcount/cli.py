@@ -508,59 +508,9 @@ def seconds(text: str) -> float:
 
 
 def cmd_build_native(args) -> int:
-    from .capture.native import build, builder
+    from .capture.native import build
 
-    paths = _unbuilt_paths(builder)
-    if paths is not None:
-        try:
-            lock = _take_build_lock(builder, paths, args.wait)
-        except OSError:  # an unwritable cache dir: build() below says so in one line
-            return build()
-        if lock is None:
-            print(f"flopcount: the native build lock {paths.lock} is still held {builder.building_line(paths)} "
-                  f"after {args.wait:g} s (--wait); let that build finish and run `flopcount build-native` "
-                  f"again, or stop that process if it is stuck", file=sys.stderr)
-            return EXIT_FINDING
-        if not paths.library.is_file():
-            print(f"flopcount: building the native extension into {paths.final} (about a minute)", file=sys.stderr)
-        try:
-            why = builder.build(builder.source_path(), paths, lock)  # releases the lock
-        except Exception as e:  # e.g. a full disk
-            why = f"{type(e).__name__}: {e}"
-        if why:
-            print(f"flopcount: native backend unavailable ({why}); the dispatch backend will be used",
-                  file=sys.stderr)
-            return EXIT_FINDING
-    return build()  # loads the built library and says so (or why not, in one line)
-
-
-def _unbuilt_paths(builder):
-    """This environment's build paths while its library is still to be built; None when it is
-    built or never built here (``build()`` reports those, and an unreadable cache, itself)."""
-    try:
-        if builder.unsupported() is None:
-            paths = builder.paths_for(builder.source_path())
-            return None if paths.library.is_file() else paths
-    except Exception:
-        pass
-    return None
-
-
-def _take_build_lock(builder, paths, wait: float):
-    """The build lock of ``paths``, held, or None when another process held it for ``wait`` seconds.
-    The library's own loader bounds its wait the same way (FLOPCOUNT_NATIVE_WAIT)."""
-    import time
-
-    lock = builder.BuildLock(paths.lock)
-    if lock.acquire(blocking=False):
-        return lock
-    print(f"flopcount: waiting for the build {builder.building_line(paths)} (at most {wait:g} s)", file=sys.stderr)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        time.sleep(builder.POLL_S)
-        if lock.acquire(blocking=False):
-            return lock
-    return None
+    return build(args.wait)  # loads the built library and says so (or why not, in one line)
 
 
 def add_plan(parser) -> None:

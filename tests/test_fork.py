@@ -24,21 +24,13 @@ STEPS = 2
 MATMUL = 2 * 8 * 16 * 4  # X @ w forward; its backward X^T @ grad (X needs no gradient) is the same
 
 FORKING_SCRIPT = textwrap.dedent("""
-    import hashlib, json, os, sys
+    import json, os, sys
     import multiprocessing as mp
     import torch
     import flopcount
+    from tracegen import tree_digest as snapshot  # tests/ is on PYTHONPATH (run_script)
 
     X = torch.randn(8, 16)
-
-    def snapshot(out):
-        files = {}
-        for root, _, names in os.walk(out):
-            for name in names:
-                path = os.path.join(root, name)
-                with open(path, "rb") as f:
-                    files[os.path.relpath(path, out)] = hashlib.sha256(f.read()).hexdigest()
-        return files
 
     def train(w, opt, steps=1):
         for _ in range(steps):
@@ -89,7 +81,9 @@ def run_script(tmp_path, name, backend, how):
     script = tmp_path / "forking.py"
     script.write_text(FORKING_SCRIPT)
     out = tmp_path / name
-    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    environ = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
     environ.pop("FLOPCOUNT_RUN", None)
     result = subprocess.run([sys.executable, str(script), str(out), backend, how], env=environ, cwd=tmp_path,
                             capture_output=True, text=True, timeout=240)

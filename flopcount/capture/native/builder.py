@@ -521,22 +521,47 @@ def describe() -> dict:
     }
 
 
-def build_now() -> int:
+def _held_lock(paths: BuildPaths, wait: float | None) -> BuildLock | None:
+    """The build lock of ``paths``, held; None when another process held it ``wait`` seconds."""
+    lock = BuildLock(paths.lock)
+    if lock.acquire(blocking=False):
+        return lock
+    print(f"flopcount: waiting for the build {building_line(paths)}"
+          + (f" (at most {wait:g} s)" if wait is not None else ""), file=sys.stderr)
+    if wait is None:
+        lock.acquire(blocking=True)
+        return lock
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        if lock.acquire(blocking=False):
+            return lock
+    return None
+
+
+def build_now(wait: float | None = None) -> int:
     """Build the extension now, waiting for a build another process runs (``flopcount build-native``,
-    ``make setup``); 0 when it loads, 1 otherwise."""
+    ``make setup``): at most ``wait`` seconds (None: as long as it takes), then one line naming the
+    lock and its holder. 0 when it loads, 1 otherwise."""
     why = unsupported()
     if why is None:
         source = source_path()
         try:
             paths = paths_for(source)
+            lock = None
             if not paths.library.is_file():
-                if holder(paths) is not None:
-                    print(f"flopcount: waiting for the build {building_line(paths)}", file=sys.stderr)
-                else:
+                if holder(paths) is not None or wait is not None:
+                    lock = _held_lock(paths, wait)
+                    if lock is None:
+                        print(f"flopcount: the native build lock {paths.lock} is still held {building_line(paths)} "
+                              f"after {wait:g} s (--wait); let that build finish and run `flopcount build-native` "
+                              f"again, or stop that process if it is stuck", file=sys.stderr)
+                        return 1
+                if not paths.library.is_file():
                     print(f"flopcount: building the native extension into {paths.final} (about a minute)",
                           file=sys.stderr)
-            why = build(source, paths)
-        except Exception as exc:  # an unwritable cache dir, ...
+            why = build(source, paths, lock)  # releases the lock
+        except Exception as exc:  # an unwritable cache dir, a full disk, ...
             why = _one_line(exc)
         package._load.cache_clear()
         why = why or package.load_error()
