@@ -13,6 +13,8 @@
 
 #include <c10/util/SmallVector.h>
 
+#include <structmember.h>
+
 #include <algorithm>
 
 namespace flopcount_native {
@@ -225,9 +227,9 @@ bool plain_values(PyObject* value) {
 }
 
 void grads_of(PyObject* value, Grads& g) {
-  if (THPVariable_Check(value)) {
-    grads_of_tensor(value, g);
-  } else if (PyTuple_Check(value) || PyList_Check(value)) {
+  // Containers first: THPVariable_Check on a tuple (a module's args) is a full isinstance (~800
+  // instructions through Tensor's metaclass); a tuple or list is never a tensor.
+  if (PyTuple_Check(value) || PyList_Check(value)) {
     PyObject* seq = value;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
@@ -240,6 +242,8 @@ void grads_of(PyObject* value, Grads& g) {
     while (!g.python && PyDict_Next(value, &pos, &k, &v)) {
       if (THPVariable_Check(v)) grads_of_tensor(v, g);
     }
+  } else if (THPVariable_Check(value)) {
+    grads_of_tensor(value, g);
   } else if (value != Py_None) {
     g.python = true;  // a model output object, or anything Python knows how to open
   }
@@ -306,6 +310,8 @@ void clear_backward_modules(int64_t index) {
 // calls nested properly, a snapshot and module name already interned. Anything else is handed to
 // the Python methods before anything changed, so both paths leave the same state. Failures go to
 // the Context's guard as in Python (only BudgetExceeded and strict mode's error pass).
+// Each module call runs this twice, so its Python reads are direct: attributes at their slot or
+// in their object's dict (Attr), and pre/post are METH_FASTCALL builtins, not pybind methods.
 namespace {
 
 PyObject* interned(const char* s) {
@@ -314,37 +320,88 @@ PyObject* interned(const char* s) {
   return o;  // kept for the process
 }
 
-struct Names {
-  PyObject *ref = interned("ref"), *name = interned("name"), *frames = interned("frames"), *tag = interned("tag"),
-           *tag_version = interned("tag_version"), *version = interned("version"),
-           *grad_enabled = interned("grad_enabled"), *tagged = interned("tagged"),
-           *optimizer_depth = interned("optimizer_depth"),
-           *registry_version = interned("registry_version");
+#ifdef Py_T_OBJECT_EX  // Python 3.12 renamed structmember.h's constants
+constexpr int kObjectMember = Py_T_OBJECT_EX;
+constexpr int kReadOnly = Py_READONLY;
+#else
+constexpr int kObjectMember = T_OBJECT_EX;
+constexpr int kReadOnly = READONLY;
+#endif
+
+// One attribute name, read as PyObject_GetAttr would read it but without its generic lookup
+// (about 200 instructions): where the object's type (generic getattr, a valid version tag) holds
+// a ``__slots__`` member of that name, at the member's offset (Seen, Frame); where the type has
+// no attribute of that name at all, in the instance dict (Context, the capture, the registries).
+// What to do is found once per type and version (the type's MRO, _PyType_Lookup), so a class
+// changed later, a subclass or a property all take the generic path: the value is Python's.
+class Attr {
+ public:
+  explicit Attr(const char* name) : name_(interned(name)) {}
+
+  // A new reference to obj.<name>, or throws Python's error.
+  py::object get(PyObject* obj) {
+    PyTypeObject* type = Py_TYPE(obj);
+    if (type != reinterpret_cast<PyTypeObject*>(type_.ptr()) || type->tp_version_tag != version_) find(type);
+    PyObject* v = nullptr;
+    if (offset_ >= 0) {
+      v = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(obj) + offset_);  // null: unset, Python raises
+    } else if (in_dict_) {
+      PyObject* dict = PyObject_GenericGetDict(obj, nullptr);  // new reference
+      if (dict == nullptr) throw py::error_already_set();
+      v = PyDict_GetItemWithError(dict, name_);  // borrowed
+      Py_XINCREF(v);
+      Py_DECREF(dict);
+      if (v != nullptr) return py::reinterpret_steal<py::object>(v);
+      if (PyErr_Occurred()) throw py::error_already_set();
+    }
+    if (v != nullptr) return py::reinterpret_borrow<py::object>(v);
+    v = PyObject_GetAttr(obj, name_);
+    if (v == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(v);
+  }
+
+ private:
+  void find(PyTypeObject* type) {
+    offset_ = -1;
+    in_dict_ = false;
+    PyObject* found = _PyType_Lookup(type, name_);  // borrowed; also gives the type a version tag
+    version_ = PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG) ? type->tp_version_tag : 0;
+    type_ = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(type));  // kept: an address names one type
+    if (version_ == 0 || type->tp_getattro != PyObject_GenericGetAttr) return;
+    if (found != nullptr && Py_TYPE(found) == &PyMemberDescr_Type) {
+      const PyMemberDef* member = reinterpret_cast<PyMemberDescrObject*>(found)->d_member;
+      if (member->type == kObjectMember && (member->flags & ~kReadOnly) == 0) offset_ = member->offset;
+    } else if (found == nullptr && type->tp_dictoffset != 0) {
+      in_dict_ = true;
+    }
+  }
+
+  PyObject* name_;
+  py::object type_;
+  unsigned int version_ = 0;  // 0: the type has none, nothing is cached
+  Py_ssize_t offset_ = -1;
+  bool in_dict_ = false;
 };
 
-const Names& names() {
-  static const Names* n = new Names();  // leaked on purpose, as state()
-  return *n;
-}
-
-// A new reference to obj.name, or throws.
-py::object attr(PyObject* obj, PyObject* name) {
-  PyObject* v = PyObject_GetAttr(obj, name);
-  if (v == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(v);
-}
-
 bool truthy(PyObject* obj) {
+  if (obj == Py_True) return true;
+  if (obj == Py_False || obj == Py_None) return false;
   int t = PyObject_IsTrue(obj);
   if (t < 0) throw py::error_already_set();
   return t == 1;
 }
 
 // The module a frame or a Seen entry holds weakly (borrowed; Py_None once it died).
-PyObject* referent(PyObject* holder) {
-  py::object ref = attr(holder, names().ref);
+PyObject* referent(const py::object& ref) {
   if (!PyWeakref_Check(ref.ptr())) return nullptr;
   return PyWeakref_GetObject(ref.ptr());
+}
+
+// Equal ints (versions): by identity first, as PyObject_RichCompareBool.
+bool same_value(const py::object& a, const py::object& b) {
+  int same = PyObject_RichCompareBool(a.ptr(), b.ptr(), Py_EQ);
+  if (same < 0) throw py::error_already_set();
+  return same == 1;
 }
 
 }  // namespace
@@ -372,53 +429,55 @@ struct ModuleFastPath {
     python_hooks = capture.attr("python_hooks").cast<int64_t>();
   }
 
-  void pre(py::handle module, py::handle args) {
+  void pre(PyObject* module, PyObject* args) {
     py::object name;
     bool grad = false, fast = false;
     bool ok = guarded("module hook", [&] {
-      const Names& n = names();
-      py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(module.ptr()));  // id(module)
+      py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(module));  // id(module)
       if (!key) throw py::error_already_set();
       PyObject* entry = PyDict_GetItemWithError(seen.ptr(), key.ptr());  // borrowed
       if (entry == nullptr && PyErr_Occurred()) throw py::error_already_set();
-      if (entry == nullptr || referent(entry) != module.ptr() || !current_untagged(entry)) return;
-      py::object frames = attr(entry, n.frames);
+      if (entry == nullptr) return;
+      py::object keep = py::reinterpret_borrow<py::object>(entry);  // the reads below run no Python, but keep it
+      if (referent(seen_ref_.get(entry)) != module || !current_untagged(entry)) return;
+      py::object frames = frames_.get(entry);
       if (!PyTuple_Check(frames.ptr()) || PyTuple_GET_SIZE(frames.ptr()) != 2) return;
-      name = attr(entry, n.name);
+      name = seen_name_.get(entry);
       grad = c10::GradMode::is_enabled();
       if (PyList_Append(stack.ptr(), PyTuple_GET_ITEM(frames.ptr(), grad ? 1 : 0)) < 0) throw py::error_already_set();
       fast = true;
     });
     if (!ok) return;  // the guard took the failure, as Context._module_pre does
     if (!fast) {
-      python_pre(context, module, args);  // a first call, a model phase: Python does it all
+      python_pre(context, py::handle(module), py::handle(args));  // a first call, a model phase: Python does it all
       return;
     }
     // Fires once gradients for all inputs exist: the module's backward is over.
-    entered(grad ? args : py::handle(Py_None), name, name, false);  // the module is the innermost now
+    entered(grad ? py::handle(args) : py::handle(Py_None), name, name, false);  // the module is the innermost now
   }
 
-  void post(py::handle module, py::handle args, py::handle output) {
+  void post(PyObject* module, PyObject* args, PyObject* output) {
     py::object name, innermost = py::none();
     bool grad = false, fast = false;
     bool ok = guarded("module hook", [&] {
       PyObject* stack_list = stack.ptr();
       Py_ssize_t size = PyList_GET_SIZE(stack_list);
-      PyObject* frame = size > 0 ? PyList_GET_ITEM(stack_list, size - 1) : nullptr;  // borrowed
-      if (frame == nullptr || referent(frame) != module.ptr() || truthy(attr(frame, names().tagged).ptr())) return;
-      name = attr(frame, names().name);
+      if (size == 0) return;
+      py::object frame = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(stack_list, size - 1));
+      if (referent(frame_ref_.get(frame.ptr())) != module || truthy(tagged_.get(frame.ptr()).ptr())) return;
+      name = frame_name_.get(frame.ptr());
       if (PyList_SetSlice(stack_list, size - 1, size, nullptr) < 0) throw py::error_already_set();  // pop
-      if (size > 1) innermost = attr(PyList_GET_ITEM(stack_list, size - 2), names().name);
+      if (size > 1) innermost = frame_name_.get(PyList_GET_ITEM(stack_list, size - 2));
       grad = c10::GradMode::is_enabled();
       fast = true;
     });
     if (!ok) return;
     if (!fast) {
-      python_post(context, module, args, output);  // frames skipped (an exception), a model phase
+      python_post(context, py::handle(module), py::handle(args), py::handle(output));  // frames skipped (an exception), a model phase
       return;
     }
     // Fires at the first gradient of an output: the module's backward begins.
-    entered(grad ? output : py::handle(Py_None), name, innermost, true);
+    entered(grad ? py::handle(output) : py::handle(Py_None), name, innermost, true);
   }
 
  private:
@@ -438,11 +497,7 @@ struct ModuleFastPath {
 
   // The Seen entry's model phase is current (MODEL_PHASES.version) and there is none.
   bool current_untagged(PyObject* entry) {
-    const Names& n = names();
-    py::object seen_version = attr(entry, n.tag_version), version = attr(phases.ptr(), n.version);
-    int same = PyObject_RichCompareBool(seen_version.ptr(), version.ptr(), Py_EQ);
-    if (same < 0) throw py::error_already_set();
-    return same == 1 && attr(entry, n.tag).is_none();
+    return same_value(tag_version_.get(entry), phases_version_.get(phases.ptr())) && tag_.get(entry).is_none();
   }
 
   // NativeCapture.module_changed after the stack changed, then the hooks it leaves to Python.
@@ -456,18 +511,15 @@ struct ModuleFastPath {
   // (or a registry changed since) goes to the Python method. ``innermost``: the innermost
   // forward module's name now (None: none).
   py::object module_changed(py::handle value, const py::object& name, py::handle innermost, bool enter) {
-    const Names& n = names();
     PyObject* stack_list = stack.ptr();
     Py_ssize_t size = PyList_GET_SIZE(stack_list);
-    bool optimizer = truthy(attr(context.ptr(), n.optimizer_depth).ptr());
+    bool optimizer = truthy(optimizer_depth_.get(context.ptr()).ptr());
     Py_ssize_t phases_size = PyList_GET_SIZE(user_phases.ptr());
     PyObject* phase = phases_size > 0 ? PyList_GET_ITEM(user_phases.ptr(), phases_size - 1) : Py_None;
-    bool outer = (size > 0 && truthy(attr(PyList_GET_ITEM(stack_list, 0), n.grad_enabled).ptr())) ||
+    bool outer = (size > 0 && truthy(grad_enabled_.get(PyList_GET_ITEM(stack_list, 0)).ptr())) ||
                  (PyList_GET_SIZE(function_grad.ptr()) > 0 && truthy(PyList_GET_ITEM(function_grad.ptr(), 0)));
-    py::object version = attr(registry.ptr(), n.version), known = attr(capture.ptr(), n.registry_version);
-    int same = PyObject_RichCompareBool(version.ptr(), known.ptr(), Py_EQ);
-    if (same < 0) throw py::error_already_set();
-    int64_t ident = same == 1 ? snapshot_id({optimizer, phase, outer, innermost.ptr()}) : -1;
+    bool current = same_value(registry_version_.get(registry.ptr()), known_version_.get(capture.ptr()));
+    int64_t ident = current ? snapshot_id({optimizer, phase, outer, innermost.ptr()}) : -1;
     int64_t module = -1;
     if (ident >= 0 && !value.is_none()) {
       PyObject* id = PyDict_GetItemWithError(module_ids.ptr(), name.ptr());  // borrowed
@@ -523,14 +575,80 @@ struct ModuleFastPath {
   int64_t act_on = 0, python_hooks = 0, slot_index = -1;
   std::unordered_map<Snapshot, int64_t, SnapshotHash> snapshot_cache;
   std::vector<py::object> kept;  // the strings snapshot_cache's keys point to
+  // What every call reads, one Attr per attribute of one type (each caches the type it reads):
+  // Seen's slots, Frame's, MODEL_PHASES.version, the Context's, the registry's and the capture's.
+  Attr seen_ref_{"ref"}, seen_name_{"name"}, frames_{"frames"}, tag_{"tag"}, tag_version_{"tag_version"};
+  Attr frame_ref_{"ref"}, frame_name_{"name"}, grad_enabled_{"grad_enabled"}, tagged_{"tagged"};
+  Attr phases_version_{"version"}, optimizer_depth_{"optimizer_depth"}, registry_version_{"version"},
+      known_version_{"registry_version"};
 };
+
+namespace {
+
+// pre and post as METH_FASTCALL builtins bound to a capsule of their ModuleFastPath: the module
+// hooks call them twice per module call, and pybind's dispatcher (argument loaders, overload
+// records) costs about 1,000 instructions per call on top. The capsule holds the pybind object.
+constexpr const char* kCapsule = "flopcount_native.ModuleFastPath";
+
+template <typename F>
+PyObject* fast_call(PyObject* capsule, Py_ssize_t nargs, Py_ssize_t expected, const char* what, F&& body) {
+  if (nargs != expected) {
+    PyErr_Format(PyExc_TypeError, "ModuleFastPath.%s takes %zd arguments (%zd given)", what, expected, nargs);
+    return nullptr;
+  }
+  auto* fast = static_cast<ModuleFastPath*>(PyCapsule_GetPointer(capsule, kCapsule));
+  if (fast == nullptr) return nullptr;
+  try {
+    body(*fast);
+  } catch (py::error_already_set& e) {  // what the guard let pass (BudgetExceeded, strict mode)
+    e.restore();
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* fast_pre(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  return fast_call(capsule, nargs, 2, "pre", [&](ModuleFastPath& f) { f.pre(args[0], args[1]); });
+}
+
+PyObject* fast_post(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  return fast_call(capsule, nargs, 3, "post", [&](ModuleFastPath& f) { f.post(args[0], args[1], args[2]); });
+}
+
+PyMethodDef pre_def = {"pre", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_pre)), METH_FASTCALL,
+                       "pre(module, args): Context._module_pre's common case"};
+PyMethodDef post_def = {"post", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_post)),
+                        METH_FASTCALL, "post(module, args, output): Context._module_post's common case"};
+
+void release_capsule(PyObject* capsule) {
+  Py_XDECREF(static_cast<PyObject*>(PyCapsule_GetContext(capsule)));
+}
+
+// A builtin calling ``def`` on ``self``'s ModuleFastPath; it keeps ``self`` alive.
+py::object fast_method(PyMethodDef* def, py::object self) {
+  auto* fast = self.cast<ModuleFastPath*>();
+  py::object capsule = py::reinterpret_steal<py::object>(PyCapsule_New(fast, kCapsule, release_capsule));
+  if (!capsule) throw py::error_already_set();
+  if (PyCapsule_SetContext(capsule.ptr(), self.ptr()) != 0) throw py::error_already_set();
+  Py_INCREF(self.ptr());  // released with the capsule
+  PyObject* fn = PyCFunction_New(def, capsule.ptr());
+  if (fn == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(fn);
+}
+
+}  // namespace
 
 void bind_module_fast_path(py::module_& m) {
   py::class_<ModuleFastPath>(m, "ModuleFastPath",
                              "The module hooks' common case for a Context with the native backend (hooks.cpp)")
       .def(py::init<py::object, py::object, py::object, py::object, py::object, py::object>())
-      .def("pre", &ModuleFastPath::pre)
-      .def("post", &ModuleFastPath::post);
+      .def_property_readonly("pre", [](py::object self) { return fast_method(&pre_def, self); },
+                             "pre(module, args), a builtin bound to this fast path")
+      .def_property_readonly("post", [](py::object self) { return fast_method(&post_def, self); },
+                             "post(module, args, output), a builtin bound to this fast path");
 }
 
 }  // namespace flopcount_native

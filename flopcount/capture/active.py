@@ -183,6 +183,8 @@ class ModuleHooks:
         self.posts: tuple = ()  # their _module_post
         self.installed = False
         self.local = _MutedDepth()  # muted depth per thread (muted())
+        self.muting = 0  # muted blocks open in all threads: the hooks read ``local`` only when some are
+        self.muting_lock = threading.Lock()
 
     def install(self) -> None:
         if not self.installed:
@@ -217,27 +219,37 @@ class ModuleHooks:
     def muted(self):
         """No subscriber sees the module calls of this thread inside the block: flopcount's own
         model runs (integrations/vllm.py's forward on the meta device) are not the job's modules."""
+        with self.muting_lock:
+            self.muting += 1
         self.local.muted += 1
         try:
             yield
         finally:
             self.local.muted -= 1
+            with self.muting_lock:
+                self.muting -= 1
 
+    # ``torch.compiler.is_compiling()``, in fewer Python frames (these run twice per module call):
+    # True while Dynamo traces (``is_dynamo_compiling``, which Dynamo answers by identity, so the
+    # hooks stay traceable and add nothing to the graph) and in eager code that runs inside a
+    # compile session or a non-strict export (the flag); ``is_compiling`` itself adds
+    # ``torch.jit.is_scripting()``, always False in eager Python. The thread-local muted depth is
+    # read only while some thread is muted.
     def _pre(self, module, args) -> None:
-        if _is_compiling() or self.local.muted:
+        if _is_dynamo_compiling() or _compiler._is_compiling_flag or (self.muting and self.local.muted):
             return
         for pre in self.pres:
             pre(module, args)
 
     def _post(self, module, args, output) -> None:
-        if _is_compiling() or self.local.muted:
+        if _is_dynamo_compiling() or _compiler._is_compiling_flag or (self.muting and self.local.muted):
             return
         for post in self.posts:
             post(module, args, output)
 
 
-# Dynamo knows this function by identity (it answers True while tracing): the hooks stay traceable.
-_is_compiling = torch.compiler.is_compiling
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
 
 MODULE_HOOKS = ModuleHooks()
 
