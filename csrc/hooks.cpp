@@ -180,10 +180,12 @@ void hook_nodes(int64_t index, c10::ArrayRef<c10::intrusive_ptr<torch::autograd:
 // require grad, the rule of Context._when_grads, without more Python. Only what that rule decides
 // the same way in C++ is handled here: plain tensors directly in ``value``, a tuple, a list or a
 // dict of them (a dict subclass too, as Hugging Face's ModelOutput, while its ``values`` is
-// dict's), made by one node or several. Anything else (a leaf, a tensor subclass, another
-// container) sets kPythonHooks and Python applies the rule itself.
+// dict's), made by one node or several, or one leaf (hooked on the tensor: hook_leaf). Anything
+// else (several leaves, a leaf and nodes, a tensor subclass, another container) sets
+// kPythonHooks and Python applies the rule itself.
 struct Grads {
   c10::SmallVector<c10::intrusive_ptr<torch::autograd::Node>, 4> nodes;  // distinct, first seen first; no heap
+  at::Tensor leaf;  // the one leaf among them, if any
   bool python = false;
 };
 
@@ -195,8 +197,12 @@ void grads_of_tensor(PyObject* obj, Grads& g) {
   const at::Tensor& t = THPVariable_Unpack(obj);
   if (!t.defined() || !t.requires_grad()) return;
   const auto& fn = t.grad_fn();
-  if (!fn) {  // a leaf: Python hooks it (its hooks outlive the graph)
-    g.python = true;
+  if (!fn) {  // a leaf; several: Python's multi-grad hook
+    if (!g.leaf.defined()) {
+      g.leaf = t;
+    } else if (!g.leaf.is_same(t)) {
+      g.python = true;
+    }
     return;
   }
   for (const auto& seen : g.nodes) {
@@ -251,6 +257,45 @@ void grads_of(PyObject* value, Grads& g) {
 
 }  // namespace
 
+namespace {
+
+// A leaf's hooks are the tensor's own (AccumulateGrad runs them, impl::hooks), so they outlive
+// the graph: as Python's (Context.leaf_hooks) they are removed when the step closes or the meter
+// stops (clear_backward_modules). One hook fires once per graph task that computes the leaf's
+// gradient, which is torch's multi-grad rule for one tensor, "any" and "all" alike. False: the
+// tensor has no autograd state to hold it (Python takes it).
+bool hook_leaf(int64_t index, const at::Tensor& leaf, int64_t module, bool enter) {
+  if (torch::autograd::impl::get_autograd_meta(leaf) == nullptr) return false;
+  Slot& s = slot(index);
+  auto hook = std::make_unique<ModuleHook>(index, s.incarnation.load(), module, enter);
+  const void* placed = hook.get();
+  torch::autograd::impl::hooks(leaf).push_back(std::move(hook));
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.leaf_hooks.emplace_back(LeafRef(leaf.getIntrusivePtr()), placed);
+  return true;
+}
+
+// Remove the leaf hooks placed since the last call, from the leaves still alive.
+void remove_leaf_hooks(Slot& s) {
+  std::vector<std::pair<LeafRef, const void*>> placed;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    placed.swap(s.leaf_hooks);
+  }
+  for (auto& [ref, hook] : placed) {
+    auto impl = ref.lock();
+    if (!impl) continue;  // the leaf died, and its hooks with it
+    at::Tensor leaf(std::move(impl));
+    if (torch::autograd::impl::get_autograd_meta(leaf) == nullptr) continue;
+    auto& hooks = torch::autograd::impl::hooks(leaf);
+    hooks.erase(std::remove_if(hooks.begin(), hooks.end(),
+                               [&](const auto& h) { return static_cast<const void*>(h.get()) == hook; }),
+                hooks.end());
+  }
+}
+
+}  // namespace
+
 // The same, from a Python hook (tensors from several nodes, or leaves).
 void backward_event(int64_t index, int64_t module, bool enter) {
   Slot& s = slot(index);
@@ -273,7 +318,11 @@ int64_t module_call(int64_t index, int64_t context, bool optimizer, int64_t modu
   if (value.is_none()) return status;
   Grads g;
   grads_of(value.ptr(), g);
-  if (g.python) return status | kPythonHooks;
+  if (g.python || (g.leaf.defined() && !g.nodes.empty())) return status | kPythonHooks;
+  if (g.leaf.defined()) {
+    if (!hook_leaf(index, g.leaf, module, enter)) return status | kPythonHooks;
+    return status;
+  }
   hook_nodes(index, g.nodes, module, enter);
   return status;
 }
@@ -294,8 +343,11 @@ void set_module_name(int64_t index, int64_t module, const std::string& name, boo
   if (root) s.root_module = module;
 }
 
+// A step closed or the meter stops (Context.reset_backward, NativeCapture._stop_observing):
+// finished graph tasks' stacks go, and the leaf hooks.
 void clear_backward_modules(int64_t index) {
   Slot& s = slot(index);
+  remove_leaf_hooks(s);
   std::lock_guard<std::mutex> lock(s.mu);
   s.backward_stacks.clear();
   s.backward_version.fetch_add(1, std::memory_order_release);

@@ -280,6 +280,8 @@ struct ThreadTable {
 // One per active meter (nested meters each count their block). The callback is thread-local,
 // like a TorchDispatchMode: it follows the meter's thread and autograd's workers for it (they
 // inherit the thread-local state), not threads the program starts itself.
+using LeafRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;  // a leaf tensor, weakly
+
 struct Slot {
   std::mutex mu;  // guards everything below except the atomics; never taken per recorded op
   std::vector<std::shared_ptr<ThreadTable>> tables;  // every thread's table for this meter
@@ -302,6 +304,8 @@ struct Slot {
   std::vector<std::pair<std::vector<std::pair<int64_t, int64_t>>, py::object>> recent_planned;
   // Backward modules, per autograd graph task: module ids, innermost last (see hooks.cpp).
   std::unordered_map<int64_t, std::vector<int64_t>> backward_stacks;
+  // Hooks placed on leaf tensors (hooks.cpp hook_leaf), removed at clear_backward_modules.
+  std::vector<std::pair<LeafRef, const void*>> leaf_hooks;
   std::vector<std::string> module_names;  // by module id, as Python names them
   int64_t root_module = -1;               // the id of the outermost module's name, once named
   std::string violation;                  // strict mode: first uncounted op

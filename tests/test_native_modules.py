@@ -267,3 +267,65 @@ def test_several_nodes_closed_form_and_no_python_hooks(monkeypatch):
     assert rows[("backward", "pointwise", "join")] == 2 * m_ * n
     assert rows[("backward", "matmul", "two.a")] == 2 * m_ * k * n
     assert rows[("backward", "matmul", "two.b")] == 2 * m_ * k * n
+
+
+class _Scale(torch.nn.Module):
+    """Linear(k, n) on its input (a leaf that requires grad, as the chain's or a checkpointed
+    block's first input)."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _leaf_run(backend: str, how: str, m_: int = 3, k: int = 5, n: int = 4, after_first=lambda: None):
+    """Steps of Sequential(_Scale, Linear) whose input is a leaf: ``how`` 'plain' (one forward
+    and backward a step), 'accumulate' (two forwards and backwards on the same leaf a step: the
+    first's leaf hooks are still on it in the second) or 'twice' (retain_graph, two backward
+    calls on one graph). Rows of the last step and the summary's by_module."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Scale(k, n), torch.nn.Linear(n, 1))
+    x = torch.randn(m_, k, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with flopcount.meter(backend=backend, warn=False) as meter:
+            for step in range(3):
+                if step == 1:
+                    after_first()  # the modules are seen: the fast path from here
+                for _ in range(2 if how == "accumulate" else 1):
+                    loss = model(x).sum()
+                    if how == "twice":
+                        loss.backward(retain_graph=True)
+                    loss.backward()
+                x.grad = None
+                model.zero_grad()
+                meter.step()
+    rows: dict = {}
+    for (phase, category, module, _), flops in meter.last_step.flops.items():
+        rows[(phase, category, module)] = rows.get((phase, category, module), 0) + flops
+    return rows, meter.summary()["by_module"]
+
+
+@pytest.mark.parametrize("how", ["plain", "accumulate", "twice"])
+def test_a_leaf_input_attributed_as_dispatch_does(how):
+    assert _leaf_run("native", how) == _leaf_run("dispatch", how)
+
+
+def test_a_leaf_input_closed_form_and_no_python_hooks(monkeypatch):
+    """A module whose input is a leaf is hooked on the tensor in the extension: Python places no
+    gradient hook, and backward FLOPs land in the modules whose backward ran: 0.proj's input and
+    weight gradients 2 x 2mkn, 1's 2 x 2mn (its weight gradient and its input's)."""
+    from flopcount.capture.context import Context
+
+    m_, k, n = 3, 5, 4
+    calls = []
+    original = Context._when_grads
+    monkeypatch.setattr(Context, "_when_grads", lambda self, *a: (calls.append(a[1]), original(self, *a))[1])
+    rows, _ = _leaf_run("native", "plain", m_, k, n, after_first=calls.clear)
+    assert calls == []
+    assert rows[("backward", "matmul", "0.proj")] == 2 * (2 * m_ * k * n)
+    assert rows[("backward", "matmul", "1")] == 2 * (2 * m_ * n * 1)
+    assert rows[("forward", "matmul", "0.proj")] == 2 * m_ * k * n

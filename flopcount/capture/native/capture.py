@@ -129,6 +129,7 @@ class NativeCapture:
 
     def _stop_observing(self) -> None:
         self.lib.disable(self.slot)
+        self.lib.clear_backward_modules(self.slot)  # and the hooks it placed on leaf tensors
         self.context.use_fast_path(None)
         self.context.listener = None
         self.context.backward = self.python_backward
