@@ -26,9 +26,10 @@ stack per autograd graph task, so reentrant backward inside checkpointing keeps 
 hooks run no Python). With the native backend a module call runs no Python of flopcount's in the
 common case: the extension's ``ModuleFastPath`` takes this Context's hooks (``use_fast_path``)
 and does the stack push or pop, the context push and the gradient hooks on the autograd nodes
-that made the module's tensors, one or several (what ``NativeCapture.module_changed`` does);
-everything else comes to the Python methods, and what it cannot decide alone (leaves,
-subclasses, other containers) to ``_when_grads``.
+that made the module's tensors, one or several, or on the one leaf tensor among them (what
+``NativeCapture.module_changed`` does); everything else comes to the Python methods, and what it
+cannot decide alone (several leaves, a leaf with nodes, subclasses, other containers) to
+``_when_grads``.
 """
 from __future__ import annotations
 
