@@ -303,3 +303,34 @@ def test_seen_modules_go_with_their_module_and_never_match_another():
     del a
     gc.collect()
     assert table.by_id == {}
+
+
+def test_muted_module_calls_are_seen_by_no_subscriber_on_that_thread_only():
+    """MODULE_HOOKS.muted() hides the module calls of its own thread (flopcount's own model runs)
+    while other threads' calls are still seen; the hooks read the thread's depth only while
+    some block is open (``muting``), so it must be back to 0 after the blocks close."""
+    import threading
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.pre, self.post = [], []
+            self._module_pre = lambda module, args: self.pre.append(threading.get_ident())
+            self._module_post = lambda module, args, output: self.post.append(threading.get_ident())
+
+    recorder, layer, x = Recorder(), torch.nn.Linear(2, 2), torch.ones(1, 2)
+    subscription = MODULE_HOOKS.subscribe(recorder)
+    try:
+        layer(x)
+        with MODULE_HOOKS.muted():
+            layer(x)
+            other = threading.Thread(target=layer, args=(x,))
+            other.start()
+            other.join()
+            with MODULE_HOOKS.muted():
+                layer(x)
+        layer(x)
+    finally:
+        subscription.remove()
+    me = threading.get_ident()
+    assert recorder.pre == [me, other.ident, me] and recorder.post == recorder.pre
+    assert MODULE_HOOKS.muting == 0 and MODULE_HOOKS.local.muted == 0
