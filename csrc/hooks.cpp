@@ -255,10 +255,6 @@ void grads_of(PyObject* value, Grads& g) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // A leaf's hooks are the tensor's own (AccumulateGrad runs them, impl::hooks), so they outlive
 // the graph: as Python's (Context.leaf_hooks) they are removed when the step closes or the meter
 // stops (clear_backward_modules). One hook fires once per graph task that computes the leaf's
@@ -570,18 +566,39 @@ struct ModuleFastPath {
     PyObject* phase = phases_size > 0 ? PyList_GET_ITEM(user_phases.ptr(), phases_size - 1) : Py_None;
     bool outer = (size > 0 && truthy(grad_enabled_.get(PyList_GET_ITEM(stack_list, 0)).ptr())) ||
                  (PyList_GET_SIZE(function_grad.ptr()) > 0 && truthy(PyList_GET_ITEM(function_grad.ptr(), 0)));
-    bool current = same_value(registry_version_.get(registry.ptr()), known_version_.get(capture.ptr()));
-    int64_t ident = current ? snapshot_id({optimizer, phase, outer, innermost.ptr()}) : -1;
-    int64_t module = -1;
-    if (ident >= 0 && !value.is_none()) {
-      PyObject* id = PyDict_GetItemWithError(module_ids.ptr(), name.ptr());  // borrowed
-      if (id == nullptr && PyErr_Occurred()) throw py::error_already_set();
-      module = id == nullptr ? -2 : PyLong_AsLongLong(id);
-    }
+    int64_t ident = registry_current() ? snapshot_id({optimizer, phase, outer, innermost.ptr()}) : -1;
+    int64_t module = ident >= 0 && !value.is_none() ? module_id(name) : -1;
     if (ident < 0 || module == -2) return changed(value, name, enter);  // Python interns them
     int64_t status = module_call(slot_index, ident, optimizer, module, value, enter);
     if (status & act_on) act(status);
     return status & python_hooks ? py::reinterpret_borrow<py::object>(value) : py::object(py::none());
+  }
+
+  // REGISTRY.version is the capture's registry_version (no formula registered since it classified
+  // its ops). The capture takes the registry's value when it catches up, so a version object seen
+  // equal once stays so: only the registry's is read while it stays the same object.
+  bool registry_current() {
+    py::object version = registry_version_.get(registry.ptr());
+    if (version.ptr() == current_version.ptr()) return true;
+    if (!same_value(version, known_version_.get(capture.ptr()))) return false;
+    current_version = version;
+    return true;
+  }
+
+  // NativeCapture.module_ids[name], or -2 when Python has not interned it yet. Found there once
+  // per name string (Seen and Frame hold one string per module), then here.
+  int64_t module_id(const py::object& name) {
+    auto it = module_cache.find(name.ptr());
+    if (it != module_cache.end()) return it->second;
+    PyObject* id = PyDict_GetItemWithError(module_ids.ptr(), name.ptr());  // borrowed
+    if (id == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return -2;
+    }
+    int64_t module = PyLong_AsLongLong(id);
+    kept.push_back(name);
+    module_cache.emplace(name.ptr(), module);
+    return module;
   }
 
   // Context.snapshot() as a key: (optimizer, user phase, outermost call's grad mode, innermost
@@ -626,7 +643,9 @@ struct ModuleFastPath {
   py::object snapshot_ids, module_ids;  // the capture's interned ids (dicts it never rebinds)
   int64_t act_on = 0, python_hooks = 0, slot_index = -1;
   std::unordered_map<Snapshot, int64_t, SnapshotHash> snapshot_cache;
-  std::vector<py::object> kept;  // the strings snapshot_cache's keys point to
+  std::unordered_map<PyObject*, int64_t> module_cache;  // module name string -> its id (module_ids)
+  std::vector<py::object> kept;  // the strings snapshot_cache's and module_cache's keys point to
+  py::object current_version;  // the REGISTRY.version last seen equal to the capture's
   // What every call reads, one Attr per attribute of one type (each caches the type it reads):
   // Seen's slots, Frame's, MODEL_PHASES.version, the Context's, the registry's and the capture's.
   Attr seen_ref_{"ref"}, seen_name_{"name"}, frames_{"frames"}, tag_{"tag"}, tag_version_{"tag_version"};
