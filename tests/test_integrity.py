@@ -281,6 +281,9 @@ def test_re_hashed_step_ranges_that_disagree_with_the_parts_are_reported(tmp_pat
     entries[-1]["steps"] = 5  # the close claims a fifth step
     write_entries(manifest_file(run), rechain(entries))
     assert integrity(run).problems == [
+        # verify checks every part's claimed range against its steps file's footer (0.02 ms a part)
+        "manifest/r00000.jsonl segment 0 part 1: lists first_step 1, but its steps file "
+        "steps/r00000-000001.parquet starts with step 2",
         "manifest/r00000.jsonl segment 0: part 1 repeats steps up to 1 (steps 1-3)",
         "manifest/r00000.jsonl segment 0: its close counts 5 steps, its parts 4"]
 
@@ -323,7 +326,9 @@ def test_strict_dark_module_at_exit_is_raised_once_the_trace_is_closed(tmp_path)
     assert m.writer.closed
     m.writer.close(m.summary())
     entries = read_entries(manifest_file(run))
-    assert [e["type"] for e in entries] == ["segment", "part", "close"] and entries[-1]["steps"] == 3
+    # The close counts the 2 optimizer steps, and the 3 rows with the trailing one (steps counted rows before).
+    assert [e["type"] for e in entries] == ["segment", "part", "close"] and entries[-1]["steps"] == 2
+    assert entries[-1]["rows"] == 3
     summary = flopcount.summarize(run)
     assert summary["steps"] == 2 and summary["dark_modules"] == {"1": f"{__name__}.NumpyHead"}
     assert summary["by_phase_category"]["forward"]["matmul"] == 2 * 2 * 4 * 8 * 6
