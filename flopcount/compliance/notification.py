@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ..exact import running_sums
+from ..exact import exact_sums_at, running_sums
 from ..report.format import iso_time
 from .forecast import forecast
 from .thresholds import DEFAULT_APPROACHING, exact, threshold
@@ -42,7 +42,6 @@ def crossing_time_of_traces(traces, threshold) -> float | None:
     """``crossing_time`` over the steps tables of opened traces: per step of each rank, the end of
     its last row and the exact sum of its rows (several for a step over int64: step_rows.py)."""
     # pyarrow: only for traces, not for the planner and the form
-    from ..exact import exact_sums_at
     from ..trace.arrays import to_numpy
     from ..trace.reader import iter_batches
     from ..trace.step_rows import STEP_KEY, step_ends, step_starts
