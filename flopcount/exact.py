@@ -53,6 +53,22 @@ def exact_sum(values) -> int:
     return from_limbs([lo, hi], per_value=2)[0]
 
 
+def exact_sums_at(values, starts) -> list[int]:
+    """Exact sums (Python ints) of the runs of non-negative int64 ``values`` (a pyarrow array
+    without nulls) that begin at the indices ``starts`` (increasing, the first 0): a step's rows
+    (trace/step_rows.py), whose sum can leave int64."""
+    import numpy as np
+
+    from .trace.arrays import to_numpy
+
+    values = np.asarray(to_numpy(values), dtype=np.int64)
+    if values.size == 0:
+        return []
+    lo = np.add.reduceat(values & LIMB_MASK, starts).tolist()
+    hi = np.add.reduceat(values >> LIMB_BITS, starts).tolist()
+    return [(h << LIMB_BITS) + low for low, h in zip(lo, hi)]
+
+
 def with_limbs(table: pa.Table, column: str = "value") -> pa.Table:
     """``table`` plus the two limbs of its int64 ``column`` as ``lo`` and ``hi``, for a group-by
     that sums them (``("lo", "sum"), ("hi", "sum")``) and ``grouped_sums`` that joins them."""

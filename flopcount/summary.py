@@ -28,12 +28,13 @@ import pyarrow.compute as pc
 from .accounting import StepWindow
 from .compliance import add_method_and_compliance
 from .conventions import CATEGORIES, EXCLUDED_PHASES, NO_MODULE, ROOT_MODULE, TRAINING_PHASES
-from .exact import LIMB_AGGREGATES, exact_sum, grouped_sums, with_limbs
+from .exact import LIMB_AGGREGATES, exact_sum, exact_sums_at, grouped_sums, with_limbs
 from .resources import RESOURCE_COLUMNS, ResourceTally, resources_summary
-from .trace.arrays import arrow_scalar, group_by, to_numpy
+from .trace.arrays import arrow_array, arrow_scalar, group_by, to_numpy
 from .trace.integrity import rank_integrity
 from .trace.reader import TraceSet, iter_batches, open_traces
 from .trace.schema import column_names
+from .trace.step_rows import STEP_KEY, step_starts
 from .trace.storage import TraceError
 
 SUMMARY_SCHEMA = "flopcount.summary/1"
@@ -370,16 +371,22 @@ def summarize(location, *, module_depth: int | None = None, base_model: str | No
 
 
 def step_series(traces: TraceSet) -> list[tuple[str, int, int]]:
-    """(run_id, step, training FLOPs of all ranks) per step, runs in start order: for plots."""
+    """(run_id, step, training FLOPs of all ranks) per step, runs in start order: for plots.
+
+    A step's rows (several for a step over int64) and ranks are one point. A trailing row (work
+    after a segment's last optimizer step) is a point of its own, before the step that takes its
+    number after a resume (docs/traces.md, "Trailing work"): the trailing rows of one segment
+    and number, of every rank, are one point."""
     per_step: Counter = Counter()
-    for batch in iter_batches(traces, "steps", ["run_id", "step", "training_flops"]):
-        table = with_limbs(pa.Table.from_batches([batch]), "training_flops")
-        grouped = group_by(table, ["run_id", "step"], LIMB_AGGREGATES)
-        for run_id, step, flops in zip(grouped.column("run_id").to_pylist(), grouped.column("step").to_pylist(),
-                                       grouped_sums(grouped)):
-            per_step[(run_id, step)] += flops
+    for batch in iter_batches(traces, "steps", [*STEP_KEY, "training_flops"]):
+        starts = step_starts(batch)
+        keys = zip(*(batch.column(name).take(arrow_array(starts.tolist(), pa.int64())).to_pylist()
+                     for name in ("run_id", "step", "trailing", "segment")))
+        for (run_id, step, trailing, segment), flops in zip(keys, exact_sums_at(batch.column("training_flops"), starts)):
+            # A step of every rank is one point; a trailing row's, per segment, sorts before that step.
+            per_step[(run_id, step, 0 if trailing else 1, segment if trailing else 0)] += flops
     starts = {}
     for segment in traces.segments:
         starts[segment["run_id"]] = min(starts.get(segment["run_id"], segment["started"]), segment["started"])
-    return [(run, step, flops) for (run, step), flops in
-            sorted(per_step.items(), key=lambda kv: (starts.get(kv[0][0], 0), kv[0][0], kv[0][1]))]
+    return [(run, step, flops) for (run, step, _, _), flops in
+            sorted(per_step.items(), key=lambda kv: (starts.get(kv[0][0], 0), *kv[0]))]

@@ -281,6 +281,9 @@ def test_re_hashed_step_ranges_that_disagree_with_the_parts_are_reported(tmp_pat
     entries[-1]["steps"] = 5  # the close claims a fifth step
     write_entries(manifest_file(run), rechain(entries))
     assert integrity(run).problems == [
+        # verify checks every part's claimed range against its steps file's footer (0.02 ms a part)
+        "manifest/r00000.jsonl segment 0 part 1: lists first_step 1, but its steps file "
+        "steps/r00000-000001.parquet starts with step 2",
         "manifest/r00000.jsonl segment 0: part 1 repeats steps up to 1 (steps 1-3)",
         "manifest/r00000.jsonl segment 0: its close counts 5 steps, its parts 4"]
 
@@ -323,7 +326,9 @@ def test_strict_dark_module_at_exit_is_raised_once_the_trace_is_closed(tmp_path)
     assert m.writer.closed
     m.writer.close(m.summary())
     entries = read_entries(manifest_file(run))
-    assert [e["type"] for e in entries] == ["segment", "part", "close"] and entries[-1]["steps"] == 3
+    # The close counts the 2 optimizer steps, and the 3 rows with the trailing one (steps counted rows before).
+    assert [e["type"] for e in entries] == ["segment", "part", "close"] and entries[-1]["steps"] == 2
+    assert entries[-1]["rows"] == 3
     summary = flopcount.summarize(run)
     assert summary["steps"] == 2 and summary["dark_modules"] == {"1": f"{__name__}.NumpyHead"}
     assert summary["by_phase_category"]["forward"]["matmul"] == 2 * 2 * 4 * 8 * 6
@@ -655,3 +660,92 @@ def test_next_step_after_a_trailing_row_is_checked_before_and_after_a_resume(tmp
     assert integrity(run).problems == [
         "manifest/r00000.jsonl segment 1 part 3: records next_step 6, but its steps file "
         "steps/r00000-000003.parquet ends with a trailing row numbered 5, so the next step is 5"]
+
+
+# ---- every part's claimed rows and step range against its steps file ---------------------------------
+
+def test_a_re_hashed_mid_segment_step_range_is_reported(tmp_path):
+    """Every part's rows, first_step and last_step are checked against its steps file (its
+    footer's statistics), not only each segment's last part: one line naming the part and file."""
+    run = tmp_path / "run"
+    train(run, steps=6, flush_every=2)  # parts: steps 0-1, 2-3, 4-5
+    path = manifest_file(run)
+    honest = path.read_bytes()
+    assert [(p["first_step"], p["last_step"], p["next_step"]) for p in parts_of(read_entries(path))] == [
+        (0, 1, 2), (2, 3, 4), (4, 5, 6)]
+    assert integrity(run).verified
+    cases = [
+        ({"last_step": 2, "next_step": 3}, "lists last_step 2, but its steps file steps/r00000-000001.parquet "
+                                           "ends with step 3"),
+        ({"first_step": 3}, "lists first_step 3, but its steps file steps/r00000-000001.parquet starts with step 2"),
+        ({"rows": 3, "steps": "rows=3"}, "lists 3 rows, but its steps file steps/r00000-000001.parquet holds 2"),
+    ]
+    for change, problem in cases:
+        path.write_bytes(honest)
+        entries = read_entries(path)
+        part = parts_of(entries)[1]  # in the middle of the segment: its rows were not read before
+        for key, value in change.items():
+            if key == "steps":
+                part["steps"]["rows"] = 3
+            else:
+                part[key] = value
+        write_entries(path, rechain(entries))
+        assert integrity(run).problems == [f"manifest/r00000.jsonl segment 0 part 1: {problem}"]
+        result = cli("verify", run)
+        assert result.returncode == 1 and "NOT verified: 1 problem(s)" in result.stdout
+        assert f"segment 0 part 1: {problem}" in result.stdout + result.stderr
+        check = cli("check", run, "--json")
+        assert check.returncode == 1 and json.loads(check.stdout)["integrity"]["verified"] is False
+
+
+def test_a_part_without_statistics_is_checked_from_its_rows(tmp_path):
+    """A steps file whose footer has no statistics (written by another tool) is read instead."""
+    import pyarrow.parquet as pq
+
+    from tracegen import reseal
+
+    run = tmp_path / "run"
+    train(run, steps=6, flush_every=2)
+    middle = run / "steps" / "r00000-000001.parquet"
+    table = pq.read_table(middle)
+    pq.write_table(table, middle, compression="zstd", write_statistics=False)
+    assert pq.read_metadata(middle).row_group(0).column(4).statistics is None
+    reseal(run)  # its SHA-256 recorded again: only the claims are in question
+    assert integrity(run).verified and cli("verify", run).returncode == 0
+    path = manifest_file(run)
+    entries = read_entries(path)
+    parts_of(entries)[1].update(last_step=2, next_step=3)
+    write_entries(path, rechain(entries))
+    assert integrity(run).problems == ["manifest/r00000.jsonl segment 0 part 1: lists last_step 2, but its steps "
+                                       "file steps/r00000-000001.parquet ends with step 3"]
+    assert cli("verify", run).returncode == 1
+
+
+def test_footer_steps_reads_the_statistics_pyarrow_reads(tmp_path):
+    """trace/footer.py against pyarrow's reading of the same footers: rows and step range of one
+    or several row groups, int64 extremes; None where there are no statistics."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flopcount.trace.footer import footer_steps
+    from flopcount.trace.integrity import StepsFile, steps_file
+
+    run = tmp_path / "run"
+    train(run, steps=5, flush_every=2)
+    for path in sorted((run / "steps").glob("*.parquet")):
+        rows = pq.read_table(path).column("step").to_pylist()
+        assert footer_steps(path.read_bytes()) == (len(rows), rows[0], rows[-1])
+    steps = [-(2**63), -5, 0, 7, 2**62, 2**63 - 1]
+    table = pa.table({"run_id": ["r"] * 6, "step": pa.array(steps, pa.int64()), "trailing": [False] * 5 + [True]})
+    for options in ({}, {"row_group_size": 2}, {"compression": "zstd", "row_group_size": 4}):
+        sink = io.BytesIO()
+        pq.write_table(table, sink, **options)
+        assert footer_steps(sink.getvalue()) == (6, -(2**63), 2**63 - 1)
+        assert steps_file(sink.getvalue(), last_row=True) == StepsFile(6, -(2**63), 2**63 - 1, True)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, write_statistics=False)
+    assert footer_steps(sink.getvalue()) is None
+    assert steps_file(sink.getvalue()) == StepsFile(6, -(2**63), 2**63 - 1, None)
+    assert footer_steps(b"not a parquet file") is None and steps_file(b"not a parquet file") is None

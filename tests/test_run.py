@@ -191,7 +191,9 @@ def test_run_strict_dark_module_at_exit_closes_the_trace_once_and_fails_the_run(
     assert "Traceback" not in result.stderr and "after an error" not in result.stderr
     entries = [json.loads(line) for line in (out / "manifest" / "r00000.jsonl").read_text().splitlines()]
     assert [e["type"] for e in entries] == ["segment", "part", "close"]
-    assert entries[-1]["steps"] == STEPS + 1  # the steps and the trailing row, all written
+    # The steps and the trailing row, all written: the close counts the optimizer steps and the rows
+    # (its steps counted the rows before).
+    assert entries[-1]["steps"] == STEPS and entries[-1]["rows"] == STEPS + 1
     summary = flopcount.summarize(str(out))
     cats = summary["by_phase_category"]
     assert cats["forward"]["matmul"] == STEPS * FORWARD and cats["backward"]["matmul"] == STEPS * BACKWARD

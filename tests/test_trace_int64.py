@@ -21,6 +21,7 @@ import flopcount
 from flopcount.accounting import StepRecord
 from flopcount.conventions import TRAINING_PHASES
 from flopcount.summary import step_series
+from flopcount.trace import manifest as mf
 from flopcount.trace.integrity import check_integrity
 from flopcount.trace.reader import open_traces, read_table
 from tracegen import cli
@@ -200,3 +201,173 @@ def test_split_flops_and_int64_pieces_add_up():
     assert steps["start_time"][1:] == steps["end_time"][:-1]  # slices of the step's 4 s, by training FLOPs
     shares = [sum(v for k, v in p.items() if k[0] in TRAINING_PHASES) / sum(flops.values()) for p in pieces]
     assert [e - s for s, e in zip(steps["start_time"], steps["end_time"])] == pytest.approx([4.0 * x for x in shares])
+
+
+# ---- a step of several rows is one step for every per-step reader -----------------------------------
+
+def rows_by_step(run) -> dict[tuple[int, bool], list[dict]]:
+    """The steps rows of a one-rank trace by (step, trailing), in file order."""
+    out: dict = {}
+    for row in read_table(run, "steps").to_pylist():
+        out.setdefault((row["step"], bool(row["trailing"])), []).append(row)
+    return out
+
+
+def test_a_split_step_is_one_per_step_flop_rate(tmp_path, backend):
+    """The hardware cross-check's per-step FLOP/s: one sample per step (its FLOPs over its time,
+    all its rows), not one per row: a step of 3 rows weighed 3 times before."""
+    run = tmp_path / "run"
+    meter = run_huge_steps(run, backend)
+    steps = rows_by_step(run)
+    rates = []
+    for i, elements in enumerate(STEP_ELEMENTS):
+        rows = steps[(i, False)]
+        assert len(rows) == -(-step_flops(elements) // INT64_MAX) > 1
+        devices = rows[0]["device_count"]
+        rates.append(step_flops(elements) / (devices * (rows[-1]["end_time"] - rows[0]["start_time"])))
+    rates.sort()
+    device = steps[(0, False)][0]["device_name"]
+    result = cli("summarize", run, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for summary in (meter.summary(), flopcount.summarize(run), json.loads(result.stdout)):
+        quantiles = summary["hardware_estimate"]["step_rates"][device]
+        assert quantiles["steps"] == len(STEP_ELEMENTS)  # 3 steps, 7 rows
+        assert quantiles["min"] == pytest.approx(rates[0], rel=1e-9)
+        assert quantiles["median"] == pytest.approx(rates[1], rel=1e-9)
+        assert quantiles["max"] == pytest.approx(rates[2], rel=1e-9)
+
+
+def test_a_step_of_several_rows_is_read_in_one_batch(tmp_path):
+    """iter_batches never splits a step's rows across batches, however small the batches."""
+    from flopcount.trace.reader import iter_batches
+
+    run = tmp_path / "run"
+    run_huge_steps(run, "dispatch")
+    expected = [len(rows) for rows in rows_by_step(run).values()]  # steps 0-2, then the trailing rows
+    assert expected == [-(-step_flops(n) // INT64_MAX) for n in STEP_ELEMENTS] + [
+        -(-TRAILING_ELEMENTS * PER_ELEMENT // INT64_MAX)]
+    for size in (1, 2):
+        batches = list(iter_batches(open_traces(run), "steps", ["run_id", "rank", "segment", "step", "trailing",
+                                                                "training_flops"], batch_size=size))
+        assert [b.num_rows for b in batches] == expected
+        assert all(len(set(b.column("step").to_pylist())) == 1 for b in batches)
+
+
+def test_the_threshold_is_crossed_at_the_end_of_a_split_step(tmp_path):
+    """The Art. 52(1) crossing time is the end of the step whose FLOPs reach the threshold (its
+    last row's end), not the end of the row of it that does."""
+    from flopcount.compliance.notification import crossing_time_of_traces
+
+    run = tmp_path / "run"
+    run_huge_steps(run, "dispatch")
+    steps = rows_by_step(run)
+    first, second = steps[(0, False)], steps[(1, False)]
+    threshold = step_flops(STEP_ELEMENTS[0]) + 1  # reached by the first row of step 1
+    assert second[0]["training_flops"] >= 1 and second[0]["end_time"] < second[-1]["end_time"]
+    assert crossing_time_of_traces(open_traces(run), threshold) == second[-1]["end_time"]
+    assert crossing_time_of_traces(open_traces(run), step_flops(STEP_ELEMENTS[0])) == first[-1]["end_time"]
+
+
+TRAILING_TRAINING_ELEMENTS = 4  # after segment 0's last step, with grad on: trailing training work
+RESUMED_ELEMENTS = [2, 1]       # segment 1's steps
+
+
+def run_resumed_with_trailing_work(run, backend):
+    """Segment 0: steps 0-1 of STEP_ELEMENTS[:2], then a forward with grad on and no optimizer step
+    (trailing training work: its row takes number 2); segment 1 (resumed): steps 2-3, then an
+    evaluation (a trailing row numbered 4, no training FLOPs)."""
+    for elements, trailing in ((STEP_ELEMENTS[:2], TRAILING_TRAINING_ELEMENTS), (RESUMED_ELEMENTS, None)):
+        with flopcount.meter(out=run, backend=backend, flush_every=2) as m:
+            for n in elements:
+                x = torch.randn(n)
+                huge_matmul(x)
+                huge_norm(x)
+                m.step(tokens=TOKENS)
+            if trailing:
+                huge_matmul(torch.randn(trailing))
+            else:
+                with torch.no_grad(), m.evaluating():
+                    huge_norm(torch.randn(3))
+
+
+def test_a_trailing_row_and_the_resumed_step_of_its_number_stay_apart(tmp_path, backend):
+    """A trailing row carries the number of the step after it, which a resumed segment's first step
+    takes: the report's per-step series keeps the two apart (the trailing work first), and the
+    report's runs say the last step, not the trailing row's number."""
+    run = tmp_path / "run"
+    run_resumed_with_trailing_work(run, backend)
+    trailing = TRAILING_TRAINING_ELEMENTS * PER_ELEMENT
+    expected = ([(0, step_flops(STEP_ELEMENTS[0])), (1, step_flops(STEP_ELEMENTS[1])), (2, trailing)]
+                + [(2 + i, step_flops(n)) for i, n in enumerate(RESUMED_ELEMENTS)] + [(4, 0)])
+    assert [(step, flops) for _, step, flops in step_series(open_traces(run))] == expected
+    steps = rows_by_step(run)
+    assert {key for key in steps if key[1]} == {(2, True), (4, True)}
+    assert len(steps[(2, True)]) == -(-trailing // INT64_MAX) == 3
+    assert len(steps[(2, False)]) == -(-step_flops(RESUMED_ELEMENTS[0]) // INT64_MAX) == 2
+    result = cli("report", run, "--format", "json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    cumulative, running = [], 0
+    for step, flops in expected:
+        running += flops
+        cumulative.append(running)
+    assert [p[2] for p in report["series"]["cumulative_training_flops"]] == [step for step, _ in expected]
+    assert [p[3] for p in report["series"]["cumulative_training_flops"]] == cumulative
+    assert cumulative[-1] == report["totals"]["training_flops"]
+    assert report["totals"]["steps"] == 4
+    (runs,) = report["project"]["runs"]
+    assert (runs["first_step"], runs["last_step"], runs["segments"]) == (0, 3, 2)
+
+
+def read_entries(path):
+    return mf.parse(path.read_bytes(), str(path))
+
+
+def write_entries(path, entries):
+    """Write ``entries`` with their chain recomputed (prev and hash), as anyone can without a key."""
+    prev, sealed = mf.GENESIS, []
+    for entry in entries:
+        entry = dict(entry, prev=prev)
+        entry["hash"] = prev = mf.entry_hash(entry)
+        sealed.append(entry)
+    path.write_bytes(mf.dumps(sealed))
+
+
+def test_the_close_entry_counts_optimizer_steps_and_rows(tmp_path, backend):
+    """``steps`` in a close entry is the segment's optimizer steps (a split step once, a trailing
+    row not at all), ``rows`` its steps rows; verify checks both against what the files hold, and
+    still accepts a close without ``rows`` whose ``steps`` counts the rows (older writers)."""
+    run = tmp_path / "run"
+    run_resumed_with_trailing_work(run, backend)
+    rows = read_table(run, "steps").to_pylist()
+    path = run / "manifest" / "r00000.jsonl"
+    closes = [e for e in read_entries(path) if e["type"] == "close"]
+    assert [(c["segment"], c["steps"]) for c in closes] == [(0, 2), (1, 2)]
+    assert [c["rows"] for c in closes] == [sum(r["segment"] == s for r in rows) for s in range(2)]
+    assert closes[0]["rows"] == (sum(-(-step_flops(n) // INT64_MAX) for n in STEP_ELEMENTS[:2])
+                                 + -(-TRAILING_TRAINING_ELEMENTS * PER_ELEMENT // INT64_MAX)) == 2 + 3 + 3
+    assert cli("verify", run).returncode == 0
+
+    def with_close(**change):
+        entries = read_entries(path)
+        close = [e for e in entries if e["type"] == "close"][0]
+        for key, value in change.items():
+            if value is None:
+                close.pop(key, None)
+            else:
+                close[key] = value
+        write_entries(path, entries)
+        return check_integrity(open_traces(run)).problems, cli("verify", run)
+
+    problems, result = with_close(steps=closes[0]["rows"])  # what the writer recorded as steps before
+    assert problems == [f"manifest/r00000.jsonl segment 0: its close counts {closes[0]['rows']} steps, its parts 2"]
+    assert result.returncode == 1 and problems[0] in result.stdout + result.stderr
+    problems, result = with_close(steps=2, rows=closes[0]["rows"] - 1)
+    assert problems == [f"manifest/r00000.jsonl segment 0: its close counts {closes[0]['rows'] - 1} rows, its "
+                        f"parts {closes[0]['rows']}"] and result.returncode == 1
+    # A close written before rows were recorded: steps counted the rows, and still verifies.
+    problems, result = with_close(steps=closes[0]["rows"], rows=None)
+    assert problems == [] and result.returncode == 0 and "verified" in result.stdout
+    problems, result = with_close(steps=2, rows=None)  # such a close counting steps disagrees with the rows
+    assert problems == [f"manifest/r00000.jsonl segment 0: its close counts 2 steps (rows, as flopcount counted "
+                        f"them before it recorded rows), its parts {closes[0]['rows']}"] and result.returncode == 1

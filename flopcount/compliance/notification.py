@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ..exact import running_sums
+from ..exact import exact_sums_at, running_sums
 from ..report.format import iso_time
 from .forecast import forecast
 from .thresholds import DEFAULT_APPROACHING, exact, threshold
@@ -39,12 +39,18 @@ def crossing_time(rows, threshold) -> float | None:
 
 
 def crossing_time_of_traces(traces, threshold) -> float | None:
-    """``crossing_time`` over the steps tables of opened traces."""
-    from ..trace.reader import iter_batches  # pyarrow: only for traces, not for the planner and the form
+    """``crossing_time`` over the steps tables of opened traces: per step of each rank, the end of
+    its last row and the exact sum of its rows (several for a step over int64: step_rows.py)."""
+    # pyarrow: only for traces, not for the planner and the form
+    from ..trace.arrays import to_numpy
+    from ..trace.reader import iter_batches
+    from ..trace.step_rows import STEP_KEY, step_ends, step_starts
 
     rows = []
-    for batch in iter_batches(traces, "steps", ["end_time", "training_flops"]):
-        rows.extend(zip(batch.column("end_time").to_pylist(), batch.column("training_flops").to_pylist()))
+    for batch in iter_batches(traces, "steps", [*STEP_KEY, "end_time", "training_flops"]):
+        starts = step_starts(batch)
+        ends = to_numpy(batch.column("end_time"))[step_ends(starts, batch.num_rows)].tolist()
+        rows.extend(zip(ends, exact_sums_at(batch.column("training_flops"), starts)))
     return crossing_time(rows, threshold)
 
 

@@ -12,6 +12,7 @@ from ..compliance.thresholds import DEFAULT_APPROACHING
 from ..errors import findings_first
 from ..exact import running_sums
 from ..summary import step_series
+from ..trace import manifest as mf
 from ..trace.integrity import check_integrity
 from ..trace.reader import open_traces
 from .checks import integrity_block
@@ -27,14 +28,16 @@ def _runs(traces) -> list[dict]:
     for trace in traces.traces:
         for run_id in trace.run_ids:
             segments = [s for s in trace.segments if s["run_id"] == run_id]
-            parts = [e for entries in trace.manifests.values() for e in entries if e["type"] == "part"]
+            # Parts that hold a step: a part of only a trailing row holds none (its next_step is its own number).
+            parts = [e for entries in trace.manifests.values() for e in entries
+                     if e["type"] == "part" and mf.next_step(e) > e["first_step"]]
             runs.append({
                 "run_id": run_id, "dir": trace.storage.describe(),
                 "ranks": sorted({s["rank"] for s in segments}),
                 "world_size": max(s.get("world_size", 1) for s in segments),
                 "segments": len({s["segment"] for s in segments}),
                 "first_step": min((p["first_step"] for p in parts), default=None),
-                "last_step": max((p["last_step"] for p in parts), default=None),
+                "last_step": max((mf.next_step(p) - 1 for p in parts), default=None),  # not a trailing row's number
                 "started": iso_time(min(s["started"] for s in segments)),
                 "manifest_digest": trace.digest,
             })

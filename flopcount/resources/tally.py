@@ -14,12 +14,13 @@ from .counters import NO_DEVICE, RAPL, RAPL_OTHER_RANK, UNAVAILABLE
 from .prose import TIME_SOURCE, TIME_SOURCE_WITHOUT_DEVICES, coverage_text
 from ..trace.arrays import arrow_array, arrow_scalar, group_by, to_numpy
 from ..trace.schema import STEPS_SCHEMA
+from ..trace.step_rows import step_starts
 from .rows import RESOURCE_COLUMNS
 
 J_PER_MWH = 3.6e9
 J_PER_KWH = 3.6e6
 SECONDS_PER_DAY = 86_400.0
-RATE_SAMPLE = 50_000  # per-step MFU: a uniform sample of at most this many step rows per device type
+RATE_SAMPLE = 50_000  # per-step MFU: a uniform sample of at most this many steps per device type
 # Arrow scalars for the compute functions: a Python value there would import pandas (trace/arrays.py).
 _FALSE, _ZERO_INT32 = arrow_scalar(False, pa.bool_()), arrow_scalar(0, pa.int32())
 _NULL_STRING = arrow_scalar(None, pa.string())
@@ -113,8 +114,10 @@ class ResourceTally:
 
     def add_batch(self, batch) -> None:
         """A record batch of the steps table with ``RESOURCE_COLUMNS`` (absent columns as nulls; a
-        batch is usually one rank of one run). A trailing row (work after the last optimizer step)
-        counts in time, device time and energy, but is no step: it gives no per-step FLOP/s sample."""
+        batch is usually one rank of one run) that holds every row of its steps (trace/reader.py
+        and the live meter's window give whole steps). A step gives one per-step FLOP/s sample,
+        from all its rows; a trailing row (work after the last optimizer step) counts in time,
+        device time and energy, but is no step: it gives none."""
         n = batch.num_rows
         if n == 0:
             return
@@ -146,14 +149,19 @@ class ResourceTally:
         self.rows_without_devices += int(n - known.sum())
         device_s = count * duration
         trailing = to_numpy(pc.fill_null(column("trailing"), _FALSE))  # null: older traces
-        rate_ok = known & (duration > 0) & ~trailing  # trailing rows are no steps: no per-step rate
-        rates = np.divide(floats("training_flops"), device_s, out=np.zeros(n), where=rate_ok)
+        # One rate per step, not per row: a step over int64 FLOPs is several rows (step_rows.py).
+        # Its rows share the rank's devices and ``trailing``; a trailing row is no step: no rate.
+        starts = step_starts(batch)
+        step_s = np.add.reduceat(device_s, starts)
+        rate_ok = (known & ~trailing)[starts] & (step_s > 0)
+        rates = np.divide(np.add.reduceat(floats("training_flops"), starts), step_s,
+                          out=np.zeros(starts.size), where=rate_ok)
         device_names = (pc.unique(names if known.all() else pc.filter(names, known)).to_pylist()
                         if known.any() else [])
         for name in device_names:
             mask = known if len(device_names) == 1 else known & equal("device_name", name)
             self.device_seconds[name] += float(device_s[mask].sum())
-            self._sample(name).add(rates[mask & rate_ok])
+            self._sample(name).add(rates[mask[starts] & rate_ok])
         def sources(name: str, counts: Counter, value: str):
             """Count the batch's sources; the rows whose source is ``value`` (a mask)."""
             found = {item["values"]: item["counts"]
@@ -190,7 +198,7 @@ class ResourceTally:
 
     @property
     def step_rates(self) -> dict[str, list[float]]:
-        """Device type -> achieved training FLOP/s per device of each sampled step row."""
+        """Device type -> achieved training FLOP/s per device of each sampled step (all its rows)."""
         return {name: sample.tolist() for name, sample in self.rates.items()}
 
     # ---- results ------------------------------------------------------------------------

@@ -9,8 +9,9 @@ Entries (``type``):
                ``takeover`` (the holder of a lease left by a dead writer, else null).
   ``part``     one per flush: the steps and breakdown part files with their SHA-256, sizes, row
                counts and step range.
-  ``close``    at a clean exit: steps and totals of the segment (and ``unwritten`` step ranges that
-               storage faults kept from being written).
+  ``close``    at a clean exit: the segment's optimizer steps (``steps``; a trailing row is none, a
+               step over int64 FLOPs of several rows is one), its ``rows``, its totals (and
+               ``unwritten`` step ranges that storage faults kept from being written).
 
 Every entry carries ``prev`` (the previous entry's ``hash``; 64 zeros for the first), ``t`` (its
 time in Unix seconds, strictly increasing along the chain and later than every entry of the
@@ -159,7 +160,7 @@ ENTRY_OPTIONAL = {
     "segment": {"world_size": lambda v: _is_int(v) and v >= 1, "process": _is_count, "segment_id": _is_str,
                 "manifest": _is_str, "schema": _is_str},
     "part": {"next_step": _is_count},
-    "close": {"training_flops": _optional(_is_count), "hardware_flops": _optional(_is_count),
+    "close": {"rows": _is_count, "training_flops": _optional(_is_count), "hardware_flops": _optional(_is_count),
               "unwritten": lambda v: isinstance(v, list) and all(
                   isinstance(r, list) and len(r) == 2 and all(map(_is_count, r)) for r in v)},
 }
@@ -185,6 +186,16 @@ def next_step(part: dict) -> int:
     last step itself when its last row is trailing (a trailing row carries the number of the step
     that follows it). Entries written before ``next_step`` was recorded: one more."""
     return part.get("next_step", part["last_step"] + 1)
+
+
+def steps_covered(parts: list[dict]) -> int:
+    """How many step numbers a segment's part entries (in order) cover, each once: a part holds
+    the steps ``first_step`` to ``next_step - 1`` (none for a part of only a trailing row)."""
+    covered, reached = 0, 0
+    for part in parts:
+        covered += max(0, next_step(part) - max(part["first_step"], reached))
+        reached = max(reached, next_step(part))
+    return covered
 
 
 def entry_problem(entry) -> str | None:

@@ -22,6 +22,7 @@ from . import manifest as mf
 from .schema import (MANIFEST_DIR, SCHEMA_METADATA_KEY, TABLES, TRACE_SCHEMA, TRACE_SCHEMA_MAJOR,
                      manifest_path, schema_major)
 from ..errors import BadInput
+from .step_rows import whole_steps
 from .storage import TraceError, open_storage, pa_errors
 
 PROJECT_DEPTH = 3
@@ -203,15 +204,18 @@ def _column_problem(found: pa.Schema, expected: pa.Schema) -> str | None:
 
 
 def iter_batches(traces: TraceSet, table: str, columns: list[str], batch_size: int = 1 << 17):
-    """Record batches of ``columns`` from every committed part of ``table``; absent columns read as nulls."""
+    """Record batches of ``columns`` from every committed part of ``table``; absent columns read as
+    nulls. A batch holds rows of one part; of ``steps`` with ``step``, every row of its steps
+    (a step over int64 is several rows: ``step_rows.whole_steps``)."""
     schema = TABLES[table]
     parts = [(trace, rel) for trace in traces.traces for rel in trace.parts(table)]
     for trace, rel in progress(parts, desc=f"reading {table}"):  # a bar on a terminal, for many parts
         part = _open_part(trace.storage, rel, table)
         present = [c for c in columns if c in part.schema_arrow.names]
         try:
-            for batch in part.iter_batches(batch_size=batch_size, columns=present):
-                yield _with_columns(batch, columns, schema)
+            batches = (_with_columns(batch, columns, schema)
+                       for batch in part.iter_batches(batch_size=batch_size, columns=present))
+            yield from whole_steps(batches) if table == "steps" and "step" in columns else batches
         except (OSError, *pa_errors()) as e:
             raise TraceError(f"flopcount: {trace.storage.describe(rel)} cannot be decoded (corrupt: "
                              f"{str(e).splitlines()[0][:80]}); run `flopcount verify`") from None

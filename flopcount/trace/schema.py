@@ -31,7 +31,8 @@ each adding up as one row does, slicing the step's time and energy, its counts i
 (accounting.StepRows); a breakdown sum over it is several rows of the same key. A breakdown
 window is flushed early before its sums could leave int64, so only such a step is split. Totals
 across steps, ranks and runs are summed exactly in Python integers, never in int64 columns
-(exact.py), so split rows add up like any others.
+(exact.py), so split rows add up like any others; a per-step figure takes a step's rows
+together (trace/step_rows.py: consecutive rows of one run_id, rank, segment, step and trailing).
 
 Documentation: every column is defined once, below, with its type and meaning (``Column``); the
 column tables of docs/traces.md are this module's output (``python -m flopcount.trace.schema

@@ -115,7 +115,8 @@ class TraceWriter:
         self.constants = {"run_id": self.run_id, "rank": self.rank, "world_size": self.world_size,
                           "segment": self.segment, "device_name": identity.device_name,
                           "device_count": identity.device_count}
-        self.steps_written = 0
+        self.steps_written = 0  # optimizer steps in the parts committed (a trailing row is none)
+        self.rows_written = 0   # their steps rows (a step over int64 FLOPs is several)
         self.closed = False  # the close entry is written
         self.finished = False  # close() was called: the lease is given back
         self._digest = None
@@ -168,7 +169,7 @@ class TraceWriter:
         self.finished = True
         try:
             self.flush()
-            entry = {"type": "close", "segment": self.segment, "steps": self.steps_written,
+            entry = {"type": "close", "segment": self.segment, "steps": self.steps_written, "rows": self.rows_written,
                      "training_flops": summary.get("training_flops"),
                      "hardware_flops": summary.get("hardware_flops"), "ended": time.time(),
                      "unwritten": self.spool.unwritten(), "meter_errors": summary.get("meter_errors") or {}}
@@ -221,7 +222,8 @@ class TraceWriter:
             entry[name] = {"file": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                            "rows": rows}
         self._append(entry)
-        self.steps_written += part.rows
+        self.steps_written += entry["next_step"] - part.first_step  # its steps are numbered first_step, ..., next_step - 1
+        self.rows_written += part.rows
         self.seq += 1
 
     def _append(self, entry: dict) -> None:
