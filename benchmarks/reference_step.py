@@ -52,8 +52,9 @@ def metering(kind: str):
     counter), a flopcount backend name ('dispatch', 'native'), 'native_untracked' (native with
     track_modules=False), 'observer_floor': the native extension's RecordFunction observer
     registered as a meter registers it, doing nothing (what the RecordFunction machinery alone
-    costs), or 'dispatch_floor': a do-nothing boxed fallback on a dispatch mode key (what a
-    capture at the dispatcher would cost at least)."""
+    costs), 'dispatch_floor': a do-nothing boxed fallback on a dispatch mode key (what a
+    capture at the dispatcher would cost at least), or 'native_recordfunction': native with the
+    RecordFunction capture instead of the key (FLOPCOUNT_NATIVE_CAPTURE=recordfunction)."""
     import contextlib
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -70,7 +71,32 @@ def metering(kind: str):
         return _dispatch_floor()
     if kind == "native_untracked":
         return flopcount.meter(backend="native", warn=False, track_modules=False)
+    if kind == "native_recordfunction":
+        return _with_capture("recordfunction", flopcount.meter(backend="native", warn=False))
     return flopcount.meter(backend=kind, warn=False)
+
+
+def _with_capture(capture: str, meter):
+    """``meter`` with the native capture FLOPCOUNT_NATIVE_CAPTURE=``capture`` (read at entry)."""
+    import contextlib
+    import os
+
+    from flopcount.capture.native.capture import CAPTURE_ENV
+
+    @contextlib.contextmanager
+    def block():
+        before = os.environ.get(CAPTURE_ENV)
+        os.environ[CAPTURE_ENV] = capture
+        try:
+            with meter as m:
+                yield m
+        finally:
+            if before is None:
+                os.environ.pop(CAPTURE_ENV, None)
+            else:
+                os.environ[CAPTURE_ENV] = before
+
+    return block()
 
 
 def _observer_floor():

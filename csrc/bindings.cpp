@@ -46,8 +46,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("STATUS_PYTHON_HOOKS") = kPythonHooks;
   m.attr("STATUS_NEW_OPS") = kNewOps;
   m.attr("SLOTS") = kSlots;
-  m.def("enable", &enable);
-  m.def("disable", &disable);
+  m.def("enable", &enable, py::arg("strict"), py::arg("by_key") = false);
+  m.def("disable", &disable, py::arg("index"), py::arg("keep_key") = false);
+  m.def("captures_by_key", &captures_by_key);
+  m.def("key_included_here", &key_included_here);
   m.def("release", &release);
   m.def("set_op_classes", &set_op_classes);
   m.def("set_context", &set_context);

@@ -49,10 +49,10 @@ bool is_scalar_type(const c10::TypePtr& type) {
   return false;
 }
 
-std::unique_ptr<OpInfo> describe_op(const at::RecordFunction& fn) {
+std::unique_ptr<OpInfo> describe_op(const char* name, const char* overload) {
   auto info = std::make_unique<OpInfo>();
-  info->name = fn.name();
-  info->overload = fn.overload_name();
+  info->name = name;
+  info->overload = overload;
   auto handle = c10::Dispatcher::singleton().findOp(c10::OperatorName(info->name, info->overload));
   if (!handle) return info;
   info->is_op = true;
@@ -75,11 +75,9 @@ std::unique_ptr<OpInfo> describe_op(const at::RecordFunction& fn) {
 
 // Op info for a call, cached by the schema's name pointer (stable while the op is registered;
 // the name is compared too in case a deregistered op's memory is reused).
-OpInfo* op_info_locked(State& s, const at::RecordFunction& fn) {
-  const char* name = fn.name();
+OpInfo* op_info_locked(State& s, const char* name, const char* overload) {
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.ops_by_name_ptr.find(name);
-  const char* overload = fn.overload_name();
   if (it != s.ops_by_name_ptr.end() && it->second->name == name && it->second->overload == overload) {
     return it->second;
   }
@@ -89,7 +87,7 @@ OpInfo* op_info_locked(State& s, const at::RecordFunction& fn) {
   if (found != s.ops_by_name.end()) {
     info = found->second;
   } else {
-    auto fresh = describe_op(fn);
+    auto fresh = describe_op(name, overload);
     fresh->id = static_cast<int64_t>(s.ops.size());
     info = fresh.get();
     s.ops.push_back(std::move(fresh));
@@ -225,17 +223,16 @@ bool is_default(const OpInfo& info, size_t i, const c10::IValue& v) {
 
 }  // namespace
 
-OpInfo* op_info(const at::RecordFunction& fn) {
-  const char* name = fn.name();
+OpInfo* op_info(const char* name, const char* overload) {
   auto it = tls_ops.find(name);
   if (it != tls_ops.end()) {
     OpInfo* info = it->second;
-    if (std::strcmp(info->name.c_str(), name) == 0 && std::strcmp(info->overload.c_str(), fn.overload_name()) == 0) {
+    if (std::strcmp(info->name.c_str(), name) == 0 && std::strcmp(info->overload.c_str(), overload) == 0) {
       return info;
     }
   }
   if (std::strchr(name, ' ') != nullptr) return not_an_op();
-  OpInfo* info = op_info_locked(state(), fn);
+  OpInfo* info = op_info_locked(state(), name, overload);
   if (tls_ops.size() > kMaxCachedPointers) tls_ops.clear();
   tls_ops[name] = info;
   return info;

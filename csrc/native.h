@@ -309,7 +309,8 @@ struct Slot {
   std::vector<std::string> module_names;  // by module id, as Python names them
   int64_t root_module = -1;               // the id of the outermost module's name, once named
   std::string violation;                  // strict mode: first uncounted op
-  c10::optional<at::CallbackHandle> handle;
+  c10::optional<at::CallbackHandle> handle;  // the observer, or the key meter's marker (observer.cpp)
+  bool by_key = false;                       // captures through the dispatch key, not RecordFunction
   bool in_use = false;
 
   std::atomic<int64_t> context{0};
@@ -332,8 +333,10 @@ constexpr size_t kMaxKeys = 100000;  // distinct keys remembered across drains
 Slot& slot(int64_t i);
 
 // ---- keys.cpp ---------------------------------------------------------------------------------
-// The op description for a call (cached per thread; never null: named ranges get a non-op).
-OpInfo* op_info(const at::RecordFunction& fn);
+// The op description for a call, by the schema's name and overload (RecordFunction's and the
+// dispatcher's pointers are the schema's own); cached per thread; never null: named ranges get a
+// non-op.
+OpInfo* op_info(const char* name, const char* overload);
 // Append argument ``i`` of ``info`` to ``key``: its default flag and its tagged value.
 // ``per_drain`` is set when the key references this drain's device-value copies.
 void encode_input(Slot& s, ThreadTable& table, const OpInfo& info, size_t i, const c10::IValue& v,
@@ -350,8 +353,10 @@ int64_t innermost_backward_locked(const Slot& s, int64_t task);
 int64_t set_context(int64_t index, int64_t context, bool optimizer);
 
 // ---- observer.cpp -----------------------------------------------------------------------------
-int64_t enable(bool strict);
-void disable(int64_t index);
+int64_t enable(bool strict, bool by_key);
+void disable(int64_t index, bool keep_key);
+bool captures_by_key(int64_t index);
+bool key_included_here();
 void release(int64_t index);
 py::tuple drain(int64_t index);
 void set_planned(int64_t index, const std::vector<int64_t>& ids, bool planned);

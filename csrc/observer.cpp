@@ -41,13 +41,18 @@ thread_local std::vector<int64_t> tls_key[kSlots];
 thread_local std::shared_ptr<ThreadTable> tls_tables[kSlots];
 std::mutex drain_mu[kSlots];  // one drain at a time per slot (drain swaps the tables' buffers)
 
-struct OpContext : at::ObserverContext {
+// One seen op of one meter, from its start to its end (either capture).
+struct OpCall {
   int64_t index = 0;  // meter slot
   bool record = false;
   bool per_drain = false;  // the key names this drain's device-value copies
   size_t num_returns = 0;
   int extra = kShapeOnly;
   ThreadTable* table = nullptr;
+};
+
+struct OpContext : at::ObserverContext {
+  OpCall call;
 
   // RecordFunction owns one context per seen op and frees it at the op's end: a per-thread free
   // list recycles them instead of a heap allocation per op. (A context may end on another thread
@@ -174,14 +179,14 @@ int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, boo
   return id;
 }
 
-std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFunction& fn) {
+// An op starts, for meter ``index``: true when it is seen (ops inside it are then not), with
+// ``call`` set to end it (end_call). Both captures call this with the op's arguments.
+bool start_call(int64_t index, OpInfo* info, c10::ArrayRef<c10::IValue> inputs, OpCall& call) {
   int64_t& depth = tls_depth[index];
-  if (depth > 0) return nullptr;  // inside a seen op's kernel
+  if (depth > 0) return false;  // inside a seen op's kernel
   Slot& s = slot(index);
-  if (s.paused.load(std::memory_order_relaxed)) return nullptr;
-  OpInfo* info = op_info(fn);
-  if (!info->is_op) return nullptr;
-  auto inputs = fn.inputs();
+  if (s.paused.load(std::memory_order_relaxed)) return false;
+  if (!info->is_op) return false;
   c10::DispatchKeySet keys;
   for (const auto& v : inputs) {
     if (v.isTensor()) {
@@ -195,18 +200,18 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
       }
     }
   }
-  if (keys.has(c10::DispatchKey::Python)) return nullptr;  // subclass wrapper: transparent
-  if (keys.has(c10::DispatchKey::Meta)) return nullptr;    // shape propagation: nothing computed
+  if (keys.has(c10::DispatchKey::Python)) return false;  // subclass wrapper: transparent
+  if (keys.has(c10::DispatchKey::Meta)) return false;    // shape propagation: nothing computed
   if (info->implicit) {
     auto tls = c10::impl::tls_local_dispatch_key_set();
     auto effective = (keys | tls.included_) - tls.excluded_;
-    if (effective.has_any(c10::autograd_dispatch_keyset)) return nullptr;  // decomposes
+    if (effective.has_any(c10::autograd_dispatch_keyset)) return false;  // decomposes
   }
   ++depth;
-  auto ctx = std::make_unique<OpContext>();
-  ctx->index = index;
+  call = OpCall{};
+  call.index = index;
   int8_t klass = info->klass.load(std::memory_order_relaxed);
-  if (klass == kZero) return ctx;
+  if (klass == kZero) return true;
   ThreadTable& table = thread_table(s, index);
   if (klass == kUncounted) {
     {
@@ -218,7 +223,7 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
       s.violation = info->name + (info->overload.empty() ? "" : "." + info->overload);
       s.has_violation.store(true);
     }
-    return ctx;
+    return true;
   }
   bool optimizer = s.optimizer.load(std::memory_order_relaxed);
   // Auto steps: the first op with a formula after optimizer.step() opens the next step. (An op
@@ -241,37 +246,57 @@ std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFun
   key.push_back((c10::GradMode::is_enabled() ? 1 : 0) | (task != -1 ? 2 : 0));
   key.push_back(module);
   // Not classified yet: keep all that any formula could read (Python books it once it knows).
-  ctx->extra = klass == kFormulaValues ? kWithValues
+  call.extra = klass == kFormulaValues ? kWithValues
                : klass == kCollective  ? kWithDtype
                : klass == kUnknown     ? (kWithValues | kWithDtype)
                : klass == kFormulaShapes ? kNoScalars
                                        : kShapeOnly;
   bool per_drain = false;
-  for (size_t i = 0; i < inputs.size(); ++i) encode_input(s, table, *info, i, inputs[i], key, ctx->extra, per_drain);
-  ctx->record = true;
-  ctx->per_drain = per_drain;
-  ctx->num_returns = info->num_returns;
-  ctx->table = &table;
+  for (size_t i = 0; i < inputs.size(); ++i) encode_input(s, table, *info, i, inputs[i], key, call.extra, per_drain);
+  call.record = true;
+  call.per_drain = per_drain;
+  call.num_returns = info->num_returns;
+  call.table = &table;
+  return true;
+}
+
+// A seen op ends: booked unless it did not run (``ran`` false: it threw before its kernel ran, e.g.
+// non-reentrant checkpoint stops recomputing from autograd's saved-tensor hook).
+void end_call(const OpCall& call, c10::ArrayRef<c10::IValue> outputs, bool ran) {
+  --tls_depth[call.index];
+  if (!call.record || !ran) return;
+  Slot& s = slot(call.index);
+  ThreadTable& table = *call.table;
+  auto& key = tls_key[call.index];
+  key.push_back(kOutputs);
+  bool per_drain = call.per_drain;
+  for (const auto& out : outputs) encode_output(s, table, out, key, call.extra, per_drain);
+  int64_t id = key_id(s, table, key, per_drain);
+  Writing w(table);
+  w.counts->at(s.generation.load()).calls.add(id, 1);
+}
+
+// The RecordFunction capture's callbacks.
+std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFunction& fn) {
+  if (tls_depth[index] > 0) return nullptr;  // inside a seen op's kernel (checked before the lookup)
+  OpInfo* info = op_info(fn.name(), fn.overload_name());
+  if (!info->is_op) return nullptr;
+  auto inputs = fn.inputs();
+  OpCall call;
+  if (!start_call(index, info, c10::ArrayRef<c10::IValue>(const_cast<c10::IValue*>(inputs.data()), inputs.size()), call)) {
+    return nullptr;
+  }
+  auto ctx = std::make_unique<OpContext>();
+  ctx->call = call;
   return ctx;
 }
 
 void on_end(const at::RecordFunction& fn, at::ObserverContext* observer_ctx) {
   if (observer_ctx == nullptr) return;
-  auto* ctx = static_cast<OpContext*>(observer_ctx);
-  --tls_depth[ctx->index];
-  if (!ctx->record) return;
-  // No outputs from an op that returns something: it threw before its kernel ran (e.g.
-  // non-reentrant checkpoint stops recomputing from autograd's saved-tensor hook). Not counted.
-  if (ctx->num_returns > 0 && fn.outputs().empty()) return;
-  Slot& s = slot(ctx->index);
-  ThreadTable& table = *ctx->table;
-  auto& key = tls_key[ctx->index];
-  key.push_back(kOutputs);
-  bool per_drain = ctx->per_drain;
-  for (const auto& out : fn.outputs()) encode_output(s, table, out, key, ctx->extra, per_drain);
-  int64_t id = key_id(s, table, key, per_drain);
-  Writing w(table);
-  w.counts->at(s.generation.load()).calls.add(id, 1);
+  const OpCall& call = static_cast<OpContext*>(observer_ctx)->call;
+  // No outputs from an op that returns something: it threw before its kernel ran.
+  const auto& outputs = fn.outputs();
+  end_call(call, outputs, !(call.num_returns > 0 && outputs.empty()));
 }
 
 // RecordFunction takes plain function pointers: one start function per slot.
@@ -285,6 +310,123 @@ constexpr std::array<at::RecordFunctionCallback::StartCallback, sizeof...(I)> st
     std::index_sequence<I...>) {
   return {&on_start_slot<static_cast<int64_t>(I)>...};
 }
+
+const std::array<at::RecordFunctionCallback::StartCallback, kSlots>& starts() {
+  static const auto table = start_table(std::make_index_sequence<kSlots>{});
+  return table;
+}
+
+
+// ---- the capture key --------------------------------------------------------------------------
+// A boxed fallback on a dispatch mode key (torch's TESTING_ONLY_GenericMode, which nothing else
+// registers) sees each op where RecordFunction would, above autograd, without RecordFunction's
+// per-event machinery (benchmarks/RESULTS.md: "a capture below the RecordFunction floor"). The key
+// is included in the owner thread's dispatch key set; autograd's workers inherit it with the
+// thread-local state. Which meters are here on a thread: each key meter registers a do-nothing
+// thread-local RecordFunction callback for a scope that no aten op uses (the marker), which
+// follows the same thread-local state; the fallback finds the markers in that state.
+namespace {
+constexpr auto kCaptureKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
+const c10::DispatchKeySet kBelowCaptureKey(c10::DispatchKeySet::FULL_AFTER, kCaptureKey);
+
+std::atomic<uint64_t> marker_handles[kSlots];  // the key meters' markers (0: none)
+std::atomic<uint32_t> key_meters{0};           // bit i: slot i captures by the key
+thread_local uint32_t tls_owned_key_meters = 0;  // key meters enabled on this thread
+// Once Dynamo has compiled, the key stays included on threads that have it: code compiled with it
+// guards on the thread's dispatch keys, and would recompile without it (capture.py says when).
+std::atomic<bool> keep_key_included{false};
+thread_local bool tls_floor = false;  // the benchmark's dispatch_floor on this thread
+
+std::unique_ptr<at::ObserverContext> marker_start(const at::RecordFunction&) { return nullptr; }
+
+uint32_t key_meters_here() {
+  uint32_t active = key_meters.load(std::memory_order_relaxed);
+  if (active == 0) return 0;
+  uint32_t here = 0;
+  for (const auto& entry : at::get_record_function_tls_().sorted_tls_callbacks_) {
+    if (entry.callback_.start() != &marker_start) continue;
+    for (int64_t i = 0; i < kSlots; ++i) {
+      if ((active >> i & 1u) && marker_handles[i].load(std::memory_order_relaxed) == entry.handle_) here |= 1u << i;
+    }
+  }
+  return here;
+}
+
+void drop_key_if_unused() {
+  if ((tls_owned_key_meters & key_meters.load()) != 0 || keep_key_included.load() || tls_floor) return;
+  c10::impl::tls_set_dispatch_key_included(kCaptureKey, false);
+}
+
+// A tensor subclass's __torch_dispatch__ runs with the capture key excluded: the meters that did
+// not see its wrapper op watch the ops inside it through RecordFunction, for this call only.
+struct SubclassWatch {
+  explicit SubclassWatch(uint32_t meters) {
+    for (int64_t i = 0; i < kSlots; ++i) {
+      if (!(meters >> i & 1u)) continue;
+      handles[count++] = at::addThreadLocalCallback(at::RecordFunctionCallback(starts()[static_cast<size_t>(i)], on_end)
+                                                         .needsInputs(true)
+                                                         .needsOutputs(true)
+                                                         .scopes({at::RecordScope::FUNCTION}));
+    }
+  }
+  ~SubclassWatch() {
+    for (int k = 0; k < count; ++k) at::removeCallback(handles[k]);
+  }
+  at::CallbackHandle handles[kSlots] = {};
+  int count = 0;
+};
+
+void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const c10::DispatchKeySet below = keys & kBelowCaptureKey;
+  uint32_t here = tls_floor ? 0 : key_meters_here();
+  if (here == 0) {
+    if (!tls_floor) drop_key_if_unused();  // a stale key (a meter closed on another thread)
+    op.redispatchBoxed(below, stack);
+    return;
+  }
+  const auto& schema = op.schema();
+  OpInfo* info = op_info(schema.name().c_str(), schema.overload_name().c_str());
+  const size_t num_inputs = schema.arguments().size();
+  c10::ArrayRef<c10::IValue> inputs(stack->data() + (stack->size() - num_inputs), num_inputs);
+  OpCall calls[kSlots];
+  int seen = 0;
+  uint32_t unseen = 0;
+  for (int64_t i = 0; i < kSlots; ++i) {
+    if (!(here >> i & 1u)) continue;
+    if (start_call(i, info, inputs, calls[seen])) {
+      ++seen;
+    } else {
+      unseen |= 1u << i;
+    }
+  }
+  try {
+    if (unseen == 0) {  // ops inside a seen op are not seen: they need not reach the key at all
+      c10::impl::ExcludeDispatchKeyGuard hide(kCaptureKey);
+      op.redispatchBoxed(below, stack);
+    } else if (keys.has(c10::DispatchKey::Python)) {
+      SubclassWatch watch(unseen);
+      op.redispatchBoxed(below, stack);
+    } else {
+      op.redispatchBoxed(below, stack);
+    }
+  } catch (...) {
+    for (int k = 0; k < seen; ++k) end_call(calls[k], {}, false);
+    throw;
+  }
+  const size_t num_outputs = schema.returns().size();
+  c10::ArrayRef<c10::IValue> outputs(stack->data() + (stack->size() - num_outputs), num_outputs);
+  for (int k = 0; k < seen; ++k) end_call(calls[k], outputs, true);
+}
+
+// Registered at the first key meter (or floor), never at load; one registration for the process.
+void register_key_fallback() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    static auto* library = new torch::Library(torch::Library::IMPL, "_", kCaptureKey, __FILE__, __LINE__);
+    library->fallback(torch::CppFunction::makeFromBoxedFunction<&key_fallback>());
+  });
+}
+}  // namespace
 
 void reset_locked(Slot& s) {
   s.tables.clear();
@@ -320,9 +462,10 @@ void merge(ThreadTable& table, int64_t first, std::vector<Generation>& out) {
 
 }  // namespace
 
-// Turn a meter's observer on for this thread (and autograd work it starts); returns its slot.
-int64_t enable(bool strict) {
-  static const auto starts = start_table(std::make_index_sequence<kSlots>{});
+// Turn a meter's capture on for this thread (and autograd work it starts); returns its slot.
+// ``by_key``: capture through the key (else a RecordFunction observer).
+int64_t enable(bool strict, bool by_key) {
+  if (by_key) register_key_fallback();
   for (int64_t i = 0; i < kSlots; ++i) {
     Slot& s = slot(i);
     std::lock_guard<std::mutex> lock(s.mu);
@@ -340,28 +483,52 @@ int64_t enable(bool strict) {
     s.optimizer = false;
     s.context = 0;
     s.strict = strict;
-    s.handle = at::addThreadLocalCallback(at::RecordFunctionCallback(starts[i], on_end)
-                                              .needsInputs(true)
-                                              .needsOutputs(true)
-                                              .scopes({at::RecordScope::FUNCTION}));
+    s.by_key = by_key;
+    if (by_key) {
+      s.handle = at::addThreadLocalCallback(
+          at::RecordFunctionCallback(marker_start).scopes({at::RecordScope::STATIC_RUNTIME_MODEL}));
+      marker_handles[i].store(*s.handle);
+      key_meters.fetch_or(1u << i);
+      tls_owned_key_meters |= 1u << i;
+      c10::impl::tls_set_dispatch_key_included(kCaptureKey, true);
+    } else {
+      s.handle = at::addThreadLocalCallback(at::RecordFunctionCallback(starts()[static_cast<size_t>(i)], on_end)
+                                                .needsInputs(true)
+                                                .needsOutputs(true)
+                                                .scopes({at::RecordScope::FUNCTION}));
+    }
     return i;
   }
   TORCH_CHECK(false, "flopcount: more than ", kSlots, " nested native meters");
 }
 
-// Turn the observer off (on the thread that enabled it); drain() still returns what it holds.
-void disable(int64_t index) {
+// Turn the capture off (normally on the thread that enabled it); drain() still returns what it
+// holds. ``keep_key``: Dynamo has compiled, the key stays included where it is (see
+// keep_key_included).
+void disable(int64_t index, bool keep_key) {
   Slot& s = slot(index);
   c10::optional<at::CallbackHandle> handle;
+  bool by_key;
   {
     std::lock_guard<std::mutex> lock(s.mu);
     handle.swap(s.handle);
+    by_key = s.by_key;
+  }
+  if (by_key && handle.has_value()) {
+    key_meters.fetch_and(~(1u << index));
+    marker_handles[index].store(0);
+    if (keep_key) keep_key_included.store(true);
+    tls_owned_key_meters &= ~(1u << index);
+    drop_key_if_unused();  // on another thread than the owner, the owner's fallback drops it later
   }
   if (handle.has_value()) at::removeCallback(*handle);
 }
 
+bool captures_by_key(int64_t index) { return slot(index).by_key; }
+bool key_included_here() { return c10::impl::tls_is_dispatch_key_included(kCaptureKey); }
+
 void release(int64_t index) {
-  disable(index);
+  disable(index, keep_key_included.load());
   Slot& s = slot(index);
   std::lock_guard<std::mutex> lock(s.mu);
   reset_locked(s);
@@ -530,25 +697,13 @@ void floor_disable() {
   floor_handle().reset();
 }
 
-// The same for a capture at the dispatcher instead of RecordFunction: a boxed fallback on a mode
-// key, switched on per thread, that only passes each op on (variant dispatch_floor). Registered
-// at its first use, never at load: the key is torch's TESTING_ONLY_GenericMode.
-namespace {
-void dispatch_floor_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER,
-                                                c10::DispatchKey::TESTING_ONLY_GenericMode),
-                     stack);
-}
-}  // namespace
-
+// The same for a capture at the dispatcher instead of RecordFunction: the capture key's fallback
+// switched on for this thread with no meter, so that it only passes each op on (variant
+// dispatch_floor).
 void dispatch_floor_enable(bool enabled) {
-  static std::unique_ptr<torch::Library> fallback;
-  if (enabled && !fallback) {
-    fallback = std::make_unique<torch::Library>(torch::Library::IMPL, "_", c10::DispatchKey::TESTING_ONLY_GenericMode,
-                                                __FILE__, __LINE__);
-    fallback->fallback(torch::CppFunction::makeFromBoxedFunction<&dispatch_floor_fallback>());
-  }
-  c10::impl::tls_set_dispatch_key_included(c10::DispatchKey::TESTING_ONLY_GenericMode, enabled);
+  register_key_fallback();
+  tls_floor = enabled;
+  c10::impl::tls_set_dispatch_key_included(kCaptureKey, enabled);
 }
 
 }  // namespace flopcount_native

@@ -1,4 +1,10 @@
-"""The native capture backend: a C++ RecordFunction observer (csrc/) with no Python per op.
+"""The native capture backend: a C++ capture (csrc/) with no Python per op.
+
+It sees each op at the dispatcher in one of two ways (``capture_by_key``): by default through a
+dispatch key included in the meter's thread (a boxed fallback; the cheaper one), or through a
+RecordFunction observer. Both hand each op to the same C++ code. The key is not used where
+Dynamo has compiled code without it (``dynamo_has_compiled``): compiled code guards on the
+thread's dispatch keys, and would recompile.
 
 The extension aggregates one compact key per distinct call (op, argument shapes and scalars,
 output shapes, the context id, grad mode, whether autograd's backward is running and the
@@ -21,12 +27,14 @@ are evaluated and summed one by one.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 
 from ...accounting import StepAccumulator
 from ...conventions import ROOT_MODULE
 from ...distributed import collective_entry
-from ...errors import NativeUnavailable
+from ...errors import BadInput, NativeUnavailable
 from ...formulas import KNOWN_ZERO, REGISTRY
 from ...formulas.registry import op_name
 from ..active import MODEL_PHASES
@@ -35,6 +43,26 @@ from .. import native as package  # the package's one cached loader (load, load_
 from .decode import Decoder, args_kwargs, canonical_arguments, check_key_version, dtype_codes, overload_of, python_name, tags
 
 REPEATED_KEPT = 4  # recent booked-key totals reused whole (NativeCapture._book)
+CAPTURE_ENV = "FLOPCOUNT_NATIVE_CAPTURE"  # "key" (the default) or "recordfunction"
+CAPTURES = ("key", "recordfunction")
+
+
+def capture_by_key() -> bool:
+    """Whether new native meters capture through the dispatch key (FLOPCOUNT_NATIVE_CAPTURE);
+    BadInput, with one line, for a value that is neither capture."""
+    text = os.environ.get(CAPTURE_ENV, "").strip().lower() or "key"
+    if text not in CAPTURES:
+        raise BadInput(f"flopcount: {CAPTURE_ENV}={os.environ[CAPTURE_ENV]!r} is not a capture; "
+                       f"set it to 'key' (the default) or 'recordfunction'")
+    return text == "key"
+
+
+def dynamo_has_compiled() -> bool:
+    """Whether Dynamo has compiled a frame in this process since its last reset. Its guards hold
+    the thread's dispatch keys at compile time: code compiled without the capture key recompiles
+    under a key meter, and code compiled with it recompiles once the key is gone."""
+    convert_frame = sys.modules.get("torch._dynamo.convert_frame")
+    return convert_frame is not None and getattr(convert_frame, "FRAME_COUNTER", 1) > 0
 
 
 def classify(lib, op, entry):
@@ -64,6 +92,7 @@ class NativeCapture:
         if self.lib is None:
             raise NativeUnavailable(f"flopcount: backend='native' is not available here: {package.load_error()}; "
                                     f"use backend='dispatch' or 'auto'")
+        self.by_key = capture_by_key()  # a bad value is an error before the meter starts
         check_key_version(self.lib)  # never misread another layout's keys
         self.tags = tags(self.lib)
         self.counter = counter
@@ -101,7 +130,10 @@ class NativeCapture:
 
     # ---- enter / exit -------------------------------------------------------------------------
     def __enter__(self) -> "NativeCapture":
-        self.slot = self.lib.enable(bool(self.counter.strict))
+        # The key where no compiled code could see it change; a thread that keeps it since Dynamo
+        # compiled with it goes on with it.
+        by_key = self.by_key and (not dynamo_has_compiled() or self.lib.key_included_here())
+        self.slot = self.lib.enable(bool(self.counter.strict), by_key)
         self._registry_changed()
         for ident, name in enumerate(self.module_names):  # the slot starts without names
             self.lib.set_module_name(self.slot, ident, name, name == ROOT_MODULE)
@@ -128,7 +160,7 @@ class NativeCapture:
         self._release()
 
     def _stop_observing(self) -> None:
-        self.lib.disable(self.slot)
+        self.lib.disable(self.slot, dynamo_has_compiled())  # compiled code may hold the key: keep it
         self.lib.clear_backward_modules(self.slot)  # and the hooks it placed on leaf tensors
         self.context.use_fast_path(None)
         self.context.listener = None

@@ -1,0 +1,148 @@
+"""The native backend's two captures (capture/native/capture.py): the dispatch key (default) and the
+RecordFunction observer give the same summaries as each other and as the dispatch backend; the
+key leaves the thread when the meter ends, except once Dynamo has compiled with it; a bad
+FLOPCOUNT_NATIVE_CAPTURE is one line before training. Closed forms: a Linear [n, i] -> [n, o] is
+2*n*i*o forward and twice that backward (input and weight gradients)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import flopcount
+from flopcount.capture import native
+from flopcount.errors import BadInput
+
+pytestmark = pytest.mark.skipif(native.load() is None, reason="native extension not available")
+
+N, I, H, O = 4, 16, 32, 8
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(I, H), nn.ReLU(), nn.Linear(H, O))
+
+
+def _summary(monkeypatch, capture, backend="native", autocast=False):
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", capture)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(N, I)
+    lib = native.load()
+    with flopcount.meter(backend=backend, warn=False) as m:
+        if backend == "native":
+            assert lib.captures_by_key(m.capture.slot) == (capture == "key")
+            assert lib.key_included_here() == (capture == "key")
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = model(x)
+            y.float().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            m.step()
+    assert not lib.key_included_here()  # gone with the meter
+    s = m.summary()
+    return {k: s[k] for k in ("by_op", "by_phase_category", "by_module", "steps", "total_flops")
+            if k in s}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_key_recordfunction_and_dispatch_agree_with_the_closed_form(monkeypatch, autocast):
+    key = _summary(monkeypatch, "key", autocast=autocast)
+    observer = _summary(monkeypatch, "recordfunction", autocast=autocast)
+    dispatch = _summary(monkeypatch, "key", backend="dispatch", autocast=autocast)
+    assert key == observer
+    assert key["by_op"] == dispatch["by_op"] and key["by_module"] == dispatch["by_module"]
+    gemm = 2 * N * (I * H + H * O)  # per step, forward
+    matmul = key["by_phase_category"]
+    assert matmul["forward"]["matmul"] == 3 * gemm
+    # backward: weight gradients of both layers, the input gradient of the second only
+    assert matmul["backward"]["matmul"] == 3 * (2 * N * I * H + 2 * 2 * N * H * O)
+    assert key["steps"] == 3
+
+
+def test_bad_capture_is_one_line_before_training(monkeypatch):
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", "ring-buffer")
+    with pytest.raises(BadInput) as info:
+        with flopcount.meter(backend="native", warn=False):
+            raise AssertionError("the meter must not start")
+    assert "FLOPCOUNT_NATIVE_CAPTURE='ring-buffer'" in str(info.value) and "\n" not in str(info.value)
+    assert not native.load().key_included_here()
+
+
+class Wrapper(torch.Tensor):
+    """A wrapper subclass whose __torch_dispatch__ runs the op on the plain tensor inside it."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, Wrapper) else t  # noqa: E731
+        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return torch.utils._pytree.tree_map(lambda t: Wrapper(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+@pytest.mark.parametrize("capture", ["key", "recordfunction"])
+def test_subclass_inner_ops_are_counted_once(monkeypatch, capture):
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", capture)
+    a, b = Wrapper(torch.randn(N, I)), Wrapper(torch.randn(I, H))
+    with flopcount.meter(backend="native", warn=False) as m:
+        torch.mm(a, b)
+        torch.mm(torch.randn(N, I), torch.randn(I, H))  # a plain op after the subclass op
+    assert m.summary()["by_op"]["aten.mm"] == {"flops": 2 * 2 * N * I * H, "calls": 2}
+
+
+def test_compiled_inside_a_key_meter_never_recompiles():
+    """Dynamo guards on the thread's dispatch keys: code compiled under a key meter keeps the key
+    on its thread, and code compiled before a meter makes later meters use RecordFunction."""
+    code = textwrap.dedent(f"""
+        import torch, torch.nn as nn, flopcount
+        from flopcount.capture import native
+        lib = native.load()
+        torch.manual_seed(0)
+        model = nn.Linear({I}, {H})
+        compiled = torch.compile(model, fullgraph=True)
+        x = torch.randn({N}, {I})
+        gemm = 2 * {N} * {I} * {H}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            with flopcount.meter(backend="native", warn=False) as m:
+                assert lib.captures_by_key(m.capture.slot)
+                compiled(x).sum().backward()
+            assert lib.key_included_here()  # kept: the compiled code guards on it
+            compiled(x).sum().backward()  # outside a meter
+            with flopcount.meter(backend="native", warn=False) as m2:
+                assert lib.captures_by_key(m2.capture.slot)
+                compiled(x).sum().backward()
+                compiled(x).sum().backward()
+        assert m.summary()["by_phase_category"]["forward"]["matmul"] == gemm
+        f2 = m2.summary()["by_phase_category"]["forward"]["matmul"]
+        assert f2 == 2 * m.summary()["by_phase_category"]["forward"]["matmul"], (f2, m.summary())
+        # Compiled before a meter on a thread without the key: that meter uses RecordFunction.
+        # (Code compiled with the key recompiles once on a thread without it: docs/native.md.)
+        import threading
+        out = {{}}
+        def work():
+            other = torch.compile(nn.Linear({I}, {H}), fullgraph=True)
+            other(x)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                with flopcount.meter(backend="native", warn=False) as m3:
+                    out["by_key"] = lib.captures_by_key(m3.capture.slot)
+                    other(x)
+                out["flops"] = m3.summary()["by_phase_category"]
+        t = threading.Thread(target=work); t.start(); t.join()
+        assert out["by_key"] is False, out
+        assert sum(c.get("matmul", 0) for c in out["flops"].values()) == gemm, out  # a forward only
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")
