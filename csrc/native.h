@@ -1,4 +1,5 @@
-// flopcount native capture: an at::RecordFunction observer that sees every aten op at the
+// flopcount native capture: a dispatch key's boxed fallback, or an at::RecordFunction observer,
+// that sees every aten op at the
 // dispatcher without running Python, and aggregates one compact key per distinct call:
 //   [op id, context id, flags (grad mode, in backward), backward module id, inputs..., outputs...]
 // The FLOP formulas and the registry's rules stay in Python: flopcount/capture/native/capture.py
@@ -10,7 +11,7 @@
 // The sources, by responsibility (flopcount/capture/native/builder.py lists them):
 //   native.h      the shared contract: tags, registry classes, the per-op and per-meter state
 //   keys.cpp      op descriptions and the key encoder
-//   observer.cpp  the RecordFunction callbacks, per-thread key tables, enable / drain
+//   observer.cpp  the two captures (capture key, RecordFunction), per-thread key tables, enable / drain
 //   hooks.cpp     backward modules: gradient hooks and the module-call fast path
 //   bindings.cpp  the Python module (enums, functions, KEY_VERSION)
 

@@ -1,5 +1,6 @@
-// The RecordFunction observer: one per active meter (a slot), registered as a thread-local callback.
-// Like a TorchDispatchMode it follows the meter's thread and the autograd work it starts
+// The native capture, one per active meter (a slot): by default a dispatch key's boxed fallback
+// ("the capture key" below), else a RecordFunction observer registered as a thread-local callback;
+// both hand each op to start_call / end_call. Like a TorchDispatchMode it follows the meter's thread and the autograd work it starts
 // (autograd's worker threads inherit the thread-local state), and nested meters each count their
 // block. Each thread aggregates its calls in its own key table (ThreadTable); drain merges them.
 //
@@ -378,9 +379,11 @@ struct SubclassWatch {
 
 void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const c10::DispatchKeySet below = keys & kBelowCaptureKey;
-  uint32_t here = tls_floor ? 0 : key_meters_here();
+  // No meter where RecordFunction is off in the thread (the meter's own all-reduce, the
+  // extension's own copies), as for the observer.
+  uint32_t here = tls_floor || !at::isRecordFunctionEnabled() ? 0 : key_meters_here();
   if (here == 0) {
-    if (!tls_floor) drop_key_if_unused();  // a stale key (a meter closed on another thread)
+    if (!tls_floor && at::isRecordFunctionEnabled()) drop_key_if_unused();  // a stale key (a meter closed on another thread)
     op.redispatchBoxed(below, stack);
     return;
   }

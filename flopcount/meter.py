@@ -380,7 +380,8 @@ class Meter:
     def _unmetered(self):
         """The meter's own work (its all-reduce) is not the job's: neither backend records it."""
         with self.capture.suspend() if self._active else contextlib.nullcontext():
-            # RecordFunction observers (the native backend's, other meters') are off in this thread.
+            # RecordFunction observers (the native backend's, other meters') are off in this thread;
+            # the native capture key's fallback records nothing while they are off either.
             torch._C._autograd._enable_record_function(False)
             try:
                 yield

@@ -101,6 +101,20 @@ def test_subclass_inner_ops_are_counted_once(monkeypatch, capture):
     assert m.summary()["by_op"]["aten.mm"] == {"flops": 2 * 2 * N * I * H, "calls": 2}
 
 
+@pytest.mark.parametrize("capture", ["key", "recordfunction"])
+def test_nothing_recorded_while_record_function_is_off(monkeypatch, capture):
+    """The meter's own work (Meter._unmetered) runs with RecordFunction off: neither capture sees it."""
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", capture)
+    with flopcount.meter(backend="native", warn=False) as m:
+        torch._C._autograd._enable_record_function(False)
+        try:
+            torch.mm(torch.randn(N, I), torch.randn(I, H))
+        finally:
+            torch._C._autograd._enable_record_function(True)
+        torch.mm(torch.randn(N, I), torch.randn(I, O))
+    assert m.summary()["by_op"]["aten.mm"] == {"flops": 2 * N * I * O, "calls": 1}
+
+
 def test_compiled_inside_a_key_meter_never_recompiles():
     """Dynamo guards on the thread's dispatch keys: code compiled under a key meter keeps the key
     on its thread, and code compiled before a meter makes later meters use RecordFunction."""

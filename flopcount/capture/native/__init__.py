@@ -1,4 +1,5 @@
-"""The native capture backend: a C++ RecordFunction observer (csrc/) with no Python per op.
+"""The native capture backend: a C++ capture (csrc/: a dispatch key's fallback, or a RecordFunction
+observer) with no Python per op.
 
 Three modules by concern:
 
