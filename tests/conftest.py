@@ -57,3 +57,10 @@ def backend(request):
         if reason:
             pytest.skip(reason)
     return request.param
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """torch.compile's tests last: once Dynamo has compiled in a process, later native meters
+    capture through RecordFunction (capture/native/capture.py dynamo_has_compiled), so the rest of
+    the suite runs the default capture key first."""
+    items.sort(key=lambda item: os.path.basename(str(item.fspath)).startswith("test_compile"))
