@@ -148,7 +148,7 @@ def test_compiled_inside_a_key_meter_never_recompiles():
         f2 = m2.summary()["by_phase_category"]["forward"]["matmul"]
         assert f2 == 2 * m.summary()["by_phase_category"]["forward"]["matmul"], (f2, m.summary())
         # Compiled before a meter on a thread without the key: that meter uses RecordFunction.
-        # (Code compiled with the key recompiles once on a thread without it: docs/native.md.)
+        # (Code compiled with the key recompiles once on a thread without it: docs/architecture.md.)
         import threading
         out = {{}}
         def work():
