@@ -80,21 +80,14 @@ def _with_capture(capture: str, meter):
     """``meter`` with the native capture FLOPCOUNT_NATIVE_CAPTURE=``capture`` (read at entry)."""
     import contextlib
     import os
+    from unittest import mock
 
     from flopcount.capture.native.capture import CAPTURE_ENV
 
     @contextlib.contextmanager
     def block():
-        before = os.environ.get(CAPTURE_ENV)
-        os.environ[CAPTURE_ENV] = capture
-        try:
-            with meter as m:
-                yield m
-        finally:
-            if before is None:
-                os.environ.pop(CAPTURE_ENV, None)
-            else:
-                os.environ[CAPTURE_ENV] = before
+        with mock.patch.dict(os.environ, {CAPTURE_ENV: capture}), meter as m:
+            yield m
 
     return block()
 

@@ -312,9 +312,14 @@ constexpr std::array<at::RecordFunctionCallback::StartCallback, sizeof...(I)> st
   return {&on_start_slot<static_cast<int64_t>(I)>...};
 }
 
-const std::array<at::RecordFunctionCallback::StartCallback, kSlots>& starts() {
-  static const auto table = start_table(std::make_index_sequence<kSlots>{});
-  return table;
+// Meter ``index``'s RecordFunction observer (thread-local when added: the observer capture, and
+// the capture key's subclass watch).
+at::RecordFunctionCallback observer_callback(int64_t index) {
+  static const auto starts = start_table(std::make_index_sequence<kSlots>{});
+  return at::RecordFunctionCallback(starts[static_cast<size_t>(index)], on_end)
+      .needsInputs(true)
+      .needsOutputs(true)
+      .scopes({at::RecordScope::FUNCTION});
 }
 
 
@@ -364,10 +369,7 @@ struct SubclassWatch {
   explicit SubclassWatch(uint32_t meters) {
     for (int64_t i = 0; i < kSlots; ++i) {
       if (!(meters >> i & 1u)) continue;
-      handles[count++] = at::addThreadLocalCallback(at::RecordFunctionCallback(starts()[static_cast<size_t>(i)], on_end)
-                                                         .needsInputs(true)
-                                                         .needsOutputs(true)
-                                                         .scopes({at::RecordScope::FUNCTION}));
+      handles[count++] = at::addThreadLocalCallback(observer_callback(i));
     }
   }
   ~SubclassWatch() {
@@ -381,9 +383,13 @@ void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
   const c10::DispatchKeySet below = keys & kBelowCaptureKey;
   // No meter where RecordFunction is off in the thread (the meter's own all-reduce, the
   // extension's own copies), as for the observer.
-  uint32_t here = tls_floor || !at::isRecordFunctionEnabled() ? 0 : key_meters_here();
+  if (tls_floor || !at::isRecordFunctionEnabled()) {
+    op.redispatchBoxed(below, stack);
+    return;
+  }
+  uint32_t here = key_meters_here();
   if (here == 0) {
-    if (!tls_floor && at::isRecordFunctionEnabled()) drop_key_if_unused();  // a stale key (a meter closed on another thread)
+    drop_key_if_unused();  // a stale key (a meter closed on another thread)
     op.redispatchBoxed(below, stack);
     return;
   }
@@ -403,15 +409,14 @@ void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
     }
   }
   try {
+    c10::optional<c10::impl::ExcludeDispatchKeyGuard> hide;
+    c10::optional<SubclassWatch> watch;
     if (unseen == 0) {  // ops inside a seen op are not seen: they need not reach the key at all
-      c10::impl::ExcludeDispatchKeyGuard hide(kCaptureKey);
-      op.redispatchBoxed(below, stack);
+      hide.emplace(kCaptureKey);
     } else if (keys.has(c10::DispatchKey::Python)) {
-      SubclassWatch watch(unseen);
-      op.redispatchBoxed(below, stack);
-    } else {
-      op.redispatchBoxed(below, stack);
+      watch.emplace(unseen);
     }
+    op.redispatchBoxed(below, stack);
   } catch (...) {
     for (int k = 0; k < seen; ++k) end_call(calls[k], {}, false);
     throw;
@@ -495,10 +500,7 @@ int64_t enable(bool strict, bool by_key) {
       tls_owned_key_meters |= 1u << i;
       c10::impl::tls_set_dispatch_key_included(kCaptureKey, true);
     } else {
-      s.handle = at::addThreadLocalCallback(at::RecordFunctionCallback(starts()[static_cast<size_t>(i)], on_end)
-                                                .needsInputs(true)
-                                                .needsOutputs(true)
-                                                .scopes({at::RecordScope::FUNCTION}));
+      s.handle = at::addThreadLocalCallback(observer_callback(i));
     }
     return i;
   }
@@ -531,7 +533,7 @@ bool captures_by_key(int64_t index) { return slot(index).by_key; }
 bool key_included_here() { return c10::impl::tls_is_dispatch_key_included(kCaptureKey); }
 
 void release(int64_t index) {
-  disable(index, keep_key_included.load());
+  disable(index, /*keep_key=*/false);  // (an earlier disable's keep_key stays in force)
   Slot& s = slot(index);
   std::lock_guard<std::mutex> lock(s.mu);
   reset_locked(s);
