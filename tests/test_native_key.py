@@ -167,3 +167,60 @@ def test_compiled_inside_a_key_meter_never_recompiles():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")
+
+
+class Scaled(torch.Tensor):
+    """A subclass whose clone does arithmetic (as a quantized tensor's copy dequantizes): a zero
+    op of the registry on plain tensors, a matmul inside this subclass."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.clone.default:
+            inner = args[0].inner
+            return torch.mm(inner, torch.eye(inner.shape[-1]))  # [N, I] @ [I, I]
+        raise NotImplementedError(func)
+
+
+@pytest.mark.parametrize("backend, capture", [("native", "key"), ("native", "recordfunction"), ("dispatch", "key")])
+def test_subclass_work_inside_a_zero_op_is_counted(monkeypatch, backend, capture):
+    """A zero op passes the capture key unboxed on plain tensors only: on a subclass its
+    __torch_dispatch__ is watched as for any other op."""
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", capture)
+    with flopcount.meter(backend=backend, warn=False):
+        torch.randn(N, I).clone()  # Python classifies clone (zero): the key passes it on unboxed from now on
+    x = Scaled(torch.randn(N, I))
+    with flopcount.meter(backend=backend, warn=False) as m:
+        for _ in range(2):
+            x.clone()
+            torch.randn(N, I).clone()  # plain: nothing counted
+    assert m.summary()["by_op"]["aten.mm"] == {"flops": 2 * 2 * N * I * I, "calls": 2}
+
+
+def test_a_formula_registered_later_for_a_zero_op_is_counted(monkeypatch):
+    """The key passes zero ops on without recording them while Python classifies them zero; a
+    formula registered for one afterwards (public register_formula) is counted from then on."""
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", "key")
+    x = torch.randn(N, I)
+    with flopcount.meter(backend="native", warn=False) as m:
+        for _ in range(3):
+            x.clone()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::clone", "TESTING_ONLY_GenericMode")
+    assert "aten.clone" not in m.summary()["by_op"]
+    from flopcount.formulas import KNOWN_ZERO, REGISTRY
+    aten = torch.ops.aten
+    flopcount.register_formula(aten.clone, lambda shape, *args, out_shape, **kw: 7 * shape[0] * shape[1], override=True)
+    try:
+        with flopcount.meter(backend="native", warn=False) as m:
+            assert native.load().captures_by_key(m.capture.slot)
+            for _ in range(3):
+                x.clone()
+        assert m.summary()["by_op"]["aten.clone"] == {"flops": 3 * 7 * N * I, "calls": 3}
+    finally:
+        REGISTRY.add(aten.clone, KNOWN_ZERO, override=True)
