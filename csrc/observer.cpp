@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 namespace flopcount_native {
@@ -382,68 +383,108 @@ struct SubclassWatch {
   int count = 0;
 };
 
+// The key meters that record on this thread now (0: none; the op is passed on untouched). None
+// where RecordFunction is off in the thread (the meter's own all-reduce, the extension's own
+// copies), as for the observer.
+uint32_t recording_meters() {
+  if (tls_floor || !at::isRecordFunctionEnabled()) return 0;
+  uint32_t here = key_meters_here();
+  if (here == 0) drop_key_if_unused();  // a stale key (a meter closed on another thread)
+  return here;
+}
+
+// One op call at the key, for the meters ``here``, from its arguments to its returns: both the
+// boxed fallback and the unboxed kernels (Pass) record through it. Ops inside a seen op are not
+// seen, so when every meter saw it the key is excluded while it runs; the meters that did not see
+// a tensor subclass's wrapper op watch its __torch_dispatch__. A call that never reaches ``ended``
+// threw before its kernel ran (nothing booked).
+class KeyCall {
+ public:
+  KeyCall(uint32_t here, OpInfo* info, c10::DispatchKeySet keys, c10::ArrayRef<c10::IValue> inputs) {
+    uint32_t unseen = 0;
+    for (int64_t i = 0; i < kSlots; ++i) {
+      if (!(here >> i & 1u)) continue;
+      if (start_call(i, info, inputs, calls_[seen_])) {
+        ++seen_;
+      } else {
+        unseen |= 1u << i;
+      }
+    }
+    if (unseen == 0) {
+      hide_.emplace(kCaptureKey);
+    } else if (keys.has(c10::DispatchKey::Python)) {
+      watch_.emplace(unseen);
+    }
+  }
+  void ended(c10::ArrayRef<c10::IValue> outputs) {
+    hide_.reset();
+    watch_.reset();
+    for (int k = 0; k < seen_; ++k) end_call(calls_[k], outputs, true);
+    seen_ = 0;
+  }
+  ~KeyCall() {
+    hide_.reset();
+    watch_.reset();
+    for (int k = 0; k < seen_; ++k) end_call(calls_[k], {}, false);  // returns at once: nothing to book
+  }
+  KeyCall(const KeyCall&) = delete;
+  KeyCall& operator=(const KeyCall&) = delete;
+
+ private:
+  OpCall calls_[kSlots];
+  int seen_ = 0;
+  c10::optional<c10::impl::ExcludeDispatchKeyGuard> hide_;
+  c10::optional<SubclassWatch> watch_;
+};
+
 void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const c10::DispatchKeySet below = keys & kBelowCaptureKey;
-  // No meter where RecordFunction is off in the thread (the meter's own all-reduce, the
-  // extension's own copies), as for the observer.
-  if (tls_floor || !at::isRecordFunctionEnabled()) {
-    op.redispatchBoxed(below, stack);
-    return;
-  }
-  uint32_t here = key_meters_here();
+  uint32_t here = recording_meters();
   if (here == 0) {
-    drop_key_if_unused();  // a stale key (a meter closed on another thread)
     op.redispatchBoxed(below, stack);
     return;
   }
   const auto& schema = op.schema();
   OpInfo* info = op_info(schema.name().c_str(), schema.overload_name().c_str());
   const size_t num_inputs = schema.arguments().size();
-  c10::ArrayRef<c10::IValue> inputs(stack->data() + (stack->size() - num_inputs), num_inputs);
-  OpCall calls[kSlots];
-  int seen = 0;
-  uint32_t unseen = 0;
-  for (int64_t i = 0; i < kSlots; ++i) {
-    if (!(here >> i & 1u)) continue;
-    if (start_call(i, info, inputs, calls[seen])) {
-      ++seen;
-    } else {
-      unseen |= 1u << i;
-    }
-  }
-  try {
-    c10::optional<c10::impl::ExcludeDispatchKeyGuard> hide;
-    c10::optional<SubclassWatch> watch;
-    if (unseen == 0) {  // ops inside a seen op are not seen: they need not reach the key at all
-      hide.emplace(kCaptureKey);
-    } else if (keys.has(c10::DispatchKey::Python)) {
-      watch.emplace(unseen);
-    }
-    op.redispatchBoxed(below, stack);
-  } catch (...) {
-    for (int k = 0; k < seen; ++k) end_call(calls[k], {}, false);
-    throw;
-  }
+  KeyCall call(here, info, keys, c10::ArrayRef<c10::IValue>(stack->data() + (stack->size() - num_inputs), num_inputs));
+  op.redispatchBoxed(below, stack);
   const size_t num_outputs = schema.returns().size();
-  c10::ArrayRef<c10::IValue> outputs(stack->data() + (stack->size() - num_outputs), num_outputs);
-  for (int k = 0; k < seen; ++k) end_call(calls[k], outputs, true);
+  call.ended(c10::ArrayRef<c10::IValue>(stack->data() + (stack->size() - num_outputs), num_outputs));
 }
 
-// ---- zero-FLOP ops past the key, unboxed -------------------------------------------------------
-// Most calls that reach the key are ops with no FLOPs (views, allocations, copies: about 2,830 of
-// 3,730 per twin step), and boxing them for the fallback is most of the key's floor. For these ops
-// an unboxed kernel at the key passes the call on with the key excluded. That is what the fallback
-// does for a zero op that every meter sees: it records nothing and hides the ops inside it. Any
-// other case takes the fallback itself (boxed): the op is not classified ZERO by Python (yet: a
-// formula registered later is counted), or it may be unseen: CompositeImplicitAutograd (decomposes
-// under autograd), a tensor subclass or dispatch mode (Python key: its inner ops are watched), or
-// meta tensors. Where an unseen op would not hide, hiding changes nothing: no meter records on this
-// thread then (paused, RecordFunction off, no meter), or a meter already inside a seen op.
+// An op's returns as the IValues a boxed call leaves on its stack.
+template <class T>
+std::array<c10::IValue, 1> returns_of(const T& value) {
+  return {c10::IValue(value)};
+}
+template <class... Ts>
+std::array<c10::IValue, sizeof...(Ts)> returns_of(const std::tuple<Ts...>& ts) {
+  return std::apply([](const auto&... t) { return std::array<c10::IValue, sizeof...(Ts)>{c10::IValue(t)...}; }, ts);
+}
+
+// ---- the ops a step calls most, unboxed -------------------------------------------------------
+// Boxing a call for the fallback and unboxing it again for the kernel below costs about 2,800
+// instructions per call (benchmarks/RESULTS.md: twin, dispatch_floor), more than recording it.
+// The ops listed in register_passes get an unboxed kernel at the key (Pass) that does what the
+// fallback does without boxing:
+//   * a decomposing op (CompositeImplicitAutograd, an autograd key in the call's keys): unseen
+//     by every meter, it is redispatched as it is, so its parts reach the key;
+//   * a zero op (Python classifies it ZERO; not implicit, no meta tensors): seen by every meter
+//     that is here and not paused, which records nothing and hides the ops inside it, so it is
+//     redispatched with the key excluded. Where the fallback would not hide, hiding changes
+//     nothing: no meter records on this thread then (none here, paused, RecordFunction off,
+//     inside a seen op);
+//   * a call with the Python key (a tensor subclass, a dispatch mode), and every other call: its
+//     arguments are boxed as the fallback would see them (no redispatch through the boxed path)
+//     and recorded through the same KeyCall.
+// So an op Python has not classified yet or gave a formula (one registered later too) is
+// recorded, and a subclass's work inside a zero op is watched.
 template <class Op, class Schema = typename Op::schema>
-struct ZeroPass;
+struct Pass;
 
 template <class Op, class Ret, class... Args>
-struct ZeroPass<Op, Ret(Args...)> {
+struct Pass<Op, Ret(Args...)> {
   static const c10::OperatorHandle& handle() {
     static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(Op::name, Op::overload_name);
     return op;
@@ -457,13 +498,27 @@ struct ZeroPass<Op, Ret(Args...)> {
   }
   static Ret call(c10::DispatchKeySet keys, Args... args) {
     OpInfo* const described = info();
-    if (described->klass.load(std::memory_order_relaxed) != kZero || described->implicit ||
-        keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Meta)) {
-      static const auto boxed = c10::BoxedKernel::makeFromFunction<&key_fallback>();
-      return c10::impl::BoxedKernelWrapper<Ret(Args...)>::call(boxed, handle(), keys, std::forward<Args>(args)...);
+    if (!keys.has(c10::DispatchKey::Python)) {
+      if (described->implicit) {
+        if (keys.has_any(c10::autograd_dispatch_keyset)) return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+      } else if (described->klass.load(std::memory_order_relaxed) == kZero && !keys.has(c10::DispatchKey::Meta)) {
+        c10::impl::ExcludeDispatchKeyGuard hide(kCaptureKey);
+        return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+      }
     }
-    c10::impl::ExcludeDispatchKeyGuard hide(kCaptureKey);
-    return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+    uint32_t here = recording_meters();
+    if (here == 0) return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+    // Recorded as the fallback records it, from the arguments as a boxed call would hold them.
+    const torch::jit::Stack inputs = c10::impl::boxArgs<Args...>(args...);
+    KeyCall recorded(here, described, keys, inputs);
+    if constexpr (std::is_void_v<Ret>) {
+      Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+      recorded.ended({});
+    } else {
+      decltype(auto) result = Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+      recorded.ended(returns_of(result));
+      return result;
+    }
   }
   static void impl(torch::Library& library) {
     std::string name = std::string(Op::name).substr(std::strlen("aten::"));
@@ -472,16 +527,16 @@ struct ZeroPass<Op, Ret(Args...)> {
   }
 };
 
-// The zero-FLOP ops a step calls most (formulas/zero.py holds what is zero; Python's
-// classification is checked on every call, so an op here that is not zero is only slower).
 template <class... Ops>
-void impl_zero_passes(torch::Library& library) {
-  (ZeroPass<Ops>::impl(library), ...);
+void impl_passes(torch::Library& library) {
+  (Pass<Ops>::impl(library), ...);
 }
 
+// The ops a step calls most (formulas/zero.py says what is zero; Python's classification and the
+// op's implicitness are read on every call, so the list decides speed only, never counts).
 namespace ops = at::_ops;
-void register_zero_passes(torch::Library& library) {
-  impl_zero_passes<
+void register_passes(torch::Library& library) {
+  impl_passes<
       // views and metadata
       ops::view, ops::_unsafe_view, ops::_reshape_alias, ops::expand, ops::t, ops::transpose_int, ops::permute,
       ops::squeeze, ops::squeeze_dim, ops::squeeze_dims, ops::unsqueeze, ops::slice_Tensor, ops::select_int,
@@ -498,7 +553,28 @@ void register_zero_passes(torch::Library& library) {
       // indexing and layout
       ops::cat, ops::stack, ops::slice_backward, ops::select_backward, ops::constant_pad_nd, ops::embedding,
       ops::index_select, ops::gather, ops::masked_fill__Scalar, ops::masked_fill_Scalar, ops::where_self,
-      ops::index_Tensor>(library);
+      ops::index_Tensor,
+      // CompositeImplicitAutograd: they decompose under autograd
+      ops::linear, ops::reshape, ops::item, ops::to_dtype_layout, ops::to_dtype, ops::to_device, ops::to_other,
+      ops::narrow, ops::matmul, ops::scaled_dot_product_attention, ops::cross_entropy_loss, ops::nll_loss_nd,
+      ops::nll_loss, ops::pad, ops::embedding_backward, ops::flatten_using_ints, ops::contiguous, ops::expand_as,
+      ops::view_as, ops::type_as, ops::softmax_int, ops::log_softmax_int, ops::dropout, ops::layer_norm,
+      ops::group_norm, ops::chunk, ops::unflatten_int, ops::einsum, ops::conv1d, ops::conv2d,
+      ops::repeat_interleave_self_int,
+      // with formulas: the pointwise ops, matmuls, reductions and losses of a transformer step and
+      // its optimizer (AdamW, single-tensor and foreach)
+      ops::mul_Tensor, ops::mul__Tensor, ops::mul_Scalar, ops::mul__Scalar, ops::add_Tensor, ops::add__Tensor,
+      ops::add_Scalar, ops::add__Scalar, ops::sub_Tensor, ops::sub__Tensor, ops::rsub_Scalar, ops::div_Tensor,
+      ops::div__Tensor, ops::div_Scalar, ops::div__Scalar, ops::neg, ops::sqrt, ops::rsqrt, ops::pow_Tensor_Scalar,
+      ops::exp, ops::log, ops::tanh, ops::sigmoid, ops::cos, ops::sin, ops::lerp__Scalar, ops::lerp__Tensor,
+      ops::addcmul_, ops::addcdiv_, ops::mm, ops::bmm, ops::addmm, ops::baddbmm, ops::sum, ops::sum_dim_IntList,
+      ops::mean_dim, ops::silu, ops::silu_backward, ops::gelu, ops::gelu_backward, ops::relu, ops::threshold_backward,
+      ops::_softmax, ops::_softmax_backward_data, ops::_log_softmax, ops::_log_softmax_backward_data,
+      ops::nll_loss_forward, ops::nll_loss_backward, ops::embedding_dense_backward, ops::native_layer_norm,
+      ops::native_layer_norm_backward, ops::_scaled_dot_product_flash_attention_for_cpu,
+      ops::_scaled_dot_product_flash_attention_for_cpu_backward, ops::_foreach_mul__Scalar, ops::_foreach_mul__List,
+      ops::_foreach_add__Scalar, ops::_foreach_add__List, ops::_foreach_lerp__Scalar, ops::_foreach_addcmul__Scalar,
+      ops::_foreach_addcdiv__Scalar, ops::_foreach_sqrt, ops::_foreach_div__ScalarList, ops::_foreach_div__List>(library);
 }
 
 // Registered at the first key meter (or floor), never at load; one registration for the process.
@@ -509,8 +585,8 @@ void register_key_fallback() {
   std::call_once(once, [] {
     static auto* library = new torch::Library(torch::Library::IMPL, "_", kCaptureKey, __FILE__, __LINE__);
     library->fallback(torch::CppFunction::makeFromBoxedFunction<&key_fallback>());
-    static auto* zero_passes = new torch::Library(torch::Library::IMPL, "aten", kCaptureKey, __FILE__, __LINE__);
-    register_zero_passes(*zero_passes);
+    static auto* passes = new torch::Library(torch::Library::IMPL, "aten", kCaptureKey, __FILE__, __LINE__);
+    register_passes(*passes);
   });
 }
 }  // namespace

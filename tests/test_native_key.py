@@ -224,3 +224,43 @@ def test_a_formula_registered_later_for_a_zero_op_is_counted(monkeypatch):
         assert m.summary()["by_op"]["aten.clone"] == {"flops": 3 * 7 * N * I, "calls": 3}
     finally:
         REGISTRY.add(aten.clone, KNOWN_ZERO, override=True)
+
+
+@pytest.mark.parametrize("backend, capture", [("native", "key"), ("native", "recordfunction"), ("dispatch", "key")])
+def test_decomposing_ops_are_seen_where_they_do_not_decompose(monkeypatch, backend, capture):
+    """The key passes CompositeImplicitAutograd ops on unboxed only while an autograd key makes
+    them decompose: under inference mode F.linear is seen itself (one aten.linear), with autograd
+    (no_grad too) its parts are (aten.mm), in every capture."""
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", capture)
+    x, w = torch.randn(N, I), torch.randn(H, I)
+    with flopcount.meter(backend=backend, warn=False) as m:
+        for _ in range(2):
+            with torch.inference_mode():
+                torch.nn.functional.linear(x, w)
+                x.reshape(I, N).to(torch.float64)
+            with torch.no_grad():
+                torch.nn.functional.linear(x, w)
+            torch.nn.functional.linear(x, w.requires_grad_())
+            w = w.detach()
+    by_op = m.summary()["by_op"]
+    assert by_op["aten.linear"] == {"flops": 2 * 2 * N * I * H, "calls": 2}
+    assert by_op["aten.mm"] == {"flops": 2 * 2 * 2 * N * I * H, "calls": 4}
+    assert set(by_op) == {"aten.linear", "aten.mm"} and not m.summary()["uncounted_ops"]
+
+
+@pytest.mark.parametrize("capture", ["key", "recordfunction"])
+def test_an_op_that_throws_books_nothing_and_the_meter_goes_on(monkeypatch, capture):
+    """mm with mismatched shapes raises in its kernel (the key records mm unboxed): nothing is
+    booked for it, the depth of seen ops is restored (the next ops are seen) and the error is
+    the user's, unchanged."""
+    monkeypatch.setenv("FLOPCOUNT_NATIVE_CAPTURE", capture)
+    a, b = torch.randn(N, I), torch.randn(I, H)
+    with flopcount.meter(backend="native", warn=False) as m:
+        for bad in (torch.randn(H, I), torch.randn(I + 1, H)):
+            with pytest.raises(RuntimeError, match="cannot be multiplied"):
+                torch.mm(a, bad)
+            torch.mm(a, b)
+            a.add_(1.0)
+    by_op = m.summary()["by_op"]
+    assert by_op["aten.mm"] == {"flops": 2 * 2 * N * I * H, "calls": 2}
+    assert by_op["aten.add_"] == {"flops": 2 * N * I, "calls": 2}
