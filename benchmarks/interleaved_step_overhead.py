@@ -43,7 +43,7 @@ import torch
 from reference_step import build, metering, train_step
 
 VARIANTS = ("baseline", "flopcountermode", "dispatch", "native")
-EXTRA_VARIANTS = ("native_untracked", "native_recordfunction", "observer_floor", "dispatch_floor")  # ablations, run only when named (reference_step.metering)
+EXTRA_VARIANTS = ("native_untracked", "native_recordfunction", "observer_floor", "dispatch_floor", "baseline_unhooked")  # ablations, run only when named (reference_step.metering)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 

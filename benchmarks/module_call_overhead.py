@@ -4,8 +4,8 @@ scalar parameter), forward and backward, interleaved rounds, CPU time of the ste
 
     python benchmarks/module_call_overhead.py [--modules 200] [--rounds 30] [--steps 20]
 
-Variants: ``baseline`` (no meter; flopcount's process-wide module hooks are installed at import
-in every variant and return at once without a meter), ``hook_floor`` (a second, do-nothing
+Variants: ``baseline`` (no meter; flopcount's process-wide module hooks, registered by the first
+meter of the run and kept, are installed in every later variant and return at once without a meter), ``hook_floor`` (a second, do-nothing
 global forward pre/post hook pair: what one more hook pair costs), ``native_untracked`` (native
 backend, ``track_modules=False``), ``native`` (defaults), ``flopcountermode``. Prints per
 variant the median step and the added µs per module call against the baseline and against

@@ -52,9 +52,14 @@ def metering(kind: str):
     counter), a flopcount backend name ('dispatch', 'native'), 'native_untracked' (native with
     track_modules=False), 'observer_floor': the native extension's RecordFunction observer
     registered as a meter registers it, doing nothing (what the RecordFunction machinery alone
-    costs), 'dispatch_floor': a do-nothing boxed fallback on a dispatch mode key (what a
-    capture at the dispatcher would cost at least), or 'native_recordfunction': native with the
-    RecordFunction capture instead of the key (FLOPCOUNT_NATIVE_CAPTURE=recordfunction)."""
+    costs), 'dispatch_floor': the capture key with no meter (its boxed fallback and its
+    unboxed kernels passing every op on: what a capture at the dispatcher costs at least; with no
+    meter no op is classified, so the zero ops take the general path), or 'native_recordfunction': native with the
+    RecordFunction capture instead of the key (FLOPCOUNT_NATIVE_CAPTURE=recordfunction), or
+    'baseline_unhooked': no meter and flopcount's process-wide module hooks taken out for the
+    block. (The first meter registers those hooks and they stay, so in a run that interleaves
+    variants every later variant, 'baseline' included, runs with them; 'baseline_unhooked' is a
+    job without flopcount, and its difference to 'baseline' is what the idle hooks cost.)"""
     import contextlib
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -63,6 +68,8 @@ def metering(kind: str):
 
     if kind == "baseline":
         return contextlib.nullcontext()
+    if kind == "baseline_unhooked":
+        return _unhooked()
     if kind == "flopcountermode":
         return FlopCounterMode(display=False)
     if kind == "observer_floor":
@@ -88,6 +95,30 @@ def _with_capture(capture: str, meter):
     def block():
         with mock.patch.dict(os.environ, {CAPTURE_ENV: capture}), meter as m:
             yield m
+
+    return block()
+
+
+def _unhooked():
+    import contextlib
+
+    from torch.nn.modules import module
+
+    from flopcount.capture.context import MODULE_HOOKS
+
+    @contextlib.contextmanager
+    def block():
+        taken = []
+        for hooks in (module._global_forward_pre_hooks, module._global_forward_hooks):
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "__self__", None) is MODULE_HOOKS:
+                    taken.append((hooks, key, hook))
+                    del hooks[key]
+        try:
+            yield None
+        finally:
+            for hooks, key, hook in taken:
+                hooks[key] = hook
 
     return block()
 

@@ -269,3 +269,24 @@ def test_liger_fused_linear_jsd_function(fake_modules, backend):
     # each head's temperature divide and log-softmax, then the JSD and its gradient; backward scales it
     assert s["by_phase_category"]["forward"]["pointwise"] == 2 * n * (1 + c("_log_softmax")) + 17 * n
     assert s["by_phase_category"]["backward"]["pointwise"] == n
+
+
+def test_module_watch_only_once_its_library_is_imported(fake_modules):
+    """The watch of Transformer Engine's modules runs in every module call: a meter subscribes it
+    only where transformer_engine is imported (no TE module can exist before)."""
+    from flopcount.capture.context import MODULE_HOOKS
+    from flopcount.integrations.kernels import _ModuleWatch
+
+    def watches():
+        return sum(isinstance(c, _ModuleWatch) for c in MODULE_HOOKS.contexts)
+
+    assert "transformer_engine" not in sys.modules
+    with flopcount.meter(backend="dispatch"):
+        assert watches() == 0
+    Linear = te_linear_class()
+    install("transformer_engine.pytorch.module.linear", Linear=Linear)
+    with flopcount.meter(backend="dispatch") as m:
+        assert watches() == 1
+        Linear(16, 24)(torch.randn(2, 16))
+    assert m.summary()["by_op"]["transformer_engine.pytorch.module.linear.Linear"]["flops"] == 2 * 2 * 16 * 24
+    assert watches() == 0

@@ -37,3 +37,31 @@ def test_floor_passes_ops_through(kind):
         assert torch.equal(a, b)
     assert ("GenericMode" in inside) == (kind == "dispatch_floor")
     assert str(torch._C._dispatch_tls_local_include_set()) == before
+
+
+def test_unhooked_baseline_takes_out_flopcount_hooks_for_its_block():
+    """baseline_unhooked: a job without flopcount, inside a process where a meter already
+    registered the process-wide module hooks (they stay); they are back after the block."""
+    import flopcount
+    from reference_step import metering
+    from torch.nn.modules import module
+
+    from flopcount.capture.context import MODULE_HOOKS
+
+    with flopcount.meter(backend="dispatch", warn=False):
+        pass
+
+    def ours():
+        return [h for d in (module._global_forward_pre_hooks, module._global_forward_hooks)
+                for h in d.values() if getattr(h, "__self__", None) is MODULE_HOOKS]
+
+    assert len(ours()) == 2
+    with metering("baseline_unhooked"):
+        assert ours() == []
+        expected = _step()
+    assert len(ours()) == 2
+    with flopcount.meter(backend="dispatch", warn=False) as m:  # the hooks still track modules
+        torch.manual_seed(0)
+        torch.nn.Sequential(torch.nn.Linear(5, 3))(torch.randn(4, 5))
+    assert m.summary()["by_module"] == {"0": 2 * 4 * 5 * 3 + 4 * 3}  # addmm: the product and the bias
+    assert torch.equal(expected[0], _step()[0])

@@ -13,8 +13,10 @@ Python API runs, with the formulas of formulas/kernels_api.py:
   a meter is active, and restored when the last one exits; the backward likewise by a hook on the
   output's node.
 
-Only libraries already imported when the meter starts are wrapped (import them first: the
-model's imports usually do). The classes counted here are not dark modules (capture/dark.py).
+Only libraries already imported when the meter starts are counted: their functions wrapped,
+their modules watched (import them first: the model's imports usually do; a module of a library
+imported later is reported as a dark module). Without them the meter adds no module hook for
+them: the watch would run in every module call. The classes counted here are not dark modules (capture/dark.py).
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ MODULES = {
     ("transformer_engine", "LayerNormMLP"): te_layernorm_mlp,
     ("transformer_engine", "DotProductAttention"): te_dot_product_attention,
 }
+MODULE_ROOTS = frozenset(root for root, _ in MODULES)
 
 
 # ---- functions ----------------------------------------------------------------------------------
@@ -401,7 +404,10 @@ def watch_api_kernels(counter) -> list:
         if not HOOKS.api_counters:
             _install_functions()
         HOOKS.api_counters = [*HOOKS.api_counters, counter]
-    return [_Handle(counter), MODULE_HOOKS.subscribe(_ModuleWatch(counter))]
+    handles = [_Handle(counter)]
+    if any(root in sys.modules for root in MODULE_ROOTS):  # their modules exist only once they are imported
+        handles.append(MODULE_HOOKS.subscribe(_ModuleWatch(counter)))
+    return handles
 
 
 class _Handle:
