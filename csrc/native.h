@@ -298,6 +298,11 @@ struct Slot {
   std::vector<uint8_t> planned;
   std::vector<PendingValues> pending_values;
   std::vector<Generation> merged;  // drain's scratch (drain holds its lock): the tables' counts summed
+  // drain's other scratch, kept with their capacity: allocating these each step (hundreds of
+  // entries) cost more than the rest of a steady drain. Per generation: whether each call's key
+  // is planned (in the calls' iteration order); one generation's planned calls.
+  std::vector<std::vector<uint8_t>> drain_flags;
+  std::vector<std::pair<int64_t, int64_t>> drain_planned;
   // The Python dicts of planned calls that recent drains handed over, with their content ((key id,
   // calls) in order): a steady step's are the same, so drain hands over the same dict and Python
   // finds its summed totals by identity (capture.py _book). Touched by drain only (drain_mu), and

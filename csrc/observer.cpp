@@ -453,6 +453,28 @@ void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
   call.ended(c10::ArrayRef<c10::IValue>(stack->data() + (stack->size() - num_outputs), num_outputs));
 }
 
+// A call's arguments boxed into a buffer this thread keeps (a heap allocation per recorded call
+// otherwise); a call boxed while another is (none does: the key records nothing while
+// RecordFunction is off, as in the key's encoding) gets its own.
+thread_local torch::jit::Stack tls_arguments;
+thread_local bool tls_arguments_busy = false;
+
+class BoxedArguments {
+ public:
+  BoxedArguments() : own_(!tls_arguments_busy) {
+    if (own_) tls_arguments_busy = true;
+  }
+  ~BoxedArguments() {
+    stack().clear();  // the references go before the op runs
+    if (own_) tls_arguments_busy = false;
+  }
+  torch::jit::Stack& stack() { return own_ ? tls_arguments : local_; }
+
+ private:
+  bool own_;
+  torch::jit::Stack local_;
+};
+
 // An op's returns as the IValues a boxed call leaves on its stack.
 template <class T>
 std::array<c10::IValue, 1> returns_of(const T& value) {
@@ -508,15 +530,20 @@ struct Pass<Op, Ret(Args...)> {
     }
     uint32_t here = recording_meters();
     if (here == 0) return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
-    // Recorded as the fallback records it, from the arguments as a boxed call would hold them.
-    const torch::jit::Stack inputs = c10::impl::boxArgs<Args...>(args...);
-    KeyCall recorded(here, described, keys, inputs);
+    // Recorded as the fallback records it, from the arguments as a boxed call would hold them
+    // (boxed into this thread's buffer, read only while the KeyCall starts).
+    c10::optional<KeyCall> recorded;
+    {
+      BoxedArguments inputs;
+      torch::jit::push(inputs.stack(), args...);
+      recorded.emplace(here, described, keys, inputs.stack());
+    }
     if constexpr (std::is_void_v<Ret>) {
       Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
-      recorded.ended({});
+      recorded->ended({});
     } else {
       decltype(auto) result = Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
-      recorded.ended(returns_of(result));
+      recorded->ended(returns_of(result));
       return result;
     }
   }
@@ -742,7 +769,7 @@ void recycle_merged(std::vector<Generation>& generations) {
 // The dict of planned calls for ``planned`` (key id, calls, in the drain's order, which the trace's
 // rows follow): a recent drain's own when it holds the same in the same order, else a new one,
 // kept among the recent (drain_mu held).
-py::object planned_dict(Slot& s, std::vector<std::pair<int64_t, int64_t>> planned) {
+py::object planned_dict(Slot& s, const std::vector<std::pair<int64_t, int64_t>>& planned) {
   auto& recent = s.recent_planned;
   for (size_t i = 0; i < recent.size(); ++i) {
     if (recent[i].first == planned) {
@@ -754,7 +781,7 @@ py::object planned_dict(Slot& s, std::vector<std::pair<int64_t, int64_t>> planne
   py::dict fresh;
   for (const auto& [id, calls] : planned) fresh[py::int_(id)] = py::int_(calls);
   if (planned.empty()) return std::move(fresh);
-  recent.insert(recent.begin(), {std::move(planned), fresh});
+  recent.insert(recent.begin(), {planned, fresh});
   if (recent.size() > kRecentPlanned) recent.pop_back();
   return std::move(fresh);
 }
@@ -776,15 +803,18 @@ py::tuple drain(int64_t index) {
   std::vector<PendingValues> pending;
   std::vector<std::pair<int64_t, std::vector<int64_t>>> new_keys;
   bool reset = false;
-  std::vector<std::vector<uint8_t>> is_planned;  // per generation, in its calls' iteration order
+  std::vector<std::vector<uint8_t>>& is_planned = s.drain_flags;  // per generation, in its calls' iteration order
   {
     std::lock_guard<std::mutex> lock(s.mu);
     int64_t last = s.generation.load();  // every write merged above was of a generation <= last
     if (last < first) last = first;
     generations.resize(static_cast<size_t>(last - first + 1));
     s.drained = last;
-    for (const auto& gen : generations) {
-      auto& flags = is_planned.emplace_back();
+    if (is_planned.size() < generations.size()) is_planned.resize(generations.size());
+    for (size_t g = 0; g < generations.size(); ++g) {
+      const auto& gen = generations[g];
+      auto& flags = is_planned[g];
+      flags.clear();
       flags.reserve(gen.calls.size());
       gen.calls.for_each([&](int64_t key, int64_t) {
         auto id = static_cast<size_t>(key);
@@ -811,7 +841,8 @@ py::tuple drain(int64_t index) {
   }
   py::list out;
   for (size_t g = 0; g < generations.size(); ++g) {
-    std::vector<std::pair<int64_t, int64_t>> planned;
+    auto& planned = s.drain_planned;
+    planned.clear();
     py::dict other;
     size_t i = 0;
     generations[g].calls.for_each([&](int64_t id, int64_t calls) {  // the order in which is_planned was filled
@@ -821,7 +852,7 @@ py::tuple drain(int64_t index) {
         other[py::int_(id)] = py::int_(calls);
       }
     });
-    out.append(py::make_tuple(planned_dict(s, std::move(planned)), other, py::cast(generations[g].uncounted)));
+    out.append(py::make_tuple(planned_dict(s, planned), other, py::cast(generations[g].uncounted)));
   }
   recycle_merged(generations);
   py::dict keys;
