@@ -453,28 +453,6 @@ void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
   call.ended(c10::ArrayRef<c10::IValue>(stack->data() + (stack->size() - num_outputs), num_outputs));
 }
 
-// A call's arguments boxed into a buffer this thread keeps (a heap allocation per recorded call
-// otherwise); a call boxed while another is (none does: the key records nothing while
-// RecordFunction is off, as in the key's encoding) gets its own.
-thread_local torch::jit::Stack tls_arguments;
-thread_local bool tls_arguments_busy = false;
-
-class BoxedArguments {
- public:
-  BoxedArguments() : own_(!tls_arguments_busy) {
-    if (own_) tls_arguments_busy = true;
-  }
-  ~BoxedArguments() {
-    stack().clear();  // the references go before the op runs
-    if (own_) tls_arguments_busy = false;
-  }
-  torch::jit::Stack& stack() { return own_ ? tls_arguments : local_; }
-
- private:
-  bool own_;
-  torch::jit::Stack local_;
-};
-
 // An op's returns as the IValues a boxed call leaves on its stack.
 template <class T>
 std::array<c10::IValue, 1> returns_of(const T& value) {
@@ -530,20 +508,18 @@ struct Pass<Op, Ret(Args...)> {
     }
     uint32_t here = recording_meters();
     if (here == 0) return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
-    // Recorded as the fallback records it, from the arguments as a boxed call would hold them
-    // (boxed into this thread's buffer, read only while the KeyCall starts).
-    c10::optional<KeyCall> recorded;
-    {
-      BoxedArguments inputs;
-      torch::jit::push(inputs.stack(), args...);
-      recorded.emplace(here, described, keys, inputs.stack());
-    }
+    // Recorded as the fallback records it, from the arguments as a boxed call would hold them.
+    // (They are released when the call returns, as a boxed call's are: released before the op
+    // runs, the last C++ reference of a Python-owned tensor drops inside autograd's backward,
+    // which takes the GIL for it, about 1,600 times per twin step.)
+    const torch::jit::Stack inputs = c10::impl::boxArgs<Args...>(args...);
+    KeyCall recorded(here, described, keys, inputs);
     if constexpr (std::is_void_v<Ret>) {
       Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
-      recorded->ended({});
+      recorded.ended({});
     } else {
       decltype(auto) result = Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
-      recorded->ended(returns_of(result));
+      recorded.ended(returns_of(result));
       return result;
     }
   }
