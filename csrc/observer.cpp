@@ -464,7 +464,7 @@ std::array<c10::IValue, sizeof...(Ts)> returns_of(const std::tuple<Ts...>& ts) {
 }
 
 // ---- the ops a step calls most, unboxed -------------------------------------------------------
-// Boxing a call for the fallback and unboxing it again for the kernel below costs about 2,800
+// Boxing a call for the fallback and unboxing it again for the kernel below costs about 2,700
 // instructions per call (benchmarks/RESULTS.md: twin, dispatch_floor), more than recording it.
 // The ops listed in register_passes get an unboxed kernel at the key (Pass) that does what the
 // fallback does without boxing:
