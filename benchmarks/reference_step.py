@@ -53,10 +53,10 @@ def metering(kind: str):
     track_modules=False), 'observer_floor': the native extension's RecordFunction observer
     registered as a meter registers it, doing nothing (what the RecordFunction machinery alone
     costs), 'dispatch_floor': the capture key with no meter (its boxed fallback and its
-    unboxed kernels passing every op on: what a capture at the dispatcher costs at least; with no
-    meter no op is classified, so the zero ops take the general path), or 'native_recordfunction': native with the
-    RecordFunction capture instead of the key (FLOPCOUNT_NATIVE_CAPTURE=recordfunction), or
-    'baseline_unhooked': no meter and flopcount's process-wide module hooks taken out for the
+    unboxed kernels passing every op on: what a capture at the dispatcher costs at least; with
+    no meter no op is classified, so the zero ops take the general path),
+    'native_recordfunction': native with the RecordFunction capture instead of the key
+    (FLOPCOUNT_NATIVE_CAPTURE=recordfunction), or 'baseline_unhooked': no meter and flopcount's process-wide module hooks taken out for the
     block. (The first meter registers those hooks and they stay, so in a run that interleaves
     variants every later variant, 'baseline' included, runs with them; 'baseline_unhooked' is a
     job without flopcount, and its difference to 'baseline' is what the idle hooks cost.)"""

@@ -355,8 +355,9 @@ uint32_t key_meters_here() {
   uint32_t here = 0;
   for (const auto& entry : at::get_record_function_tls_().sorted_tls_callbacks_) {
     if (entry.callback_.start() != &marker_start) continue;
-    for (int64_t i = 0; i < kSlots; ++i) {
-      if ((active >> i & 1u) && marker_handles[i].load(std::memory_order_relaxed) == entry.handle_) here |= 1u << i;
+    for (uint32_t bits = active; bits != 0; bits &= bits - 1) {  // the active slots only
+      const int i = __builtin_ctz(bits);
+      if (marker_handles[i].load(std::memory_order_relaxed) == entry.handle_) here |= 1u << i;
     }
   }
   return here;
@@ -498,16 +499,17 @@ struct Pass<Op, Ret(Args...)> {
   }
   static Ret call(c10::DispatchKeySet keys, Args... args) {
     OpInfo* const described = info();
+    const c10::DispatchKeySet below = keys & kBelowCaptureKey;
     if (!keys.has(c10::DispatchKey::Python)) {
       if (described->implicit) {
-        if (keys.has_any(c10::autograd_dispatch_keyset)) return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+        if (keys.has_any(c10::autograd_dispatch_keyset)) return Op::redispatch(below, std::forward<Args>(args)...);
       } else if (described->klass.load(std::memory_order_relaxed) == kZero && !keys.has(c10::DispatchKey::Meta)) {
         c10::impl::ExcludeDispatchKeyGuard hide(kCaptureKey);
-        return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+        return Op::redispatch(below, std::forward<Args>(args)...);
       }
     }
     uint32_t here = recording_meters();
-    if (here == 0) return Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+    if (here == 0) return Op::redispatch(below, std::forward<Args>(args)...);
     // Recorded as the fallback records it, from the arguments as a boxed call would hold them.
     // (They are released when the call returns, as a boxed call's are: released before the op
     // runs, the last C++ reference of a Python-owned tensor drops inside autograd's backward,
@@ -515,10 +517,10 @@ struct Pass<Op, Ret(Args...)> {
     const torch::jit::Stack inputs = c10::impl::boxArgs<Args...>(args...);
     KeyCall recorded(here, described, keys, inputs);
     if constexpr (std::is_void_v<Ret>) {
-      Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+      Op::redispatch(below, std::forward<Args>(args)...);
       recorded.ended({});
     } else {
-      decltype(auto) result = Op::redispatch(keys & kBelowCaptureKey, std::forward<Args>(args)...);
+      decltype(auto) result = Op::redispatch(below, std::forward<Args>(args)...);
       recorded.ended(returns_of(result));
       return result;
     }
