@@ -470,6 +470,11 @@ struct ModuleFastPath {
     act = capture.attr("_act");
     hook_grads = context.attr("_hook_grads");
     failed = context.attr("guard").attr("failed");
+    watch = context.attr("module_watch");  // set before the capture starts (Meter.__enter__)
+    if (!watch.is_none()) {
+      watch_kinds = watch.attr("kinds").attr("by_id");
+      watch_pre = watch.attr("_module_pre");
+    }
     snapshot_ids = capture.attr("snapshot_ids");
     module_ids = capture.attr("module_ids");
     slot_index = capture.attr("slot").cast<int64_t>();  // the fast path lives while the capture is entered
@@ -478,10 +483,10 @@ struct ModuleFastPath {
   }
 
   void pre(PyObject* module, PyObject* args) {
-    py::object name;
+    py::object name, key;
     bool grad = false, fast = false;
     bool ok = guarded("module hook", [&] {
-      py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(module));  // id(module)
+      key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(module));  // id(module)
       if (!key) throw py::error_already_set();
       PyObject* entry = PyDict_GetItemWithError(seen.ptr(), key.ptr());  // borrowed
       if (entry == nullptr && PyErr_Occurred()) throw py::error_already_set();
@@ -497,11 +502,13 @@ struct ModuleFastPath {
     });
     if (!ok) return;  // the guard took the failure, as Context._module_pre does
     if (!fast) {
-      python_pre(context, py::handle(module), py::handle(args));  // a first call, a model phase: Python does it all
+      // A first call, a model phase: Python does it all (Context._module_pre runs the watch too).
+      python_pre(context, py::handle(module), py::handle(args));
       return;
     }
     // Fires once gradients for all inputs exist: the module's backward is over.
     entered(grad ? py::handle(args) : py::handle(Py_None), name, name, false);  // the module is the innermost now
+    if (!watch.is_none()) watched(module, args, key);
   }
 
   void post(PyObject* module, PyObject* args, PyObject* output) {
@@ -541,6 +548,45 @@ struct ModuleFastPath {
       failed(kind, py::reinterpret_steal<py::object>(PyObject_CallFunction(PyExc_RuntimeError, "s", e.what())));
     }
     return false;
+  }
+
+  // The module watch (DarkModuleWatch._module_pre) where it knows the module, its class is the
+  // one it knew and the frame on top is the one it last took for it: the module's class name
+  // into the step's record (``ran``, or ``always_dark`` for a bypassing library's), the dict the
+  // watch holds now. Everything else (a first call, a new frame, a swapped class) runs the
+  // method, which takes its failures to the guard itself.
+  void watched(PyObject* module, PyObject* args, const py::object& key) {
+    bool python = false;
+    guarded("dark module watch", [&] {
+      PyObject* entry = PyDict_GetItemWithError(watch_kinds.ptr(), key.ptr());  // borrowed
+      if (entry == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        python = true;
+        return;
+      }
+      py::object keep = py::reinterpret_borrow<py::object>(entry);
+      if (referent(kind_ref_.get(entry)) != module) {
+        python = true;
+        return;
+      }
+      long kind = PyLong_AsLong(kind_.get(entry).ptr());
+      if (kind == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (kind == 0) return;  // no own parameters, or a lookup module
+      Py_ssize_t size = PyList_GET_SIZE(stack.ptr());
+      if (size == 0) return;
+      PyObject* frame = PyList_GET_ITEM(stack.ptr(), size - 1);  // borrowed: the stack holds it
+      if (kind_frame_.get(entry).ptr() != frame ||
+          kind_cls_.get(entry).ptr() != reinterpret_cast<PyObject*>(Py_TYPE(module))) {
+        python = true;
+        return;
+      }
+      py::object record = kind == 2 ? always_dark_.get(watch.ptr()) : ran_.get(watch.ptr());
+      if (!PyDict_Check(record.ptr())) throw std::runtime_error("the dark module watch's record is not a dict");
+      if (PyDict_SetItem(record.ptr(), frame_name_.get(frame).ptr(), kind_cls_name_.get(entry).ptr()) < 0) {
+        throw py::error_already_set();
+      }
+    });
+    if (python) watch_pre(py::handle(module), py::handle(args));
   }
 
   // The Seen entry's model phase is current (MODEL_PHASES.version) and there is none.
@@ -641,6 +687,7 @@ struct ModuleFastPath {
   py::object context, capture, phases, registry, python_pre, python_post;
   py::object stack, user_phases, function_grad, seen, changed, act, hook_grads, failed;
   py::object snapshot_ids, module_ids;  // the capture's interned ids (dicts it never rebinds)
+  py::object watch = py::none(), watch_kinds, watch_pre;  // Context.module_watch, its kinds.by_id, its _module_pre
   int64_t act_on = 0, python_hooks = 0, slot_index = -1;
   std::unordered_map<Snapshot, int64_t, SnapshotHash> snapshot_cache;
   std::unordered_map<PyObject*, int64_t> module_cache;  // module name string -> its id (module_ids)
@@ -652,6 +699,9 @@ struct ModuleFastPath {
   Attr frame_ref_{"ref"}, frame_name_{"name"}, grad_enabled_{"grad_enabled"}, tagged_{"tagged"};
   Attr phases_version_{"version"}, optimizer_depth_{"optimizer_depth"}, registry_version_{"version"},
       known_version_{"registry_version"};
+  // The watch's: _Kind's slots, and its records (in its dict, rebound at each step).
+  Attr kind_ref_{"ref"}, kind_{"kind"}, kind_cls_{"cls"}, kind_cls_name_{"cls_name"}, kind_frame_{"frame"};
+  Attr ran_{"ran"}, always_dark_{"always_dark"};
 };
 
 namespace {

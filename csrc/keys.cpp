@@ -109,7 +109,7 @@ OpInfo* not_an_op() {
   return info;
 }
 
-void encode_values(Slot& s, const at::Tensor& t, std::vector<int64_t>& key, bool& per_drain) {
+void encode_values(Slot& s, const at::Tensor& t, KeyBuffer& key, bool& per_drain) {
   if (!c10::isIntegralType(t.scalar_type(), /*includeBool=*/false) || t.numel() > kMaxValues) return;
   at::DisableRecordFunctionGuard no_observers;  // our own copies must not be observed
   if (t.device().is_cpu()) {
@@ -117,7 +117,7 @@ void encode_values(Slot& s, const at::Tensor& t, std::vector<int64_t>& key, bool
     const int64_t* data = values.const_data_ptr<int64_t>();
     key.push_back(kValues);
     key.push_back(values.numel());
-    key.insert(key.end(), data, data + values.numel());
+    key.append(data, static_cast<size_t>(values.numel()));
     return;
   }
   // Device tensor: copy asynchronously to pinned memory on the current stream; the values are
@@ -134,7 +134,7 @@ void encode_values(Slot& s, const at::Tensor& t, std::vector<int64_t>& key, bool
   s.pending_values.push_back(PendingValues{std::move(host), std::move(ready)});
 }
 
-void encode_tensor(Slot& s, const at::Tensor& t, std::vector<int64_t>& key, int extra, bool& per_drain) {
+void encode_tensor(Slot& s, const at::Tensor& t, KeyBuffer& key, int extra, bool& per_drain) {
   if (!t.defined()) {
     key.push_back(kNone);
     return;
@@ -157,13 +157,13 @@ void encode_tensor(Slot& s, const at::Tensor& t, std::vector<int64_t>& key, int 
   }
 }
 
-void push_double(std::vector<int64_t>& key, double d) {
+void push_double(KeyBuffer& key, double d) {
   int64_t bits;
   std::memcpy(&bits, &d, sizeof bits);
   key.push_back(bits);
 }
 
-void encode(Slot& s, ThreadTable& table, const c10::IValue& v, std::vector<int64_t>& key, int extra, bool dtype,
+void encode(Slot& s, ThreadTable& table, const c10::IValue& v, KeyBuffer& key, int extra, bool dtype,
             bool& per_drain) {
   if (v.isTensor()) {
     encode_tensor(s, v.toTensor(), key, extra, per_drain);
@@ -239,13 +239,13 @@ OpInfo* op_info(const char* name, const char* overload) {
 }
 
 void encode_input(Slot& s, ThreadTable& table, const OpInfo& info, size_t i, const c10::IValue& v,
-                  std::vector<int64_t>& key, int extra, bool& per_drain) {
+                  KeyBuffer& key, int extra, bool& per_drain) {
   key.push_back(is_default(info, i, v) ? 1 : 0);
   if (i < info.no_values.size() && info.no_values[i]) extra &= ~kWithValues;
   encode(s, table, v, key, extra, i < info.dtype_arg.size() && info.dtype_arg[i], per_drain);
 }
 
-void encode_output(Slot& s, ThreadTable& table, const c10::IValue& v, std::vector<int64_t>& key, int extra,
+void encode_output(Slot& s, ThreadTable& table, const c10::IValue& v, KeyBuffer& key, int extra,
                    bool& per_drain) {
   encode(s, table, v, key, extra & kWithDtype, false, per_drain);
 }

@@ -108,12 +108,36 @@ inline uint64_t key_hash(const int64_t* key, size_t n) noexcept {
   return h ^ (h >> 32);
 }
 
+// The key being built (one per thread and meter): its pushes stay inline, a few dozen per op, and
+// its storage keeps its capacity, so building a key allocates nothing once it has grown.
+class KeyBuffer {
+ public:
+  void clear() { size_ = 0; }
+  C10_ALWAYS_INLINE void push_back(int64_t v) {
+    if (C10_UNLIKELY(size_ == store_.size())) grow(1);
+    store_[size_++] = v;
+  }
+  void append(const int64_t* values, size_t n) {
+    if (size_ + n > store_.size()) grow(n);
+    std::memcpy(store_.data() + size_, values, n * sizeof(int64_t));
+    size_ += n;
+  }
+  const int64_t* data() const { return store_.data(); }
+  size_t size() const { return size_; }
+  std::vector<int64_t> to_vector() const { return std::vector<int64_t>(data(), data() + size_); }
+
+ private:
+  C10_NOINLINE void grow(size_t n) { store_.resize(std::max<size_t>(64, (size_ + n) * 2)); }
+  std::vector<int64_t> store_;
+  size_t size_ = 0;
+};
+
 // One thread's key -> id cache (ThreadTable::ids), looked up once per recorded op: the keys back to
 // back in one array and open addressing on their hashes, so a lookup hashes the key once and
 // compares it in place, and a cached key costs no node of its own.
 class KeyCache {
  public:
-  int64_t find(const std::vector<int64_t>& key, uint64_t h) const {  // -1: not cached
+  int64_t find(const KeyBuffer& key, uint64_t h) const {  // -1: not cached
     if (slots_.empty()) return -1;
     const size_t mask = slots_.size() - 1;
     for (size_t i = h & mask;; i = (i + 1) & mask) {
@@ -125,10 +149,10 @@ class KeyCache {
       }
     }
   }
-  void insert(const std::vector<int64_t>& key, uint64_t h, int64_t id) {  // key not cached yet
+  void insert(const KeyBuffer& key, uint64_t h, int64_t id) {  // key not cached yet
     if ((count_ + 1) * 2 > slots_.size()) grow();
     place(Entry{h, arena_.size(), key.size(), id});
-    arena_.insert(arena_.end(), key.begin(), key.end());
+    arena_.insert(arena_.end(), key.data(), key.data() + key.size());
     ++count_;
   }
   void clear() {
@@ -346,8 +370,8 @@ OpInfo* op_info(const char* name, const char* overload);
 // Append argument ``i`` of ``info`` to ``key``: its default flag and its tagged value.
 // ``per_drain`` is set when the key references this drain's device-value copies.
 void encode_input(Slot& s, ThreadTable& table, const OpInfo& info, size_t i, const c10::IValue& v,
-                  std::vector<int64_t>& key, int extra, bool& per_drain);
-void encode_output(Slot& s, ThreadTable& table, const c10::IValue& v, std::vector<int64_t>& key, int extra,
+                  KeyBuffer& key, int extra, bool& per_drain);
+void encode_output(Slot& s, ThreadTable& table, const c10::IValue& v, KeyBuffer& key, int extra,
                    bool& per_drain);
 std::vector<std::pair<std::string, std::string>> op_names(int64_t start);
 std::vector<std::string> strings(int64_t start);

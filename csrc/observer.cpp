@@ -39,11 +39,6 @@ Slot& slot(int64_t i) {
 
 namespace {
 
-thread_local int64_t tls_depth[kSlots] = {};
-// The key being built. Seen ops do not nest (ops inside one are not seen), so one buffer per
-// thread and meter suffices; it keeps its capacity, so building a key allocates nothing.
-thread_local std::vector<int64_t> tls_key[kSlots];
-thread_local std::shared_ptr<ThreadTable> tls_tables[kSlots];
 std::mutex drain_mu[kSlots];  // one drain at a time per slot (drain swaps the tables' buffers)
 
 // One seen op of one meter, from its start to its end (either capture).
@@ -104,10 +99,21 @@ void OpContext::operator delete(void* p) noexcept {
 struct BackwardCache {
   int64_t incarnation = -1, version = -1, task = -1, module = -1;
 };
-thread_local BackwardCache tls_backward[kSlots];
 
-int64_t backward_module_of(Slot& s, int64_t index, int64_t task) {
-  BackwardCache& c = tls_backward[index];
+// What a thread holds for each meter slot, in one thread-local: this library's thread-locals cost
+// a call (__tls_get_addr) in each function that reads them, so an op looks it up once and passes
+// it on.
+struct PerThread {
+  int64_t depth[kSlots] = {};  // open seen ops: ops inside one are not seen
+  // The key being built. Seen ops do not nest, so one buffer per thread and meter suffices.
+  KeyBuffer key[kSlots];
+  std::shared_ptr<ThreadTable> tables[kSlots];
+  BackwardCache backward[kSlots];
+};
+thread_local PerThread tls_thread;
+
+int64_t backward_module_of(PerThread& t, Slot& s, int64_t index, int64_t task) {
+  BackwardCache& c = t.backward[index];
   int64_t version = s.backward_version.load(std::memory_order_acquire);
   int64_t incarnation = s.incarnation.load(std::memory_order_relaxed);
   if (c.version == version && c.task == task && c.incarnation == incarnation) return c.module;
@@ -120,8 +126,8 @@ int64_t backward_module_of(Slot& s, int64_t index, int64_t task) {
 }
 
 // This thread's table for the slot's current meter, registered with the slot the first time.
-ThreadTable& thread_table(Slot& s, int64_t index) {
-  auto& table = tls_tables[index];
+ThreadTable& thread_table(PerThread& t, Slot& s, int64_t index) {
+  auto& table = t.tables[index];
   int64_t incarnation = s.incarnation.load(std::memory_order_relaxed);
   if (!table || table->incarnation != incarnation) {
     table = std::make_shared<ThreadTable>();
@@ -145,7 +151,7 @@ struct Writing {
 
 // The key's id: from the thread's cache, else interned in the slot (once per distinct key and
 // thread, under the slot's lock).
-int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, bool per_drain) {
+int64_t key_id(Slot& s, ThreadTable& table, const KeyBuffer& key, bool per_drain) {
   int64_t epoch = s.key_epoch.load(std::memory_order_relaxed);
   if (table.key_epoch != epoch) {
     table.ids.clear();
@@ -157,14 +163,15 @@ int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, boo
     int64_t cached = table.ids.find(key, hash);
     if (cached >= 0) return cached;
   }
+  std::vector<int64_t> full = key.to_vector();  // a key new to this thread: the slot's tables hold vectors
   std::lock_guard<std::mutex> lock(s.mu);
   int64_t id;
   if (per_drain) {
     id = s.next_key_id++;
-    s.new_keys.emplace_back(id, key);
+    s.new_keys.emplace_back(id, std::move(full));
     return id;
   }
-  auto it = s.key_ids.find(key);
+  auto it = s.key_ids.find(full);
   if (it != s.key_ids.end()) {
     id = it->second;
   } else {
@@ -177,8 +184,8 @@ int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, boo
       table.key_epoch = s.key_epoch.load();
     }
     id = s.next_key_id++;
-    s.key_ids.emplace(key, id);
-    s.new_keys.emplace_back(id, key);
+    s.key_ids.emplace(full, id);
+    s.new_keys.emplace_back(id, std::move(full));
   }
   table.ids.insert(key, hash, id);
   return id;
@@ -186,8 +193,8 @@ int64_t key_id(Slot& s, ThreadTable& table, const std::vector<int64_t>& key, boo
 
 // An op starts, for meter ``index``: true when it is seen (ops inside it are then not), with
 // ``call`` set to end it (end_call). Both captures call this with the op's arguments.
-bool start_call(int64_t index, OpInfo* info, c10::ArrayRef<c10::IValue> inputs, OpCall& call) {
-  int64_t& depth = tls_depth[index];
+bool start_call(PerThread& t, int64_t index, OpInfo* info, c10::ArrayRef<c10::IValue> inputs, OpCall& call) {
+  int64_t& depth = t.depth[index];
   if (depth > 0) return false;  // inside a seen op's kernel
   Slot& s = slot(index);
   if (s.paused.load(std::memory_order_relaxed)) return false;
@@ -217,7 +224,7 @@ bool start_call(int64_t index, OpInfo* info, c10::ArrayRef<c10::IValue> inputs, 
   call.index = index;
   int8_t klass = info->klass.load(std::memory_order_relaxed);
   if (klass == kZero) return true;
-  ThreadTable& table = thread_table(s, index);
+  ThreadTable& table = thread_table(t, s, index);
   if (klass == kUncounted) {
     {
       Writing w(table);
@@ -242,9 +249,9 @@ bool start_call(int64_t index, OpInfo* info, c10::ArrayRef<c10::IValue> inputs, 
   int64_t task = torch::autograd::get_current_graph_task_id();
   int64_t module = -1;
   if (task != -1 && s.has_backward_modules.load(std::memory_order_relaxed)) {
-    module = backward_module_of(s, index, task);
+    module = backward_module_of(t, s, index, task);
   }
-  auto& key = tls_key[index];
+  KeyBuffer& key = t.key[index];
   key.clear();
   key.push_back(info->id);
   key.push_back(s.context.load(std::memory_order_relaxed));
@@ -267,12 +274,12 @@ bool start_call(int64_t index, OpInfo* info, c10::ArrayRef<c10::IValue> inputs, 
 
 // A seen op ends: booked unless it did not run (``ran`` false: it threw before its kernel ran, e.g.
 // non-reentrant checkpoint stops recomputing from autograd's saved-tensor hook).
-void end_call(const OpCall& call, c10::ArrayRef<c10::IValue> outputs, bool ran) {
-  --tls_depth[call.index];
+void end_call(PerThread& t, const OpCall& call, c10::ArrayRef<c10::IValue> outputs, bool ran) {
+  --t.depth[call.index];
   if (!call.record || !ran) return;
   Slot& s = slot(call.index);
   ThreadTable& table = *call.table;
-  auto& key = tls_key[call.index];
+  KeyBuffer& key = t.key[call.index];
   key.push_back(kOutputs);
   bool per_drain = call.per_drain;
   for (const auto& out : outputs) encode_output(s, table, out, key, call.extra, per_drain);
@@ -283,12 +290,13 @@ void end_call(const OpCall& call, c10::ArrayRef<c10::IValue> outputs, bool ran) 
 
 // The RecordFunction capture's callbacks.
 std::unique_ptr<at::ObserverContext> on_start(int64_t index, const at::RecordFunction& fn) {
-  if (tls_depth[index] > 0) return nullptr;  // inside a seen op's kernel (checked before the lookup)
+  PerThread& t = tls_thread;
+  if (t.depth[index] > 0) return nullptr;  // inside a seen op's kernel (checked before the lookup)
   OpInfo* info = op_info(fn.name(), fn.overload_name());
   if (!info->is_op) return nullptr;
   auto inputs = fn.inputs();
   OpCall call;
-  if (!start_call(index, info, c10::ArrayRef<c10::IValue>(const_cast<c10::IValue*>(inputs.data()), inputs.size()), call)) {
+  if (!start_call(t, index, info, c10::ArrayRef<c10::IValue>(const_cast<c10::IValue*>(inputs.data()), inputs.size()), call)) {
     return nullptr;
   }
   auto ctx = std::make_unique<OpContext>();
@@ -301,7 +309,7 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* observer_ctx) {
   const OpCall& call = static_cast<OpContext*>(observer_ctx)->call;
   // No outputs from an op that returns something: it threw before its kernel ran.
   const auto& outputs = fn.outputs();
-  end_call(call, outputs, !(call.num_returns > 0 && outputs.empty()));
+  end_call(tls_thread, call, outputs, !(call.num_returns > 0 && outputs.empty()));
 }
 
 // RecordFunction takes plain function pointers: one start function per slot.
@@ -333,8 +341,8 @@ at::RecordFunctionCallback observer_callback(int64_t index) {
 // per-event machinery (benchmarks/RESULTS.md: "a capture below the RecordFunction floor"). The key
 // is included in the owner thread's dispatch key set; autograd's workers inherit it with the
 // thread-local state. Which meters are here on a thread: each key meter registers a do-nothing
-// thread-local RecordFunction callback for a scope that no aten op uses (the marker), which
-// follows the same thread-local state; the fallback finds the markers in that state.
+// thread-local RecordFunction callback for a scope that no aten op uses (the marker), disabled,
+// which follows the same thread-local state; the fallback finds the markers in that state.
 namespace {
 constexpr auto kCaptureKey = c10::DispatchKey::TESTING_ONLY_GenericMode;
 const c10::DispatchKeySet kBelowCaptureKey(c10::DispatchKeySet::FULL_AFTER, kCaptureKey);
@@ -401,11 +409,12 @@ uint32_t recording_meters() {
 // threw before its kernel ran (nothing booked).
 class KeyCall {
  public:
-  KeyCall(uint32_t here, OpInfo* info, c10::DispatchKeySet keys, c10::ArrayRef<c10::IValue> inputs) {
+  KeyCall(uint32_t here, OpInfo* info, c10::DispatchKeySet keys, c10::ArrayRef<c10::IValue> inputs)
+      : thread_(tls_thread) {
     uint32_t unseen = 0;
     for (int64_t i = 0; i < kSlots; ++i) {
       if (!(here >> i & 1u)) continue;
-      if (start_call(i, info, inputs, calls_[seen_])) {
+      if (start_call(thread_, i, info, inputs, calls_[seen_])) {
         ++seen_;
       } else {
         unseen |= 1u << i;
@@ -420,18 +429,19 @@ class KeyCall {
   void ended(c10::ArrayRef<c10::IValue> outputs) {
     hide_.reset();
     watch_.reset();
-    for (int k = 0; k < seen_; ++k) end_call(calls_[k], outputs, true);
+    for (int k = 0; k < seen_; ++k) end_call(thread_, calls_[k], outputs, true);
     seen_ = 0;
   }
   ~KeyCall() {
     hide_.reset();
     watch_.reset();
-    for (int k = 0; k < seen_; ++k) end_call(calls_[k], {}, false);  // returns at once: nothing to book
+    for (int k = 0; k < seen_; ++k) end_call(thread_, calls_[k], {}, false);  // returns at once: nothing to book
   }
   KeyCall(const KeyCall&) = delete;
   KeyCall& operator=(const KeyCall&) = delete;
 
  private:
+  PerThread& thread_;  // a call starts and ends on one thread (a C++ frame)
   OpCall calls_[kSlots];
   int seen_ = 0;
   c10::optional<c10::impl::ExcludeDispatchKeyGuard> hide_;
@@ -655,6 +665,10 @@ int64_t enable(bool strict, bool by_key) {
     if (by_key) {
       s.handle = at::addThreadLocalCallback(
           at::RecordFunctionCallback(marker_start).scopes({at::RecordScope::STATIC_RUNTIME_MODEL}));
+      // Disabled, it still travels with the thread-local state, but RecordFunction runs it for no
+      // scope: autograd sets that state around every backward node, and rebuilding the scopes'
+      // active callbacks for an enabled marker cost about 600 instructions each time.
+      at::disableCallback(*s.handle);
       marker_handles[i].store(*s.handle);
       key_meters.fetch_or(1u << i);
       tls_owned_key_meters |= 1u << i;

@@ -17,7 +17,6 @@ import torch  # noqa: E402
 from .accounting import StepAccumulator, StepRecord, StepRows, same_in_order
 from .budget import STOP, BudgetGuard, job_training_flops
 from .capture import compile as compiled_regions
-from .capture.active import MODULE_HOOKS
 from .capture.context import Context, HookGuard, settle_phase
 from .capture.counter import Counter, UncountedOpError
 from .capture.dark import DarkModuleWatch
@@ -116,7 +115,7 @@ class Meter:
         self.context.install()
         self.dark = DarkModuleWatch(self.context)  # capture/dark.py: after the Context, which names modules
         if self.track_modules:
-            self.context.handles.append(MODULE_HOOKS.subscribe(self.dark))
+            self.context.module_watch = self.dark
         from .integrations.deepspeed import watch_opaque_kernels
 
         self.context.handles += watch_opaque_kernels(self.counter)  # removed with the context's hooks

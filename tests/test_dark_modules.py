@@ -225,3 +225,30 @@ def test_modules_called_after_optimizer_step_belong_to_the_next_step(backend, re
     assert s["by_module"] == {ROOT_MODULE: steps * (linear_forward() + linear_backward()),
                               NO_MODULE: steps * (M * D + sgd_step(D * D + D)), "0": steps * linear_forward()}
     assert s["hardware_flops"] == steps * (2 * linear_forward() + linear_backward() + M * D + sgd_step(D * D + D))
+
+
+class RenamedNumpyLinear(NumpyLinear):
+    """The same module with its class swapped in place (as wrapper libraries do)."""
+
+
+def test_a_loop_finds_the_dark_module_in_each_step(backend, tmp_path):
+    """Every step of a loop reports its dark module, whichever way the module's calls are watched
+    (the native backend's ModuleFastPath takes the calls after a module's first): steps with
+    gradients, a step under no_grad (the Context's other frame for the module), a step after the
+    module's class was swapped (reported under the new class), and steps with gradients again."""
+    net = Net()
+    kinds = ["grad", "grad", "no_grad", "grad", "swapped", "swapped", "grad"]
+    with flopcount.meter(str(tmp_path / "trace"), backend=backend, warn=False) as m:
+        per_step = []
+        for kind in kinds:
+            net.layers[1].__class__ = RenamedNumpyLinear if kind == "swapped" else NumpyLinear
+            with torch.set_grad_enabled(kind != "no_grad"):
+                net(torch.randn(3, 8))
+            m.step()
+            per_step.append(m.last_step.dark_modules)
+    renamed = f"{__name__}.RenamedNumpyLinear"
+    assert per_step == [{"layers.1": renamed if kind == "swapped" else NUMPY} for kind in kinds]
+    rows = read_table(str(tmp_path / "trace"), "breakdown").to_pandas()
+    dark = rows[rows["kind"] == "dark_module"].groupby(["module", "op"])["value"].sum().to_dict()
+    assert dark == {("layers.1", NUMPY): kinds.count("grad") + kinds.count("no_grad"),
+                    ("layers.1", renamed): kinds.count("swapped")}

@@ -310,6 +310,10 @@ class Context:
         self.leaf_hooks: list = []  # gradient hooks on leaf tensors (removed when a step closes)
         # Told about every change of the state above (the native backend mirrors it in C++).
         self.listener = None
+        # Run after this Context in each module call's pre hook, on the frame it just pushed (the
+        # Meter's dark-module watch, capture/dark.py); set before a native capture starts, whose
+        # ModuleFastPath does the watch's common case too.
+        self.module_watch = None
 
     # ---- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -437,6 +441,12 @@ class Context:
     # inputs at its start (their gradients leave the module in backward), its outputs at its end
     # (their first gradient enters it), None under no_grad.
     def _module_pre(self, module, args) -> None:
+        self._enter_module(module, args)
+        watch = self.module_watch
+        if watch is not None:
+            watch._module_pre(module, args)
+
+    def _enter_module(self, module, args) -> None:
         try:
             seen = self.seen.by_id.get(id(module))  # SeenModules.get, inlined
             if seen is None or seen.ref() is not module:

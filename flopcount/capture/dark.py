@@ -56,10 +56,13 @@ def dark_in_step(ran: dict[str, str], always_dark: dict[str, str], flops_keys) -
 
 
 class DarkModuleWatch:
-    """A module-hook subscriber (as capture.context.Context is, subscribed after it): records
-    the modules with own parameters whose forward ran, by the name the meter's Context gave this
-    call (the frame it just pushed: a module reused under several outermost modules has a name
-    in each, capture/context.py ModuleNames). One dict lookup per module call."""
+    """The meter's Context's module watch (``Context.module_watch``: run after the Context in
+    each module call's pre hook): records the modules with own parameters whose forward ran, by
+    the name the Context gave this call (the frame it just pushed: a module reused under several
+    outermost modules has a name in each, capture/context.py ModuleNames). One dict lookup per
+    module call. With the native backend, csrc/hooks.cpp's ModuleFastPath does ``_module_pre``'s
+    common case on the same state (``kinds``, ``_Kind``'s slots, ``ran``, ``always_dark``), and
+    calls it for the rest."""
 
     def __init__(self, context) -> None:
         self.context = context
@@ -92,8 +95,6 @@ class DarkModuleWatch:
                 (self.always_dark if entry.kind == 2 else self.ran)[frame.name] = cls_name
         except Exception as exc:  # a meter never breaks training
             self.context.guard.failed("dark module watch", exc)
-
-    _module_post = None  # nothing to do when a call ends (ModuleHooks skips it)
 
     def step_ended(self) -> None:
         """optimizer.step() ended the open step (automatic steps): the module calls from now on
