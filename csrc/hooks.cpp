@@ -500,7 +500,10 @@ struct ModuleFastPath {
       if (PyList_Append(stack.ptr(), PyTuple_GET_ITEM(frames.ptr(), grad ? 1 : 0)) < 0) throw py::error_already_set();
       fast = true;
     });
-    if (!ok) return;  // the guard took the failure, as Context._module_pre does
+    if (!ok) {  // the guard took the failure, as Context._module_pre does; the watch still runs
+      if (!watch.is_none()) watch_pre(py::handle(module), py::handle(args));
+      return;
+    }
     if (!fast) {
       // A first call, a model phase: Python does it all (Context._module_pre runs the watch too).
       python_pre(context, py::handle(module), py::handle(args));
