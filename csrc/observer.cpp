@@ -109,6 +109,7 @@ struct PerThread {
   KeyBuffer key[kSlots];
   std::shared_ptr<ThreadTable> tables[kSlots];
   BackwardCache backward[kSlots];
+  bool floor = false;  // the benchmark's dispatch_floor on this thread (the capture key)
 };
 thread_local PerThread tls_thread;
 
@@ -353,7 +354,6 @@ thread_local uint32_t tls_owned_key_meters = 0;  // key meters enabled on this t
 // Once Dynamo has compiled, the key stays included on threads that have it: code compiled with it
 // guards on the thread's dispatch keys, and would recompile without it (capture.py says when).
 std::atomic<bool> keep_key_included{false};
-thread_local bool tls_floor = false;  // the benchmark's dispatch_floor on this thread
 
 std::unique_ptr<at::ObserverContext> marker_start(const at::RecordFunction&) { return nullptr; }
 
@@ -372,7 +372,7 @@ uint32_t key_meters_here() {
 }
 
 void drop_key_if_unused() {
-  if ((tls_owned_key_meters & key_meters.load()) != 0 || keep_key_included.load() || tls_floor) return;
+  if ((tls_owned_key_meters & key_meters.load()) != 0 || keep_key_included.load() || tls_thread.floor) return;
   c10::impl::tls_set_dispatch_key_included(kCaptureKey, false);
 }
 
@@ -395,8 +395,8 @@ struct SubclassWatch {
 // The key meters that record on this thread now (0: none; the op is passed on untouched). None
 // where RecordFunction is off in the thread (the meter's own all-reduce, the extension's own
 // copies), as for the observer.
-uint32_t recording_meters() {
-  if (tls_floor || !at::isRecordFunctionEnabled()) return 0;
+uint32_t recording_meters(const PerThread& t) {
+  if (t.floor || !at::isRecordFunctionEnabled()) return 0;
   uint32_t here = key_meters_here();
   if (here == 0) drop_key_if_unused();  // a stale key (a meter closed on another thread)
   return here;
@@ -409,8 +409,8 @@ uint32_t recording_meters() {
 // threw before its kernel ran (nothing booked).
 class KeyCall {
  public:
-  KeyCall(uint32_t here, OpInfo* info, c10::DispatchKeySet keys, c10::ArrayRef<c10::IValue> inputs)
-      : thread_(tls_thread) {
+  KeyCall(PerThread& t, uint32_t here, OpInfo* info, c10::DispatchKeySet keys, c10::ArrayRef<c10::IValue> inputs)
+      : thread_(t) {
     uint32_t unseen = 0;
     for (int64_t i = 0; i < kSlots; ++i) {
       if (!(here >> i & 1u)) continue;
@@ -450,7 +450,8 @@ class KeyCall {
 
 void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const c10::DispatchKeySet below = keys & kBelowCaptureKey;
-  uint32_t here = recording_meters();
+  PerThread& t = tls_thread;
+  uint32_t here = recording_meters(t);
   if (here == 0) {
     op.redispatchBoxed(below, stack);
     return;
@@ -458,7 +459,7 @@ void key_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
   const auto& schema = op.schema();
   OpInfo* info = op_info(schema.name().c_str(), schema.overload_name().c_str());
   const size_t num_inputs = schema.arguments().size();
-  KeyCall call(here, info, keys, c10::ArrayRef<c10::IValue>(stack->data() + (stack->size() - num_inputs), num_inputs));
+  KeyCall call(t, here, info, keys, c10::ArrayRef<c10::IValue>(stack->data() + (stack->size() - num_inputs), num_inputs));
   op.redispatchBoxed(below, stack);
   const size_t num_outputs = schema.returns().size();
   call.ended(c10::ArrayRef<c10::IValue>(stack->data() + (stack->size() - num_outputs), num_outputs));
@@ -518,14 +519,15 @@ struct Pass<Op, Ret(Args...)> {
         return Op::redispatch(below, std::forward<Args>(args)...);
       }
     }
-    uint32_t here = recording_meters();
+    PerThread& t = tls_thread;
+    uint32_t here = recording_meters(t);
     if (here == 0) return Op::redispatch(below, std::forward<Args>(args)...);
     // Recorded as the fallback records it, from the arguments as a boxed call would hold them.
     // (They are released when the call returns, as a boxed call's are: released before the op
     // runs, the last C++ reference of a Python-owned tensor drops inside autograd's backward,
     // which takes the GIL for it, about 1,600 times per twin step.)
     const torch::jit::Stack inputs = c10::impl::boxArgs<Args...>(args...);
-    KeyCall recorded(here, described, keys, inputs);
+    KeyCall recorded(t, here, described, keys, inputs);
     if constexpr (std::is_void_v<Ret>) {
       Op::redispatch(below, std::forward<Args>(args)...);
       recorded.ended({});
@@ -667,7 +669,7 @@ int64_t enable(bool strict, bool by_key) {
           at::RecordFunctionCallback(marker_start).scopes({at::RecordScope::STATIC_RUNTIME_MODEL}));
       // Disabled, it still travels with the thread-local state, but RecordFunction runs it for no
       // scope: autograd sets that state around every backward node, and rebuilding the scopes'
-      // active callbacks for an enabled marker cost about 600 instructions each time.
+      // active callbacks for an enabled marker cost about 300 instructions each time.
       at::disableCallback(*s.handle);
       marker_handles[i].store(*s.handle);
       key_meters.fetch_or(1u << i);
@@ -885,7 +887,7 @@ void floor_disable() {
 // dispatch_floor).
 void dispatch_floor_enable(bool enabled) {
   register_key_fallback();
-  tls_floor = enabled;
+  tls_thread.floor = enabled;
   c10::impl::tls_set_dispatch_key_included(kCaptureKey, enabled);
 }
 
